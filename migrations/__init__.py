@@ -1,0 +1,1 @@
+"""Alembic environment for Corral's SQL store (installed as `corral.migrations`)."""

@@ -1,0 +1,80 @@
+"""Corral's settings: one class, read once from the environment and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A bearer key and the tenant whose objects it may see."""
+
+    tenant: str
+    key: str
+
+
+class Settings(BaseSettings):
+    """Everything configurable, from `CORRAL_*` variables (and `RAY_ADDRESS`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path.home() / ".corral")
+    database_url: str | None = None
+    # Ray's own variable: unset means the embedded default, a local head under `home`.
+    ray_address: str | None = Field(
+        default=None, validation_alias=AliasChoices("RAY_ADDRESS", "CORRAL_RAY_ADDRESS")
+    )
+    # "tenant:key,tenant:key" or bare "key" (tenant "default"); empty means no auth.
+    api_keys: str = ""
+    models_file: Path | None = None
+    # Directories that `file://` dataset URLs may point into, os.pathsep-separated.
+    dataset_roots: str = ""
+    fetch_max_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    fetch_timeout_s: float = Field(default=30.0, gt=0)
+    # Plain http:// dataset URLs are refused unless this is set.
+    fetch_allow_http: bool = False
+
+    @field_validator("home")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'corral.db'}"
+
+    @property
+    def resolved_models_file(self) -> Path:
+        return self.models_file if self.models_file is not None else self.home / "models.yaml"
+
+    @property
+    def resolved_dataset_roots(self) -> tuple[Path, ...]:
+        if not self.dataset_roots:
+            return (self.home / "datasets",)
+        return tuple(
+            Path(p).expanduser().resolve() for p in self.dataset_roots.split(os.pathsep) if p
+        )
+
+    @property
+    def parsed_api_keys(self) -> tuple[ApiKey, ...]:
+        keys: list[ApiKey] = []
+        for entry in self.api_keys.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            tenant, sep, key = entry.partition(":")
+            if not sep:
+                tenant, key = DEFAULT_TENANT, entry
+            if not key or not tenant:
+                raise ValueError(f"malformed CORRAL_API_KEYS entry {entry!r}")
+            keys.append(ApiKey(tenant=tenant, key=key))
+        return tuple(keys)

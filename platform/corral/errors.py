@@ -1,0 +1,67 @@
+"""Domain exceptions, and the one table that maps them to HTTP status codes."""
+
+from __future__ import annotations
+
+
+class CorralError(Exception):
+    """Base of every error a service raises on purpose; each maps to one HTTP status."""
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(CorralError):
+    """The request is well-formed JSON but asks for something that cannot be done."""
+
+    code = "invalid_request"
+
+
+class NotFound(CorralError):
+    code = "not_found"
+
+
+class Conflict(CorralError):
+    """The request collides with what is stored (e.g. same uuid, different body)."""
+
+    code = "conflict"
+
+
+class Unauthorized(CorralError):
+    code = "unauthorized"
+
+
+class ContentUnavailable(CorralError):
+    """A URL the user gave could not be fetched or is not allowed."""
+
+    code = "content_unavailable"
+
+
+class CapabilityUnavailable(CorralError):
+    """An operation of the spec whose engine this build does not have yet."""
+
+    code = "not_implemented"
+
+    def __init__(self, capability: str, detail: str = "") -> None:
+        message = f"capability {capability!r} is not available on this server"
+        super().__init__(f"{message}: {detail}" if detail else message)
+        self.capability = capability
+
+
+HTTP_STATUS: dict[type[CorralError], int] = {
+    InvalidRequest: 422,
+    Unauthorized: 401,
+    NotFound: 404,
+    Conflict: 409,
+    ContentUnavailable: 422,
+    CapabilityUnavailable: 501,
+}
+
+
+def http_status_for(error: CorralError) -> int:
+    """The status code for a domain error: the most specific class in `HTTP_STATUS` wins."""
+    mro = type(error).__mro__
+    matches = [(mro.index(cls), status) for cls, status in HTTP_STATUS.items() if cls in mro]
+    return min(matches)[1] if matches else 500

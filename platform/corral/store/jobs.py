@@ -1,0 +1,246 @@
+"""Job lifecycle: the status enum, its legal moves, and the one function that makes them."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from corral.errors import Conflict, NotFound
+from corral.store.digest import request_digest
+from corral.store.tables import Checkpoint, Job, JobLogLine, utcnow
+
+
+class JobStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def spec_value(self) -> Literal["scheduled", "running", "completed", "failed"]:
+        """What the spec's endpoints show: its enum has no `cancelled`, so it reads `failed`
+        (the job's `error` says it was cancelled)."""
+        if self is JobStatus.CANCELLED:
+            return "failed"
+        return self.value  # type: ignore[return-value]
+
+
+_TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+LEGAL_MOVES: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.SCHEDULED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    # RUNNING -> SCHEDULED requeues a run that lost its workers; it counts a new attempt.
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SCHEDULED, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+class JobKind(enum.StrEnum):
+    SUPERVISED_FINE_TUNE = "supervised_fine_tune"
+    PREFERENCE_OPTIMIZE = "preference_optimize"
+    SYNTHETIC_DATA_GENERATION = "synthetic_data_generation"
+
+
+class IllegalTransition(ValueError):
+    """A move the lifecycle never allows, asked for by code (a bug, not a race)."""
+
+
+@dataclass(frozen=True)
+class TransitionOutcome:
+    """What `JobStore.transition` did.
+
+    `applied` is False when the stored status did not allow the move at the moment of the
+    update: `refused` is "stale" when the caller's `expected` status no longer held (it
+    lost a race) and "illegal" when the move is not allowed from the stored status (e.g.
+    the job is already terminal).
+    `status` is the status stored after the call either way.
+    """
+
+    applied: bool
+    status: JobStatus
+    refused: Literal["illegal", "stale"] | None = None
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    job: Job
+    created: bool
+
+
+class JobStore:
+    """Reads and writes jobs inside the caller's transaction; never commits on its own."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def create(
+        self, *, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any]
+    ) -> CreateOutcome:
+        """Store a scheduled job, or return the stored one if the same request was sent
+        before. The same uuid with a different request (or tenant, or kind) is a Conflict."""
+        digest = request_digest(request)
+        existing = self._session.get(Job, job_uuid)
+        if existing is None:
+            now = utcnow()
+            job = Job(
+                uuid=job_uuid,
+                tenant=tenant,
+                kind=kind.value,
+                status=JobStatus.SCHEDULED.value,
+                request=request,
+                request_digest=digest,
+                scheduled_at=now,
+                updated_at=now,
+                attempt=0,
+            )
+            try:
+                with self._session.begin_nested():
+                    self._session.add(job)
+            except IntegrityError:
+                # A concurrent create of the same uuid won; compare against its row.
+                existing = self._session.get(Job, job_uuid, populate_existing=True)
+                if existing is None:
+                    raise
+            else:
+                return CreateOutcome(job=job, created=True)
+        if (existing.tenant, existing.kind, existing.request_digest) != (
+            tenant,
+            kind.value,
+            digest,
+        ):
+            raise Conflict(f"job {job_uuid!r} already exists with a different request")
+        return CreateOutcome(job=existing, created=False)
+
+    def get(self, job_uuid: str, *, tenant: str) -> Job:
+        job = self._session.get(Job, job_uuid)
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"no job {job_uuid!r}")
+        return job
+
+    def status_of(self, job_uuid: str) -> JobStatus | None:
+        status = self._session.scalar(select(Job.status).where(Job.uuid == job_uuid))
+        return JobStatus(status) if status is not None else None
+
+    def find(
+        self,
+        *,
+        tenant: str,
+        statuses: Sequence[JobStatus] = (),
+        kind: JobKind | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Job]:
+        query = select(Job).where(Job.tenant == tenant)
+        if statuses:
+            query = query.where(Job.status.in_([s.value for s in statuses]))
+        if kind is not None:
+            query = query.where(Job.kind == kind.value)
+        query = query.order_by(Job.scheduled_at.desc(), Job.uuid).limit(limit).offset(offset)
+        return list(self._session.scalars(query))
+
+    def transition(
+        self,
+        job_uuid: str,
+        *,
+        to: JobStatus,
+        expected: JobStatus | None = None,
+        error: str | None = None,
+        resources_allocated: dict[str, Any] | None = None,
+    ) -> TransitionOutcome:
+        """Move a job to `to` if its stored status allows it, in one conditional UPDATE.
+
+        With `expected`, the move happens only from that status. A terminal status never
+        changes. Nothing is overwritten on a lost race: the outcome reports it instead.
+        """
+        if expected is not None and to not in LEGAL_MOVES[expected]:
+            raise IllegalTransition(f"{expected} -> {to} is never legal")
+        sources = (
+            [expected]
+            if expected is not None
+            else [s for s, targets in LEGAL_MOVES.items() if to in targets]
+        )
+        now = utcnow()
+        values: dict[str, Any] = {"status": to.value, "updated_at": now}
+        if to is JobStatus.RUNNING:
+            values["started_at"] = func.coalesce(Job.started_at, now)
+        if to is JobStatus.SCHEDULED:
+            values["attempt"] = Job.attempt + 1
+        if to.is_terminal:
+            values["completed_at"] = now
+        if error is not None:
+            values["error"] = error
+        if resources_allocated is not None:
+            values["resources_allocated"] = resources_allocated
+        result = self._session.execute(
+            update(Job)
+            .where(Job.uuid == job_uuid, Job.status.in_([s.value for s in sources]))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            self._session.expire_all()
+            return TransitionOutcome(applied=True, status=to)
+        current = self.status_of(job_uuid)
+        if current is None:
+            raise NotFound(f"no job {job_uuid!r}")
+        # A caller whose expectation no longer holds lost a race, whatever it asked for.
+        refused: Literal["illegal", "stale"] = (
+            "stale" if expected is not None and current is not expected else "illegal"
+        )
+        return TransitionOutcome(applied=False, status=current, refused=refused)
+
+    def append_log(self, job_uuid: str, *lines: str, at: datetime | None = None) -> None:
+        logged_at = at or utcnow()
+        self._session.add_all(
+            JobLogLine(job_uuid=job_uuid, logged_at=logged_at, line=line) for line in lines
+        )
+
+    def log_lines(
+        self, job_uuid: str, *, after_id: int = 0, limit: int | None = None
+    ) -> list[JobLogLine]:
+        query = (
+            select(JobLogLine)
+            .where(JobLogLine.job_uuid == job_uuid, JobLogLine.id > after_id)
+            .order_by(JobLogLine.id)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        return list(self._session.scalars(query))
+
+    def add_checkpoint(
+        self, job_uuid: str, *, iters: int, path: str, metrics: dict[str, Any] | None = None
+    ) -> Checkpoint:
+        job = self._session.get(Job, job_uuid)
+        if job is None:
+            raise NotFound(f"no job {job_uuid!r}")
+        checkpoint = Checkpoint(
+            job_uuid=job_uuid,
+            tenant=job.tenant,
+            iters=iters,
+            path=path,
+            metrics=metrics,
+            created_at=utcnow(),
+        )
+        self._session.add(checkpoint)
+        self._session.flush()
+        return checkpoint
+
+    def checkpoints(self, job_uuid: str) -> list[Checkpoint]:
+        query = select(Checkpoint).where(Checkpoint.job_uuid == job_uuid).order_by(Checkpoint.iters)
+        return list(self._session.scalars(query))

@@ -1,0 +1,185 @@
+"""SQLAlchemy models. The schema changes only through a migration in `migrations/`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints make migrations reproducible across SQLite and PostgreSQL.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UUID_LENGTH = 128
+TENANT_LENGTH = 64
+JOB_STATUSES = ("scheduled", "running", "completed", "failed", "cancelled")
+JOB_KINDS = ("supervised_fine_tune", "preference_optimize", "synthetic_data_generation")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# SQLite only auto-increments INTEGER PRIMARY KEY, so BIGINT ids are INTEGER there.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+    }
+
+
+class Job(Base):
+    """One fine-tuning, preference-optimization or synthetic-data job; the row is the truth."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
+        CheckConstraint(f"kind IN {JOB_KINDS!r}", name="kind"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
+    )
+
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    request: Mapped[dict[str, Any]]
+    # sha256 of the canonical request JSON: the same uuid with another body is a conflict.
+    request_digest: Mapped[str] = mapped_column(String(64))
+    scheduled_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+    resources_allocated: Mapped[dict[str, Any] | None]
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class JobLogLine(Base):
+    __tablename__ = "job_log_lines"
+    __table_args__ = (Index("ix_job_log_lines_job_uuid_id", "job_uuid", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_uuid: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="CASCADE")
+    )
+    logged_at: Mapped[datetime]
+    line: Mapped[str] = mapped_column(Text)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_uuid", "iters"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_uuid: Mapped[str] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="CASCADE")
+    )
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH))
+    iters: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    columns: Mapped[dict[str, Any]]
+    content_url: Mapped[str] = mapped_column(Text)
+    # `metadata` is taken by SQLAlchemy's declarative base.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    request_digest: Mapped[str] = mapped_column(String(64))
+    row_count: Mapped[int | None]
+    created_at: Mapped[datetime]
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    config: Mapped[dict[str, Any]]
+    request_digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class MemoryBank(Base):
+    __tablename__ = "memory_banks"
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    # The Milvus collection that holds the bank's vectors.
+    collection: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[datetime]
+
+
+class ServedModel(Base):
+    """A model Corral serves: a checkpoint directory (or a LoRA adapter over a base)."""
+
+    __tablename__ = "served_models"
+    __table_args__ = (
+        CheckConstraint("min_replicas >= 0 AND max_replicas >= min_replicas", name="replicas"),
+    )
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    checkpoint_dir: Mapped[str] = mapped_column(Text)
+    adapter_dir: Mapped[str | None] = mapped_column(Text)
+    engine: Mapped[str] = mapped_column(String(32))
+    gpus_per_replica: Mapped[float]
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    target_ongoing_requests: Mapped[float]
+    max_batch_size: Mapped[int] = mapped_column(Integer)
+    source_job_uuid: Mapped[str | None] = mapped_column(
+        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

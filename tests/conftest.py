@@ -1,0 +1,93 @@
+"""Shared fixtures: real databases (a SQLite file per test, one PostgreSQL database per
+session) migrated by the real Alembic scripts."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from corral.demo_model import build_demo_model
+from corral.store import migrate
+from corral.store.db import Database, normalize_url
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CORRAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+# CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
+REQUIRE_POSTGRES = os.environ.get("CORRAL_REQUIRE_POSTGRES") == "1"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test session, dropped at the end."""
+    admin_url = normalize_url(POSTGRES_ADMIN_URL)
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    name = f"corral_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # any connection failure means "no server here"
+        admin.dispose()
+        if REQUIRE_POSTGRES:
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {admin_url}: {exc.__class__.__name__}")
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _reset_postgres(url: str) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database on each backend (PostgreSQL's public schema is wiped first)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'corral.db'}"
+    url: str = request.getfixturevalue("postgres_server")
+    _reset_postgres(url)
+    return url
+
+
+@pytest.fixture
+def database_url(empty_database_url: str) -> str:
+    """A database on each backend, at the latest migration."""
+    migrate.upgrade(empty_database_url)
+    return empty_database_url
+
+
+@pytest.fixture
+def database(database_url: str) -> Iterator[Database]:
+    db = Database(database_url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def sqlite_database(tmp_path: Path) -> Iterator[Database]:
+    """A migrated SQLite database, for tests that are not about the backend."""
+    url = f"sqlite:///{tmp_path / 'corral.db'}"
+    migrate.upgrade(url)
+    db = Database(url)
+    yield db
+    db.dispose()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama 3 style model and tokenizer, built on disk once per session."""
+    return build_demo_model(tmp_path_factory.mktemp("demo-model") / "model")

@@ -1,0 +1,31 @@
+"""Synthetic data generation: sample replies to prompts, score them, keep the best."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from corral.api.common import JsonObject, Message, SpecModel, spec_default
+from corral.api.reward_scoring import KScoredPromptGenerations
+
+FilteringFunction = Literal["none", "random", "top_k", "top_p", "top_k_top_p", "sigmoid"]
+
+
+class SyntheticDataGenerationRequest(SpecModel):
+    """Request to generate synthetic data. A small batch of prompts and a filtering
+    function."""
+
+    prompts: list[Message]
+    filtering_function: FilteringFunction = Field(
+        description="The type of filtering function.", json_schema_extra=spec_default("none")
+    )
+    reward_scoring: dict[str, Any] | None = None
+
+
+class SyntheticDataGenerationResponse(SpecModel):
+    """Response from the synthetic data generation. Batch of (prompt, response, score)
+    tuples that pass the threshold."""
+
+    synthetic_data: list[KScoredPromptGenerations]
+    statistics: JsonObject | None = None

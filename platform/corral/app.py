@@ -1,0 +1,118 @@
+"""The app factory: builds the store, clients and services once, and wires the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from corral import __version__
+from corral.auth import BearerAuthMiddleware
+from corral.config import Settings
+from corral.content import ContentFetcher, FetchPolicy
+from corral.errors import CapabilityUnavailable, CorralError, http_status_for
+from corral.routes import all_routers
+from corral.services.container import Services
+from corral.services.datasets import DatasetService
+from corral.services.post_training import PostTrainingService
+from corral.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+def fetch_policy(settings: Settings) -> FetchPolicy:
+    return FetchPolicy(
+        allowed_roots=settings.resolved_dataset_roots,
+        max_bytes=settings.fetch_max_bytes,
+        timeout_s=settings.fetch_timeout_s,
+        allow_http=settings.fetch_allow_http,
+    )
+
+
+def build_services(settings: Settings, *, database: Database, fetcher: ContentFetcher) -> Services:
+    return Services(
+        datasets=DatasetService(database=database, fetcher=fetcher),
+        post_training=PostTrainingService(database=database),
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    database: Database | None = None,
+    fetcher: ContentFetcher | None = None,
+) -> FastAPI:
+    """The API server. `database` and `fetcher` are built from `settings` unless given;
+    the database must already be at the latest migration (`corral db upgrade`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = database if database is not None else Database(settings.resolved_database_url)
+        app.state.services = build_services(
+            settings, database=db, fetcher=fetcher or ContentFetcher(fetch_policy(settings))
+        )
+        try:
+            yield
+        finally:
+            if database is None:
+                db.dispose()
+
+    app = FastAPI(
+        title="Corral — Llama Stack API",
+        version=__version__,
+        description="The Llama Stack draft API (v0.0.1) served on Ray.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
+    for router in all_routers():
+        app.include_router(router)
+
+    @app.get("/health", include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_exception_handler(CorralError, _corral_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app
+
+
+def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+async def _corral_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CorralError)
+    extra: dict[str, object] = {}
+    if isinstance(exc, CapabilityUnavailable):
+        extra["capability"] = exc.capability
+    return JSONResponse(
+        error_body(exc.code, exc.message, **extra), status_code=http_status_for(exc)
+    )
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = [
+        {
+            "location": [str(part) for part in err.get("loc", ())],
+            "message": err.get("msg", ""),
+            "type": err.get("type", ""),
+        }
+        for err in exc.errors()
+    ]
+    summary = "; ".join(f"{'.'.join(p['location'])}: {p['message']}" for p in problems)
+    return JSONResponse(
+        error_body("validation_error", f"invalid request: {summary}", problems=problems),
+        status_code=422,
+    )
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(error_body("internal", "internal server error"), status_code=500)

@@ -1,0 +1,32 @@
+"""FastAPI dependencies as annotated types; the objects themselves are built in `app.py`."""
+
+from __future__ import annotations
+
+from typing import Annotated, cast
+
+from fastapi import Depends, Request
+
+from corral.services.container import Services
+from corral.services.datasets import DatasetService
+from corral.services.post_training import PostTrainingService
+
+
+def _tenant(request: Request) -> str:
+    return cast(str, request.state.tenant)
+
+
+def _services(request: Request) -> Services:
+    return cast(Services, request.app.state.services)
+
+
+def _datasets(services: Annotated[Services, Depends(_services)]) -> DatasetService:
+    return services.datasets
+
+
+def _post_training(services: Annotated[Services, Depends(_services)]) -> PostTrainingService:
+    return services.post_training
+
+
+TenantDep = Annotated[str, Depends(_tenant)]
+DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
+PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]

@@ -1,0 +1,70 @@
+"""Memory bank routes. No vector store is wired in yet: each operation validates its
+request, then answers 501 naming the missing capability.
+
+The spec has two prefixes: `/memory_banks/...` for the set of banks and `/memory_bank/...`
+for the documents of one bank (whose `get` is a POST with a JSON list of ids)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+from fastapi.responses import Response
+
+from corral.api.memory_banks import MemoryBank, MemoryBankDocument
+from corral.errors import CapabilityUnavailable
+from corral.routes.responses import OK, JSONLinesResponse
+
+router = APIRouter(tags=["MemoryBanks"])
+
+Documents = Annotated[list[MemoryBankDocument], Body()]
+DocumentIds = Annotated[list[str], Body()]
+
+
+def _unavailable() -> CapabilityUnavailable:
+    return CapabilityUnavailable(
+        "memory_banks", "no vector store (Milvus) is wired into this server yet"
+    )
+
+
+@router.post("/memory_banks/create", response_class=Response, response_description=OK)
+def create_memory_bank(bank_uuid: str, bank_name: str, documents: Documents) -> Response:
+    raise _unavailable()
+
+
+@router.get(
+    "/memory_banks/get",
+    response_class=JSONLinesResponse,
+    responses={200: {"model": MemoryBank, "description": OK}},
+)
+def list_memory_banks() -> JSONLinesResponse:
+    raise _unavailable()
+
+
+@router.delete("/memory_banks/drop", response_class=Response, response_description=OK)
+def drop_memory_bank(bank_uuid: str) -> Response:
+    raise _unavailable()
+
+
+@router.post("/memory_bank/insert", response_class=Response, response_description=OK)
+def insert_documents(bank_uuid: str, documents: Documents) -> Response:
+    raise _unavailable()
+
+
+@router.post("/memory_bank/update", response_class=Response, response_description=OK)
+def update_documents(bank_uuid: str, documents: Documents) -> Response:
+    raise _unavailable()
+
+
+@router.post("/memory_bank/delete", response_class=Response, response_description=OK)
+def delete_documents(bank_uuid: str, document_uuids: DocumentIds) -> Response:
+    raise _unavailable()
+
+
+@router.post(
+    "/memory_bank/get",
+    response_class=JSONLinesResponse,
+    responses={200: {"model": MemoryBankDocument, "description": OK}},
+)
+def get_documents(bank_uuid: str, document_uuids: DocumentIds) -> JSONLinesResponse:
+    raise _unavailable()

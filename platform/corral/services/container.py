@@ -1,0 +1,14 @@
+"""The set of services one app instance uses, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corral.services.datasets import DatasetService
+from corral.services.post_training import PostTrainingService
+
+
+@dataclass(frozen=True)
+class Services:
+    datasets: DatasetService
+    post_training: PostTrainingService

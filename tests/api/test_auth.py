@@ -1,0 +1,74 @@
+"""Bearer keys guard every route when keys are configured, and nothing otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from corral.app import create_app
+from corral.auth import tenant_for
+from corral.config import ApiKey, Settings
+from corral.store.db import Database
+
+KEYS = (ApiKey("alpha", "key-alpha"), ApiKey("beta", "key-beta"))
+
+
+@pytest.mark.parametrize(
+    ("header", "tenant"),
+    [
+        ("Bearer key-alpha", "alpha"),
+        ("bearer key-beta", "beta"),
+        ("Bearer  key-alpha ", "alpha"),
+        ("Bearer wrong", None),
+        ("Basic key-alpha", None),
+        ("key-alpha", None),
+        ("Bearer ", None),
+        (None, None),
+    ],
+)
+def test_tenant_for(header: str | None, tenant: str | None) -> None:
+    assert tenant_for(KEYS, header) == tenant
+
+
+@pytest.fixture
+def sqlite_client(tmp_path: Path, sqlite_database: Database, request: pytest.FixtureRequest):
+    keys = getattr(request, "param", "alpha:key-alpha")
+    app = create_app(Settings(home=tmp_path, api_keys=keys), database=sqlite_database)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/datasets/get?dataset_id=x"),
+        ("POST", "/datasets/create"),
+        ("POST", "/inference/chat_completion"),
+        ("GET", "/post_training/job/status?job_uuid=x"),
+        ("GET", "/openapi.json"),
+        ("GET", "/docs"),
+    ],
+)
+def test_every_route_needs_a_key(sqlite_client: TestClient, method: str, path: str) -> None:
+    response = sqlite_client.request(method, path, json={})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert response.json()["error"]["code"] == "unauthorized"
+    wrong = sqlite_client.request(method, path, json={}, headers={"Authorization": "Bearer no"})
+    assert wrong.status_code == 401
+
+
+def test_a_valid_key_passes(sqlite_client: TestClient) -> None:
+    response = sqlite_client.get(
+        "/datasets/get", params={"dataset_id": "x"}, headers={"Authorization": "Bearer key-alpha"}
+    )
+    assert response.status_code == 404
+    assert sqlite_client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("sqlite_client", [""], indirect=True)
+def test_without_keys_the_default_tenant_is_open(sqlite_client: TestClient) -> None:
+    assert sqlite_client.get("/datasets/get", params={"dataset_id": "x"}).status_code == 404
+    assert sqlite_client.get("/openapi.json").status_code == 200

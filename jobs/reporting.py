@@ -1,0 +1,53 @@
+"""How a running job tells the SQL store what it is doing. The store is the truth, so a
+job reports through the same transition function as everyone else: a job that was
+cancelled while it ran cannot mark itself completed afterwards."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from corral.store.db import Database
+from corral.store.jobs import JobStatus, JobStore, TransitionOutcome
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter:
+    """Writes one job's lifecycle, log lines and checkpoints, each in its own transaction
+    so that what was reported survives a crash a moment later."""
+
+    def __init__(self, database: Database, job_uuid: str) -> None:
+        self._db = database
+        self.job_uuid = job_uuid
+
+    def _move(self, to: JobStatus, **fields: Any) -> TransitionOutcome:
+        with self._db.transaction() as session:
+            outcome = JobStore(session).transition(self.job_uuid, to=to, **fields)
+        if not outcome.applied:
+            log.warning(
+                "job %s: %s -> %s refused (%s)", self.job_uuid, outcome.status, to, outcome.refused
+            )
+        return outcome
+
+    def started(self, *, resources_allocated: dict[str, Any]) -> TransitionOutcome:
+        return self._move(JobStatus.RUNNING, resources_allocated=resources_allocated)
+
+    def completed(self) -> TransitionOutcome:
+        return self._move(JobStatus.COMPLETED)
+
+    def failed(self, error: str) -> TransitionOutcome:
+        self.log(f"failed: {error}")
+        return self._move(JobStatus.FAILED, error=error)
+
+    def log(self, *lines: str) -> None:
+        with self._db.transaction() as session:
+            JobStore(session).append_log(self.job_uuid, *lines)
+
+    def checkpoint(self, *, iters: int, path: str, metrics: dict[str, Any] | None = None) -> None:
+        with self._db.transaction() as session:
+            JobStore(session).add_checkpoint(self.job_uuid, iters=iters, path=path, metrics=metrics)
+
+    def status(self) -> JobStatus | None:
+        with self._db.transaction() as session:
+            return JobStore(session).status_of(self.job_uuid)

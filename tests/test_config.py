@@ -44,4 +44,4 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
 @pytest.mark.parametrize("entry", [":k", "tenant:"])
 def test_malformed_keys_are_refused(tmp_path: Path, entry: str) -> None:
     with pytest.raises(ValueError, match="malformed"):
-        _ = Settings(home=tmp_path, api_keys=entry).parsed_api_keys
+        Settings(home=tmp_path, api_keys=entry)

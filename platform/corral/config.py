@@ -64,17 +64,28 @@ class Settings(BaseSettings):
             Path(p).expanduser().resolve() for p in self.dataset_roots.split(os.pathsep) if p
         )
 
+    @field_validator("api_keys")
+    @classmethod
+    def _check_api_keys(cls, value: str) -> str:
+        parse_api_keys(value)
+        return value
+
     @property
     def parsed_api_keys(self) -> tuple[ApiKey, ...]:
-        keys: list[ApiKey] = []
-        for entry in self.api_keys.split(","):
-            entry = entry.strip()
-            if not entry:
-                continue
-            tenant, sep, key = entry.partition(":")
-            if not sep:
-                tenant, key = DEFAULT_TENANT, entry
-            if not key or not tenant:
-                raise ValueError(f"malformed CORRAL_API_KEYS entry {entry!r}")
-            keys.append(ApiKey(tenant=tenant, key=key))
-        return tuple(keys)
+        return parse_api_keys(self.api_keys)
+
+
+def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
+    """`tenant:key,tenant:key`; a bare `key` belongs to the default tenant."""
+    keys: list[ApiKey] = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        tenant, sep, key = entry.partition(":")
+        if not sep:
+            tenant, key = DEFAULT_TENANT, entry
+        if not key or not tenant:
+            raise ValueError(f"malformed CORRAL_API_KEYS entry {entry!r}")
+        keys.append(ApiKey(tenant=tenant, key=key))
+    return tuple(keys)

@@ -1,0 +1,86 @@
+"""The `corral` command, run as a user runs it: in a subprocess, with its own home."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from corral.cli import is_loopback_host
+from corral.store import migrate
+
+
+def corral(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"CORRAL_HOME": str(home)}
+    env.pop("CORRAL_API_KEYS", None)
+    env.pop("CORRAL_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "corral.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.53", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("no-such-host.invalid", False),
+    ],
+)
+def test_loopback_detection(host: str, loopback: bool) -> None:
+    assert is_loopback_host(host) is loopback
+
+
+def test_serve_refuses_a_public_bind_without_keys(tmp_path: Path) -> None:
+    result = corral(tmp_path, "serve", "--host", "0.0.0.0")
+    assert result.returncode == 2
+    assert "refusing to serve on 0.0.0.0 without API keys" in result.stderr
+    assert not (tmp_path / "corral.db").exists()  # refused before touching anything
+
+
+def test_db_upgrade(tmp_path: Path) -> None:
+    result = corral(tmp_path, "db", "upgrade")
+    assert result.returncode == 0, result.stderr
+    url = f"sqlite:///{tmp_path / 'corral.db'}"
+    assert migrate.current_revision(url) == migrate.head_revision()
+    current = corral(tmp_path, "db", "current")
+    assert f"current: {migrate.head_revision()}" in current.stdout
+
+
+@pytest.mark.slow
+def test_models_create_demo(tmp_path: Path) -> None:
+    target = tmp_path / "demo"
+    result = corral(tmp_path, "models", "create-demo", str(target))
+    assert result.returncode == 0, result.stderr
+    assert f"demo model ready in {target}" in result.stdout
+    assert (target / "config.json").is_file()
+    assert (target / "tokenizer.json").is_file()
+
+
+def test_bad_settings_are_reported_in_one_line(tmp_path: Path) -> None:
+    env_home = tmp_path
+    result = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "db", "current"],
+        env=os.environ | {"CORRAL_HOME": str(env_home), "CORRAL_FETCH_TIMEOUT_S": "-1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "CORRAL_FETCH_TIMEOUT_S" in result.stderr.upper()
+    assert "Traceback" not in result.stderr

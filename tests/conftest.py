@@ -4,9 +4,12 @@ session) migrated by the real Alembic scripts."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -91,3 +94,37 @@ def sqlite_database(tmp_path: Path) -> Iterator[Database]:
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama 3 style model and tokenizer, built on disk once per session."""
     return build_demo_model(tmp_path_factory.mktemp("demo-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """One private local Ray cluster for the whole session (start-up costs seconds),
+    stopped by its own handle. Its temp dir is short: Ray's socket paths live under it."""
+    import ray
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="corral-ray-", dir="/tmp"))
+    context = ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="corral-tests",
+        log_to_driver=False,
+        _temp_dir=str(temp_dir),
+    )
+    try:
+        yield context
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def serve_instance(ray_cluster: Any) -> Iterator[None]:
+    """Ray Serve without an HTTP proxy: Corral reaches apps through handles only."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    yield

@@ -1,0 +1,76 @@
+"""The generation engine protocol: formatted prompt in, tokens out.
+
+Prompt formatting (Llama 3.1 roles, tools) and parsing of tool calls happen before and
+after the engine, in the control plane; an engine only sees text that already carries
+its special tokens."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class StopReason(enum.StrEnum):
+    """Why generation ended, in Llama 3's terms."""
+
+    END_OF_TURN = "end_of_turn"  # <|eot_id|>: the assistant finished its turn
+    END_OF_MESSAGE = "end_of_message"  # <|eom_id|>: a tool call waits for its result
+    OUT_OF_TOKENS = "out_of_tokens"  # max_tokens (or the context window) ran out
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick tokens. `temperature == 0` (or strategy "greedy") means greedy."""
+
+    max_tokens: int = 256
+    strategy: str = "greedy"  # greedy | top_p | top_k (the spec's sampling strategy)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.strategy == "greedy" or self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str  # fully formatted, special tokens included (the engine adds no BOS)
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One step of a stream: the text this token completes (may be "" while a multi-byte
+    character is still partial), its id, and its log-probability when asked for."""
+
+    text: str
+    token_id: int
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str  # generated text without the stop token
+    token_ids: tuple[int, ...]  # generated ids, stop token included when there was one
+    stop_reason: StopReason
+    prompt_tokens: int
+    logprobs: tuple[float, ...] | None = None  # per generated token, when asked for
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """Generates text for formatted prompts. Implementations are not thread-safe: a Serve
+    replica calls them from one batch at a time."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run a batch together; results in request order."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
+        """Yield a TokenDelta per generated token, then exactly one GenerationResult."""
+        ...

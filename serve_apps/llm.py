@@ -1,0 +1,194 @@
+"""The LLM Serve application: one app per model, holding a generation engine.
+
+Unary requests go through `@serve.batch`, so concurrent callers share one engine batch;
+streaming requests run one at a time and yield a token per step. The deployment is a
+plain class; Serve is applied only in `build_app`, which a Serve config's `import_path`
+(`serve_apps.llm:build_app`) can name."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+from serve_apps.engines.protocol import (
+    GenerationEngine,
+    GenerationRequest,
+    GenerationResult,
+    TokenDelta,
+)
+
+DEPLOYMENT_NAME = "LLMServer"
+
+
+class LLMAppConfig(BaseModel):
+    """Everything one model's app needs; it travels to the replicas as plain data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=200)
+    model_dir: Path
+    adapter_dir: Path | None = None
+    engine: Literal["transformers"] = "transformers"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    cpus_per_replica: float = Field(default=0.5, gt=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    # Past this many requests waiting for a replica, callers get BackPressureError at once.
+    max_queued_requests: int = Field(default=64, ge=1)
+    upscale_delay_s: float = Field(default=3.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
+    # How far back the autoscaler averages ongoing requests. Ray 2.60 pushes replica
+    # metrics every 10 s and wants a longer window than that.
+    look_back_period_s: float = Field(default=30.0, gt=10.0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LLMAppConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    @property
+    def app_name(self) -> str:
+        return f"llm-{self.name}"
+
+
+EngineFactory = Callable[[LLMAppConfig], GenerationEngine]
+
+
+def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
+    from serve_apps.engines.transformers_engine import (
+        TransformersEngine,
+        TransformersEngineConfig,
+    )
+
+    return TransformersEngine(
+        TransformersEngineConfig(
+            model_dir=config.model_dir,
+            adapter_dir=config.adapter_dir,
+            device=config.device,
+            dtype=config.dtype,
+        )
+    )
+
+
+_DONE = object()
+
+
+class LLMServer:
+    """One replica: an engine, a batch queue for unary calls, and a lock so the engine
+    (not thread-safe) runs one batch or one stream at a time."""
+
+    def __init__(self, config: LLMAppConfig, engine_factory: EngineFactory) -> None:
+        self._config = config
+        self._engine = engine_factory(config)
+        self._engine_lock = threading.Lock()
+        self._recent_batch_sizes: deque[int] = deque(maxlen=1000)
+        # `serve.batch` fixes its limits at class definition; these come from config.
+        batch_queue: Any = self._generate_batch
+        batch_queue.set_max_batch_size(config.max_batch_size)
+        batch_queue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result: GenerationResult = await self._generate_batch(request)
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        self._recent_batch_sizes.append(len(requests))
+        return await asyncio.to_thread(self._run_batch, requests)
+
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._engine_lock:
+            return self._engine.generate(requests)
+
+    async def stream(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Yield the engine's stream as it is produced; stop the engine when the caller
+        goes away."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[object] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                with self._engine_lock:
+                    stream = self._engine.stream(request)
+                    for item in stream:
+                        loop.call_soon_threadsafe(items.put_nowait, item)
+                        if cancelled.is_set():
+                            break
+            except Exception as exc:  # handed to the consumer, which re-raises it
+                loop.call_soon_threadsafe(items.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(items.put_nowait, _DONE)
+
+        producer = loop.run_in_executor(None, produce)
+        try:
+            while (item := await items.get()) is not _DONE:
+                if isinstance(item, Exception):
+                    raise item
+                assert isinstance(item, TokenDelta | GenerationResult)
+                yield item
+        finally:
+            cancelled.set()
+            await producer
+
+    def stats(self) -> dict[str, Any]:
+        """What this replica has done: sizes of its recent batches."""
+        return {"batch_sizes": list(self._recent_batch_sizes)}
+
+
+def deployment_options(config: LLMAppConfig) -> dict[str, Any]:
+    """Serve options for a model; scaling on demand redeploys with new ones in place."""
+    autoscaling: dict[str, Any] = {
+        "min_replicas": config.min_replicas,
+        "max_replicas": config.max_replicas,
+        "target_ongoing_requests": config.target_ongoing_requests,
+        "upscale_delay_s": config.upscale_delay_s,
+        "downscale_delay_s": config.downscale_delay_s,
+        "look_back_period_s": config.look_back_period_s,
+    }
+    if config.initial_replicas is not None:
+        autoscaling["initial_replicas"] = config.initial_replicas
+    return {
+        "name": DEPLOYMENT_NAME,
+        "ray_actor_options": {
+            "num_cpus": config.cpus_per_replica,
+            "num_gpus": config.gpus_per_replica,
+        },
+        "autoscaling_config": autoscaling,
+        # A replica must accept a whole batch at once, or batches are cut short.
+        "max_ongoing_requests": max(
+            config.max_batch_size, math.ceil(config.target_ongoing_requests)
+        ),
+        "max_queued_requests": config.max_queued_requests,
+    }
+
+
+def build_app(
+    args: dict[str, Any], *, engine_factory: EngineFactory = transformers_engine
+) -> Application:
+    """The Serve application for one model (`args` is an `LLMAppConfig` as a dict)."""
+    config = LLMAppConfig.model_validate(args)
+    deployment = serve.deployment(**deployment_options(config))(LLMServer)
+    return deployment.bind(config, engine_factory)

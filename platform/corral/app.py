@@ -14,10 +14,11 @@ from corral import __version__
 from corral.auth import BearerAuthMiddleware
 from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
-from corral.errors import CapabilityUnavailable, CorralError, http_status_for
+from corral.errors import CapabilityUnavailable, CorralError, Overloaded, http_status_for
 from corral.routes import all_routers
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
+from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.post_training import PostTrainingService
 from corral.store.db import Database
 
@@ -33,10 +34,17 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
     )
 
 
-def build_services(settings: Settings, *, database: Database, fetcher: ContentFetcher) -> Services:
+def build_services(
+    settings: Settings,
+    *,
+    database: Database,
+    fetcher: ContentFetcher,
+    model_router: ModelRouter | None,
+) -> Services:
     return Services(
         datasets=DatasetService(database=database, fetcher=fetcher),
         post_training=PostTrainingService(database=database),
+        inference=InferenceService(router=model_router or NoModels()),
     )
 
 
@@ -45,15 +53,20 @@ def create_app(
     *,
     database: Database | None = None,
     fetcher: ContentFetcher | None = None,
+    model_router: ModelRouter | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
-    the database must already be at the latest migration (`corral db upgrade`)."""
+    the database must already be at the latest migration (`corral db upgrade`).
+    Without a `model_router` (no Ray connection) inference answers 501."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = database if database is not None else Database(settings.resolved_database_url)
         app.state.services = build_services(
-            settings, database=db, fetcher=fetcher or ContentFetcher(fetch_policy(settings))
+            settings,
+            database=db,
+            fetcher=fetcher or ContentFetcher(fetch_policy(settings)),
+            model_router=model_router,
         )
         try:
             yield
@@ -89,10 +102,15 @@ def error_body(code: str, message: str, **extra: object) -> dict[str, object]:
 async def _corral_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, CorralError)
     extra: dict[str, object] = {}
+    headers: dict[str, str] = {}
     if isinstance(exc, CapabilityUnavailable):
         extra["capability"] = exc.capability
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
     return JSONResponse(
-        error_body(exc.code, exc.message, **extra), status_code=http_status_for(exc)
+        error_body(exc.code, exc.message, **extra),
+        status_code=http_status_for(exc),
+        headers=headers,
     )
 
 

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
+from corral.services.inference import InferenceService
 from corral.services.post_training import PostTrainingService
 
 
@@ -27,6 +28,11 @@ def _post_training(services: Annotated[Services, Depends(_services)]) -> PostTra
     return services.post_training
 
 
+def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceService:
+    return services.inference
+
+
 TenantDep = Annotated[str, Depends(_tenant)]
 DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
+InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]

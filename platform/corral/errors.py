@@ -39,6 +39,16 @@ class ContentUnavailable(CorralError):
     code = "content_unavailable"
 
 
+class Overloaded(CorralError):
+    """Every replica of a model is busy and its queue is full: try again shortly."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class CapabilityUnavailable(CorralError):
     """An operation of the spec whose engine this build does not have yet."""
 
@@ -57,6 +67,7 @@ HTTP_STATUS: dict[type[CorralError], int] = {
     Conflict: 409,
     ContentUnavailable: 422,
     CapabilityUnavailable: 501,
+    Overloaded: 503,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from corral.services.datasets import DatasetService
+from corral.services.inference import InferenceService
 from corral.services.post_training import PostTrainingService
 
 
@@ -12,3 +13,4 @@ from corral.services.post_training import PostTrainingService
 class Services:
     datasets: DatasetService
     post_training: PostTrainingService
+    inference: InferenceService

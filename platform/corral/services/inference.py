@@ -1,0 +1,282 @@
+"""Inference: spec requests become Llama 3.1 prompts, go to the model's Serve app through
+a handle, and come back as spec responses (tool calls parsed out of the text)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from corral.api.common import Content, Dialog, Message, SamplingParams, ToolDefinition
+from corral.api.inference import (
+    BatchChatCompletionRequest,
+    BatchCompletionRequest,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseStreamChunk,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionResponseStreamChunk,
+)
+from corral.errors import CapabilityUnavailable, InvalidRequest, Overloaded
+from corral.llama3 import (
+    ToolCallStreamDetector,
+    format_chat,
+    format_completion,
+    parse_assistant_output,
+    to_spec_stop_reason,
+)
+from serve_apps.engines.protocol import (
+    GenerationRequest,
+    GenerationResult,
+    SamplingOptions,
+    TokenDelta,
+)
+
+T = TypeVar("T")
+
+
+class ModelRouter(Protocol):
+    """Finds the Serve app that answers for a model name, for a tenant."""
+
+    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
+        """Raises NotFound for a model the tenant cannot use."""
+        ...
+
+
+class NoModels:
+    """The router of a server without a Ray connection: every model is unavailable."""
+
+    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
+        raise CapabilityUnavailable("inference", "this server runs without a Ray connection")
+
+
+def sampling_options(params: SamplingParams, *, max_tokens: int, logprobs: bool) -> SamplingOptions:
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        strategy=params.strategy,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        logprobs=logprobs,
+    )
+
+
+def _logprobs(result: GenerationResult) -> dict[str, Any] | None:
+    if result.logprobs is None:
+        return None
+    return {"token_logprobs": list(result.logprobs)}
+
+
+def _dialog_messages(dialog: Dialog) -> list[Message]:
+    return [*dialog.message_history, dialog.message]
+
+
+class InferenceService:
+    def __init__(self, *, router: ModelRouter) -> None:
+        self._router = router
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a handle call, turning Serve's refusals and engine input errors into
+        domain errors."""
+        try:
+            return await awaitable
+        except BackPressureError as exc:
+            raise Overloaded(f"the model is at capacity, try again shortly ({exc})") from None
+        except RayTaskError as exc:
+            if isinstance(exc.cause, ValueError):
+                raise InvalidRequest(str(exc.cause)) from None
+            raise
+
+    async def _generate(
+        self, handle: DeploymentHandle[Any], request: GenerationRequest
+    ) -> GenerationResult:
+        result: GenerationResult = await self._call(handle.generate.remote(request))
+        return result
+
+    async def _stream(
+        self, handle: DeploymentHandle[Any], request: GenerationRequest
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        stream = handle.options(stream=True).stream.remote(request)
+        assert isinstance(stream, DeploymentResponseGenerator)
+        iterator = stream.__aiter__()
+        while True:
+            try:
+                item = await self._call(iterator.__anext__())
+            except StopAsyncIteration:
+                return
+            yield item
+
+    # --- completion -----------------------------------------------------------------
+
+    def _completion_request(
+        self, content: Content, params: SamplingParams, *, max_tokens: int, logprobs: bool
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=format_completion(content),
+            sampling=sampling_options(params, max_tokens=max_tokens, logprobs=logprobs),
+        )
+
+    async def completion(self, *, tenant: str, request: CompletionRequest) -> CompletionResponse:
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        result = await self._generate(
+            handle,
+            self._completion_request(
+                request.content,
+                request.sampling_params,
+                max_tokens=request.max_tokens,
+                logprobs=request.logprobs,
+            ),
+        )
+        return CompletionResponse(
+            content=result.text,
+            stop_reason=to_spec_stop_reason(result.stop_reason),
+            logprobs=_logprobs(result),
+        )
+
+    async def completion_stream(
+        self, *, tenant: str, request: CompletionRequest
+    ) -> AsyncIterator[CompletionResponseStreamChunk]:
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        generation = self._completion_request(
+            request.content,
+            request.sampling_params,
+            max_tokens=request.max_tokens,
+            logprobs=request.logprobs,
+        )
+        async for item in self._stream(handle, generation):
+            if isinstance(item, TokenDelta):
+                yield CompletionResponseStreamChunk(
+                    text_delta=item.text,
+                    stop_reason="not_stopped",
+                    logprobs=None if item.logprob is None else {"token_logprob": item.logprob},
+                )
+            else:
+                yield CompletionResponseStreamChunk(
+                    text_delta="", stop_reason=to_spec_stop_reason(item.stop_reason)
+                )
+
+    async def batch_completion(
+        self, *, tenant: str, request: BatchCompletionRequest
+    ) -> list[CompletionResponse]:
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        results = await self._gather(
+            handle,
+            [
+                self._completion_request(
+                    content,
+                    request.sampling_params,
+                    max_tokens=request.max_tokens,
+                    logprobs=request.logprobs,
+                )
+                for content in request.content_batch
+            ],
+        )
+        return [
+            CompletionResponse(
+                content=r.text,
+                stop_reason=to_spec_stop_reason(r.stop_reason),
+                logprobs=_logprobs(r),
+            )
+            for r in results
+        ]
+
+    # --- chat -----------------------------------------------------------------------
+
+    def _chat_request(
+        self,
+        dialog: Dialog,
+        tools: Sequence[ToolDefinition],
+        params: SamplingParams,
+        *,
+        max_tokens: int,
+        logprobs: bool,
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=format_chat(_dialog_messages(dialog), tools=tools),
+            sampling=sampling_options(params, max_tokens=max_tokens, logprobs=logprobs),
+        )
+
+    @staticmethod
+    def _chat_response(
+        result: GenerationResult, tools: Sequence[ToolDefinition]
+    ) -> ChatCompletionResponse:
+        parsed = parse_assistant_output(result.text, stop_reason=result.stop_reason, tools=tools)
+        return ChatCompletionResponse(
+            content=parsed.content,
+            tool_calls=parsed.tool_calls,
+            stop_reason=to_spec_stop_reason(result.stop_reason),
+            logprobs=_logprobs(result),
+        )
+
+    async def chat_completion(
+        self, *, tenant: str, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse:
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        generation = self._chat_request(
+            request.dialog,
+            request.available_tools,
+            request.sampling_params,
+            max_tokens=request.max_tokens,
+            logprobs=request.logprobs,
+        )
+        result = await self._generate(handle, generation)
+        return self._chat_response(result, request.available_tools)
+
+    async def chat_completion_stream(
+        self, *, tenant: str, request: ChatCompletionRequest
+    ) -> AsyncIterator[ChatCompletionResponseStreamChunk]:
+        """Text deltas as they come; a reply that looks like a tool call is held back and
+        sent as the final chunk's `tool_call` (with any content before it)."""
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        generation = self._chat_request(
+            request.dialog,
+            request.available_tools,
+            request.sampling_params,
+            max_tokens=request.max_tokens,
+            logprobs=request.logprobs,
+        )
+        detector = ToolCallStreamDetector(request.available_tools)
+        async for item in self._stream(handle, generation):
+            if isinstance(item, TokenDelta):
+                text = detector.feed(item.text)
+                if text:
+                    yield ChatCompletionResponseStreamChunk(
+                        text_delta=text, stop_reason="not_stopped"
+                    )
+                continue
+            held = detector.finish(stop_reason=item.stop_reason)
+            yield ChatCompletionResponseStreamChunk(
+                text_delta=held.content,
+                stop_reason=to_spec_stop_reason(item.stop_reason),
+                tool_call=held.tool_calls[0] if held.tool_calls else None,
+            )
+
+    async def batch_chat_completion(
+        self, *, tenant: str, request: BatchChatCompletionRequest
+    ) -> list[ChatCompletionResponse]:
+        handle = self._router.handle_for(tenant=tenant, model=request.model)
+        results = await self._gather(
+            handle,
+            [
+                self._chat_request(
+                    dialog,
+                    request.available_tools,
+                    request.sampling_params,
+                    max_tokens=request.max_tokens,
+                    logprobs=request.logprobs,
+                )
+                for dialog in request.batch_dialogs
+            ],
+        )
+        return [self._chat_response(r, request.available_tools) for r in results]
+
+    async def _gather(
+        self, handle: DeploymentHandle[Any], requests: list[GenerationRequest]
+    ) -> list[GenerationResult]:
+        """Send every request at once so the replicas batch them; results in input order."""
+        return list(await asyncio.gather(*(self._generate(handle, r) for r in requests)))

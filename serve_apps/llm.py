@@ -108,6 +108,7 @@ class LLMServer:
         batch_queue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self._engine.check(request)  # a bad request fails alone, not its whole batch
         result: GenerationResult = await self._generate_batch(request)
         return result
 
@@ -125,6 +126,7 @@ class LLMServer:
     ) -> AsyncIterator[TokenDelta | GenerationResult]:
         """Yield the engine's stream as it is produced; stop the engine when the caller
         goes away."""
+        self._engine.check(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[object] = asyncio.Queue()
         cancelled = threading.Event()

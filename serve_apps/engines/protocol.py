@@ -67,6 +67,12 @@ class GenerationEngine(Protocol):
     """Generates text for formatted prompts. Implementations are not thread-safe: a Serve
     replica calls them from one batch at a time."""
 
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ValueError if `request` can never run (empty or over-long prompt, bad
+        sampling options). Called before a request joins a batch, so that one bad
+        request cannot fail the others."""
+        ...
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run a batch together; results in request order."""
         ...

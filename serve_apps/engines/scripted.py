@@ -35,6 +35,10 @@ class ScriptedEngine:
             return self._words[:limit], StopReason.OUT_OF_TOKENS
         return self._words, StopReason.END_OF_TURN
 
+    def check(self, request: GenerationRequest) -> None:
+        if not request.prompt:
+            raise ValueError("the prompt is empty")
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         plans = [self._plan(r) for r in requests]
         steps = max((len(words) for words, _ in plans), default=0)

@@ -249,18 +249,26 @@ class TransformersEngine:
         ids: list[int] = self._tokenizer.encode(prompt, add_special_tokens=False)
         return ids
 
-    def _row(self, request: GenerationRequest) -> _Row:
-        sampling = request.sampling
-        _check_sampling(sampling)
+    def check(self, request: GenerationRequest) -> None:
+        """Raise InvalidRequestError if `request` can never run."""
+        self._checked_prompt_ids(request)
+
+    def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
+        _check_sampling(request.sampling)
         prompt_ids = self._encode(request.prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")
-        room = self.context_window - len(prompt_ids)
-        if room < 1:
+        if self.context_window - len(prompt_ids) < 1:
             raise InvalidRequestError(
                 f"the prompt takes {len(prompt_ids)} tokens and leaves no room in the "
                 f"context window of {self.context_window}"
             )
+        return prompt_ids
+
+    def _row(self, request: GenerationRequest) -> _Row:
+        sampling = request.sampling
+        prompt_ids = self._checked_prompt_ids(request)
+        room = self.context_window - len(prompt_ids)
         budget = room if sampling.max_tokens <= 0 else min(sampling.max_tokens, room)
         seed = sampling.seed
         if seed is None:

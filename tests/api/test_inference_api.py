@@ -263,3 +263,24 @@ def test_overload_gets_503_with_retry_after(
         assert refused.json()["error"]["code"] == "overloaded"
     finally:
         serve.delete("llm-api-busy")
+
+
+def test_a_prompt_too_long_fails_alone(client: TestClient) -> None:
+    """One over-long prompt in a batch is refused with 422; a good request sent at the
+    same time still succeeds."""
+    too_long = {
+        "content": "word " * 2000,
+        "model": "llama3_8b",
+        "sampling_params": SAMPLING,
+        "max_tokens": 4,
+        "stream": False,
+        "logprobs": False,
+    }
+    fine = too_long | {"content": "The sky is"}
+    with ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(
+            lambda b: client.post("/inference/completion", json=b), [too_long, fine]
+        )
+    assert bad.status_code == 422, bad.text
+    assert "context window" in bad.json()["error"]["message"]
+    assert good.status_code == 200

@@ -16,9 +16,11 @@ from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
 from corral.errors import CapabilityUnavailable, CorralError, Overloaded, http_status_for
 from corral.routes import all_routers
+from corral.routes import openai as openai_routes
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService, ModelRouter, NoModels
+from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.store.db import Database
 
@@ -41,10 +43,14 @@ def build_services(
     fetcher: ContentFetcher,
     model_router: ModelRouter | None,
 ) -> Services:
+    router = model_router or NoModels()
     return Services(
         datasets=DatasetService(database=database, fetcher=fetcher),
         post_training=PostTrainingService(database=database),
-        inference=InferenceService(router=model_router or NoModels()),
+        inference=InferenceService(router=router),
+        openai=OpenAIService(
+            router=router, names=router if isinstance(router, ModelNames) else None
+        ),
     )
 
 
@@ -84,6 +90,8 @@ def create_app(
     app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
     for router in all_routers():
         app.include_router(router)
+    # OpenAI-compatible /v1: served, but kept out of the spec's OpenAPI document.
+    app.include_router(openai_routes.router)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
 
 
@@ -14,3 +15,4 @@ class Services:
     datasets: DatasetService
     post_training: PostTrainingService
     inference: InferenceService
+    openai: OpenAIService

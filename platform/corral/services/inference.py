@@ -4,12 +4,10 @@ a handle, and come back as spec responses (tool calls parsed out of the text).""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, TypeVar
 
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from corral.api.common import Content, Dialog, Message, SamplingParams, ToolDefinition
 from corral.api.inference import (
@@ -22,7 +20,7 @@ from corral.api.inference import (
     CompletionResponse,
     CompletionResponseStreamChunk,
 )
-from corral.errors import CapabilityUnavailable, InvalidRequest, Overloaded
+from corral.errors import CapabilityUnavailable
 from corral.llama3 import (
     ToolCallStreamDetector,
     format_chat,
@@ -30,6 +28,7 @@ from corral.llama3 import (
     parse_assistant_output,
     to_spec_stop_reason,
 )
+from corral.services.model_calls import generate, stream_generation
 from serve_apps.engines.protocol import (
     GenerationRequest,
     GenerationResult,
@@ -80,37 +79,6 @@ class InferenceService:
     def __init__(self, *, router: ModelRouter) -> None:
         self._router = router
 
-    async def _call(self, awaitable: Awaitable[T]) -> T:
-        """Await a handle call, turning Serve's refusals and engine input errors into
-        domain errors."""
-        try:
-            return await awaitable
-        except BackPressureError as exc:
-            raise Overloaded(f"the model is at capacity, try again shortly ({exc})") from None
-        except RayTaskError as exc:
-            if isinstance(exc.cause, ValueError):
-                raise InvalidRequest(str(exc.cause)) from None
-            raise
-
-    async def _generate(
-        self, handle: DeploymentHandle[Any], request: GenerationRequest
-    ) -> GenerationResult:
-        result: GenerationResult = await self._call(handle.generate.remote(request))
-        return result
-
-    async def _stream(
-        self, handle: DeploymentHandle[Any], request: GenerationRequest
-    ) -> AsyncIterator[TokenDelta | GenerationResult]:
-        stream = handle.options(stream=True).stream.remote(request)
-        assert isinstance(stream, DeploymentResponseGenerator)
-        iterator = stream.__aiter__()
-        while True:
-            try:
-                item = await self._call(iterator.__anext__())
-            except StopAsyncIteration:
-                return
-            yield item
-
     # --- completion -----------------------------------------------------------------
 
     def _completion_request(
@@ -123,7 +91,7 @@ class InferenceService:
 
     async def completion(self, *, tenant: str, request: CompletionRequest) -> CompletionResponse:
         handle = self._router.handle_for(tenant=tenant, model=request.model)
-        result = await self._generate(
+        result = await generate(
             handle,
             self._completion_request(
                 request.content,
@@ -148,7 +116,7 @@ class InferenceService:
             max_tokens=request.max_tokens,
             logprobs=request.logprobs,
         )
-        async for item in self._stream(handle, generation):
+        async for item in stream_generation(handle, generation):
             if isinstance(item, TokenDelta):
                 yield CompletionResponseStreamChunk(
                     text_delta=item.text,
@@ -224,7 +192,7 @@ class InferenceService:
             max_tokens=request.max_tokens,
             logprobs=request.logprobs,
         )
-        result = await self._generate(handle, generation)
+        result = await generate(handle, generation)
         return self._chat_response(result, request.available_tools)
 
     async def chat_completion_stream(
@@ -241,7 +209,7 @@ class InferenceService:
             logprobs=request.logprobs,
         )
         detector = ToolCallStreamDetector(request.available_tools)
-        async for item in self._stream(handle, generation):
+        async for item in stream_generation(handle, generation):
             if isinstance(item, TokenDelta):
                 text = detector.feed(item.text)
                 if text:
@@ -279,4 +247,4 @@ class InferenceService:
         self, handle: DeploymentHandle[Any], requests: list[GenerationRequest]
     ) -> list[GenerationResult]:
         """Send every request at once so the replicas batch them; results in input order."""
-        return list(await asyncio.gather(*(self._generate(handle, r) for r in requests)))
+        return list(await asyncio.gather(*(generate(handle, r) for r in requests)))

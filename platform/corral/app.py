@@ -16,12 +16,14 @@ from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
 from corral.errors import CapabilityUnavailable, CorralError, Overloaded, http_status_for
 from corral.routes import all_routers
+from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,12 @@ def create_app(
     database: Database | None = None,
     fetcher: ContentFetcher | None = None,
     model_router: ModelRouter | None = None,
+    models: ModelRegistry | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
-    Without a `model_router` (no Ray connection) inference answers 501."""
+    `models` is the registry of served models (it also routes inference); without it,
+    or a `model_router`, the server has no Ray connection and inference answers 501."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,7 +76,7 @@ def create_app(
             settings,
             database=db,
             fetcher=fetcher or ContentFetcher(fetch_policy(settings)),
-            model_router=model_router,
+            model_router=model_router or models,
         )
         try:
             yield
@@ -87,10 +91,13 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.models = models
     app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
     for router in all_routers():
         app.include_router(router)
-    # OpenAI-compatible /v1: served, but kept out of the spec's OpenAPI document.
+    # Corral's own /models (tagged "Corral") and the OpenAI-compatible /v1 (not in the
+    # OpenAPI document): served beside the spec's operations, not part of them.
+    app.include_router(models_routes.router)
     app.include_router(openai_routes.router)
 
     @app.get("/health", include_in_schema=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from corral.cli_models import add_models_commands
 from corral.config import Settings
 
 log = logging.getLogger("corral")
@@ -47,21 +48,52 @@ def is_loopback_host(host: str) -> bool:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     import uvicorn
+    from ray import serve
 
     from corral.app import create_app
     from corral.ray_cluster import connect
+    from corral.serving.catalog import ModelsFileError, load_catalog, model_roots
+    from corral.serving.deployer import ModelDeployError, ServeDeployer
+    from corral.serving.registry import ModelRegistry
     from corral.store import migrate
+    from corral.store.db import Database
 
     if not settings.parsed_api_keys and not is_loopback_host(args.host):
         raise CliError(
             f"refusing to serve on {args.host} without API keys: set CORRAL_API_KEYS "
             "(e.g. 'mytenant:SECRET') or bind a loopback address"
         )
+    try:  # a bad models file fails before anything starts
+        catalog = load_catalog(settings)
+    except ModelsFileError as exc:
+        raise CliError(str(exc)) from None
     settings.home.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     ray_target = connect(address=settings.ray_address, home=settings.home)
     log.info("connected to Ray at %s", ray_target)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    # No Serve HTTP proxy: the API reaches every model through Serve handles.
+    serve.start(proxy_location="Disabled")
+    database = Database(settings.resolved_database_url)
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=catalog.models,
+        model_roots=model_roots(settings),
+        demo_model_dir=catalog.demo_model_dir,
+    )
+    try:
+        registry.start()
+    except ModelDeployError as exc:
+        raise CliError(f"models did not start: {exc}") from None
+    try:
+        uvicorn.run(
+            create_app(settings, database=database, models=registry),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+        )
+    finally:
+        database.dispose()
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> None:
@@ -104,9 +136,12 @@ def cmd_ray_stop(settings: Settings, _args: argparse.Namespace) -> None:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
-    from corral.demo import run_demo
+    from corral.demo import DemoFailed, run_demo
 
-    run_demo(settings, port=args.port, keep_ray=args.keep_ray)
+    try:
+        run_demo(settings, port=args.port, keep_ray=args.keep_ray)
+    except DemoFailed as exc:
+        raise CliError(f"demo failed: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(handler=cmd_db_upgrade)
     db.add_parser("current", help="show the schema revision").set_defaults(handler=cmd_db_current)
 
-    models = commands.add_parser("models", help="models on disk").add_subparsers(
+    models = commands.add_parser("models", help="served models and the demo model").add_subparsers(
         dest="models_command", required=True, metavar="ACTION"
     )
     demo_model = models.add_parser(
@@ -135,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo_model.add_argument("directory")
     demo_model.set_defaults(handler=cmd_models_create_demo)
+    add_models_commands(models)
 
     ray = commands.add_parser("ray", help="the embedded Ray head").add_subparsers(
         dest="ray_command", required=True, metavar="ACTION"

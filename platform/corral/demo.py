@@ -166,9 +166,11 @@ def _session(base_url: str, api_key: str, dataset_file: Path) -> None:
             404,
             "status of an unknown job",
         )
+        models = _expect(api.get("/models"), 200, "the models this server serves")
+        _say("      " + ", ".join(f"{m['name']} {m.get('aliases', [])}" for m in models["data"]))
         chat = {
             "model": "llama3_8b_chat",
-            "dialog": {"message": _message("Hello!"), "message_history": []},
+            "dialog": {"message": _message("Hello! Who are you?"), "message_history": []},
             "sampling_params": {
                 "temperature": 0.0,
                 "strategy": "greedy",
@@ -180,7 +182,25 @@ def _session(base_url: str, api_key: str, dataset_file: Path) -> None:
             "stream": False,
             "logprobs": False,
         }
-        _expect(api.post("/inference/chat_completion", json=chat), 501, "inference (not yet)")
+        reply = _expect(api.post("/inference/chat_completion", json=chat), 200, "chat")
+        _say(f"      the demo model (random weights until fine-tuned) says: {reply['content']!r}")
+        with api.stream("POST", "/inference/chat_completion", json=chat | {"stream": True}) as r:
+            chunks = [line for line in r.iter_lines() if line.startswith("data: ")]
+        if r.status_code != 200 or not chunks:
+            raise DemoFailed(f"streamed chat failed: HTTP {r.status_code}")
+        _say(f"  [ok ] streamed chat: {len(chunks)} server-sent events, token by token")
+        openai_chat = {
+            "model": "llama3_8b_chat",
+            "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        _expect(api.post("/v1/chat/completions", json=openai_chat), 200, "OpenAI-compatible chat")
+        _expect(
+            api.post("/models/scale", json={"model": "demo", "max_replicas": 3}),
+            200,
+            "raise the demo model's replica bound in place",
+        )
         _expect(api.delete("/datasets/delete", params={"dataset_id": "demo-chat"}), 200, "delete")
         _expect(api.get("/datasets/get", params={"dataset_id": "demo-chat"}), 404, "it is gone")
 

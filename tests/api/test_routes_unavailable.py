@@ -64,6 +64,11 @@ AVAILABLE = {
     "GET /post_training/job/status",
     "GET /post_training/job/logs",
     "GET /post_training/job/artifacts",
+    # Corral's own model management (501 without a Ray connection is tested with it).
+    "GET /models",
+    "POST /models/register",
+    "POST /models/scale",
+    "DELETE /models/delete",
 }
 
 SHIELD = ShieldConfig(shield_type="llama_guard", params={"threshold": 0.5})

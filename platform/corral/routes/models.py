@@ -1,0 +1,74 @@
+"""Corral's models routes (tag "Corral": not part of the Llama Stack spec): list what is
+served, register a checkpoint or adapter, scale replicas, delete. HTTP only; the
+ModelRegistry does the work. Handlers are sync: they wait on Ray, so FastAPI runs them
+in its thread pool."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from corral.api.models import (
+    ModelInfo,
+    ModelList,
+    RegisterModelRequest,
+    ScaleModelRequest,
+    ScaleModelResponse,
+)
+from corral.deps import TenantDep
+from corral.errors import CapabilityUnavailable
+from corral.routes.responses import OK, empty_ok
+from corral.serving.registry import ModelRegistry
+
+TAG = "Corral"
+router = APIRouter(tags=[TAG])
+
+
+def _models(request: Request) -> ModelRegistry:
+    registry = getattr(request.app.state, "models", None)
+    if registry is None:
+        raise CapabilityUnavailable("models", "this server has no Ray connection")
+    assert isinstance(registry, ModelRegistry)
+    return registry
+
+
+ModelRegistryDep = Annotated[ModelRegistry, Depends(_models)]
+
+
+@router.get("/models", response_description=OK)
+def list_models(tenant: TenantDep, models: ModelRegistryDep) -> ModelList:
+    return ModelList(data=models.list(tenant))
+
+
+@router.post("/models/register", response_description=OK)
+def register_model(
+    body: RegisterModelRequest, tenant: TenantDep, models: ModelRegistryDep
+) -> ModelInfo:
+    return models.register(tenant=tenant, request=body)
+
+
+@router.post("/models/scale", response_description=OK)
+def scale_model(
+    body: ScaleModelRequest, tenant: TenantDep, models: ModelRegistryDep
+) -> ScaleModelResponse:
+    info = models.scale(
+        tenant=tenant,
+        model=body.model,
+        min_replicas=body.min_replicas,
+        max_replicas=body.max_replicas,
+        replicas=body.replicas,
+    )
+    return ScaleModelResponse(
+        name=info.name,
+        min_replicas=info.min_replicas,
+        max_replicas=info.max_replicas,
+        replicas=info.replicas,
+    )
+
+
+@router.delete("/models/delete", response_class=Response, response_description=OK)
+def delete_model(model: str, tenant: TenantDep, models: ModelRegistryDep) -> Response:
+    models.unregister(tenant=tenant, model=model)
+    return empty_ok()

@@ -1,0 +1,211 @@
+"""What Corral serves: model specs from the models file (or the embedded default), and
+the Serve app names they run under.
+
+App names: a file model `NAME` runs as `llm-NAME` and is shared by every tenant; a model
+a tenant registered runs as `llm-NAME@TENANT_SLUG`, where the slug is the tenant with
+anything outside `[A-Za-z0-9_.-]` replaced, cut to 32 characters, plus 8 hex digits of
+the tenant's sha256. Model names never contain `@`, so the two kinds never collide, and
+two tenants never share an app even when their slugs read alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from corral.config import Settings
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+APP_PREFIX = "llm-"
+# Far beyond any cluster Corral runs on; it keeps a typo from asking Serve for 10^6 actors.
+MAX_REPLICAS = 256
+DEMO_MODEL_NAME = "demo"
+# The Llama Stack draft spec's model names; the embedded default answers to all of them.
+SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+class ModelsFileError(ValueError):
+    """The models file cannot be used; the message names the file and the entry."""
+
+
+class ModelSpec(BaseModel):
+    """One served model: where its weights are and how its Serve app is sized."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ModelName
+    aliases: list[ModelName] = Field(default_factory=list)
+    checkpoint_dir: Path
+    # A LoRA adapter served over `checkpoint_dir`, its base model.
+    adapter_dir: Path | None = None
+    engine: Literal["transformers"] = "transformers"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    cpus_per_replica: float = Field(default=0.5, gt=0)
+    min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_queued_requests: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
+            raise ValueError("aliases must be distinct from each other and from the name")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name this model answers to, its own first."""
+        return (self.name, *self.aliases)
+
+    def app_config(self, *, app_name: str) -> dict[str, Any]:
+        """The `serve_apps.llm.LLMAppConfig` (as a dict) that runs this model as the Serve
+        app `app_name`, which must start with `llm-` (LLMAppConfig adds that prefix)."""
+        if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
+            raise ValueError(f"Serve app name {app_name!r} must start with {APP_PREFIX!r}")
+        return {
+            "name": app_name.removeprefix(APP_PREFIX),
+            "model_dir": str(self.checkpoint_dir),
+            "adapter_dir": str(self.adapter_dir) if self.adapter_dir is not None else None,
+            "engine": self.engine,
+            "device": self.device,
+            "dtype": self.dtype,
+            "gpus_per_replica": self.gpus_per_replica,
+            "cpus_per_replica": self.cpus_per_replica,
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "max_batch_size": self.max_batch_size,
+            "max_queued_requests": self.max_queued_requests,
+        }
+
+
+def file_app_name(model: str) -> str:
+    """The Serve app of a model from the models file (shared by all tenants)."""
+    return f"{APP_PREFIX}{model}"
+
+
+def tenant_app_name(tenant: str, model: str) -> str:
+    """The Serve app of a model one tenant registered (see the module docstring)."""
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"{APP_PREFIX}{model}@{_UNSAFE.sub('_', tenant)[:32]}-{digest}"
+
+
+class _ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[dict[str, Any]]
+
+
+def load_models_file(path: Path) -> list[ModelSpec]:
+    """Read a models file: YAML with one key, `models`, a list of `ModelSpec` mappings.
+    Relative directories are relative to the file. Names and aliases are unique across
+    the whole file."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ModelsFileError(f"models file {path}: cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ModelsFileError(f"models file {path}: not valid YAML: {exc}") from None
+    try:
+        entries = _ModelsFile.model_validate(document).models
+    except ValidationError:
+        raise ModelsFileError(
+            f"models file {path}: expected a mapping with one key, 'models', holding a list "
+            "of model mappings"
+        ) from None
+
+    specs: list[ModelSpec] = []
+    owners: dict[str, int] = {}
+    for index, entry in enumerate(entries, start=1):
+        where = f"models file {path}, entry {index}"
+        if isinstance(entry.get("name"), str):
+            where += f" ({entry['name']!r})"
+        try:
+            spec = ModelSpec.model_validate(entry)
+        except ValidationError as exc:
+            raise ModelsFileError(f"{where}: {_problems(exc)}") from None
+        spec = spec.model_copy(
+            update={
+                "checkpoint_dir": _relative_to(path, spec.checkpoint_dir),
+                "adapter_dir": _relative_to(path, spec.adapter_dir) if spec.adapter_dir else None,
+            }
+        )
+        for name in spec.names:
+            if name in owners:
+                raise ModelsFileError(
+                    f"{where}: the name {name!r} is already used by entry {owners[name]}"
+                )
+            owners[name] = index
+        specs.append(spec)
+    return specs
+
+
+def embedded_default(home: Path) -> list[ModelSpec]:
+    """Without a models file: the demo model (built at start-up under `home/models/demo`)
+    answering to the spec's model names, on half a CPU, one or two replicas."""
+    return [
+        ModelSpec(
+            name=DEMO_MODEL_NAME,
+            aliases=list(SPEC_MODEL_NAMES),
+            checkpoint_dir=demo_model_dir(home),
+            device="cpu",
+            cpus_per_replica=0.5,
+            min_replicas=1,
+            max_replicas=2,
+        )
+    ]
+
+
+def demo_model_dir(home: Path) -> Path:
+    return home / "models" / DEMO_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The file models, and where to build the demo model first (embedded default only)."""
+
+    models: list[ModelSpec]
+    demo_model_dir: Path | None
+
+
+def load_catalog(settings: Settings) -> Catalog:
+    """The models file if there is one, else the embedded default. A models file named
+    explicitly (`CORRAL_MODELS_FILE`) must exist."""
+    path = settings.resolved_models_file
+    if path.is_file():
+        return Catalog(models=load_models_file(path), demo_model_dir=None)
+    if settings.models_file is not None:
+        raise ModelsFileError(f"models file {path}: no such file (CORRAL_MODELS_FILE)")
+    return Catalog(
+        models=embedded_default(settings.home), demo_model_dir=demo_model_dir(settings.home)
+    )
+
+
+def model_roots(settings: Settings) -> tuple[Path, ...]:
+    """Directories that registered models (checkpoints and adapters) may live in."""
+    return (settings.home / "models", settings.home / "checkpoints")
+
+
+def _relative_to(models_file: Path, directory: Path) -> Path:
+    return directory if directory.is_absolute() else models_file.parent / directory
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or '(entry)'}: {err['msg']}"
+        for err in exc.errors()
+    )

@@ -1,0 +1,249 @@
+"""Ray Serve, as Corral uses it: one app per model, deployed, scaled in place, watched and
+deleted by name. The caller has already connected to Ray and started Serve without an
+HTTP proxy (`serve.start(proxy_location="Disabled")`); apps are reached by handles only.
+
+Scaling in place. `serve.run` gives every deployment a fresh random code version, so a
+plain redeploy replaces every replica (a rolling restart that reloads the model). The
+deployer pins the code version to a digest of everything a replica is built from except
+the autoscaling options, so Serve treats a change of bounds as the lightweight update it
+is: running replicas keep running (and keep their requests), replicas are only added or
+removed. Any other change (weights, engine, batch size, resources) still restarts them.
+The same digest makes redeploying an unchanged app a no-op, so an API server that
+restarts against a running Ray keeps its replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ray import serve
+from ray.serve import Application, RunTarget
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ApplicationStatus
+
+import corral
+from corral.errors import InvalidRequest, Overloaded
+from corral.serving.catalog import ModelSpec
+from serve_apps.llm import DEPLOYMENT_NAME, EngineFactory, build_app, transformers_engine
+
+# LLMAppConfig fields Serve applies without restarting a replica.
+AUTOSCALING_FIELDS = frozenset(
+    {
+        "min_replicas",
+        "max_replicas",
+        "initial_replicas",
+        "target_ongoing_requests",
+        "upscale_delay_s",
+        "downscale_delay_s",
+        "look_back_period_s",
+    }
+)
+log = logging.getLogger(__name__)
+
+DEFAULT_DEPLOY_TIMEOUT_S = 300.0
+_POLL_S = 0.25
+
+
+class ModelDeployError(InvalidRequest):
+    """A model's Serve app did not start (Serve's own message included)."""
+
+    code = "model_deploy_failed"
+
+
+class ModelUnavailable(Overloaded):
+    """A known model has no running Serve app right now (starting, failed, or lost)."""
+
+    code = "model_unavailable"
+
+
+@dataclass(frozen=True)
+class AppState:
+    """A Serve app as Serve reports it; `NOT_STARTED` when there is no such app."""
+
+    status: str
+    message: str
+    running_replicas: int
+
+    @property
+    def is_running(self) -> bool:
+        return self.status == "RUNNING"
+
+
+NOT_STARTED = AppState(status="NOT_STARTED", message="", running_replicas=0)
+
+
+class ServeDeployer:
+    def __init__(
+        self,
+        *,
+        engine_factory: EngineFactory = transformers_engine,
+        deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
+    ) -> None:
+        self._engine_factory = engine_factory
+        self._deploy_timeout_s = deploy_timeout_s
+        self._handles: dict[str, DeploymentHandle[Any]] = {}
+        self._handles_lock = threading.Lock()
+
+    def deploy(
+        self,
+        spec: ModelSpec,
+        *,
+        app_name: str,
+        engine_factory: EngineFactory | None = None,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Create or update the app `app_name` for `spec`. With `blocking`, wait until it
+        is RUNNING: ModelDeployError if Serve gives up on it or the wait times out."""
+        factory = engine_factory or self._engine_factory
+        config = spec.app_config(app_name=app_name)
+        app = _with_code_version(build_app(config, engine_factory=factory), config, factory)
+        serve.run_many(
+            [RunTarget(target=app, name=app_name, route_prefix=None)],
+            wait_for_applications_running=False,
+        )
+        if blocking:
+            self.wait_running(app_name, timeout_s=timeout_s)
+
+    def scale(
+        self,
+        app_name: str,
+        spec: ModelSpec,
+        *,
+        engine_factory: EngineFactory | None = None,
+        blocking: bool = False,
+    ) -> None:
+        """Apply `spec`'s replica bounds to a running app in place (see the module
+        docstring): nothing restarts, requests in flight finish."""
+        if self.status(app_name).status in ("NOT_STARTED", "DELETING"):
+            raise ModelUnavailable(f"model app {app_name!r} is not deployed")
+        self.deploy(spec, app_name=app_name, engine_factory=engine_factory, blocking=blocking)
+
+    def wait_running(self, app_name: str, *, timeout_s: float | None = None) -> None:
+        limit = self._deploy_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while True:
+            state = self.status(app_name)
+            if state.is_running:
+                return
+            if state.status == "DEPLOY_FAILED":
+                log.warning("model app %s failed to start: %s", app_name, state.message)
+                raise ModelDeployError(
+                    f"model app {app_name!r} failed to start: {_summary(state.message)}"
+                )
+            if state.status == "NOT_STARTED":
+                raise ModelDeployError(f"model app {app_name!r} disappeared while starting")
+            if time.monotonic() > deadline:
+                raise ModelDeployError(
+                    f"model app {app_name!r} is not running after {limit:g} s "
+                    f"({state.status}): {_summary(state.message)}"
+                )
+            time.sleep(_POLL_S)
+
+    def wait_all(
+        self, app_names: Iterable[str], *, timeout_s: float | None = None
+    ) -> dict[str, ModelDeployError | None]:
+        """Wait for several apps at once; each name maps to its error, or None."""
+        limit = self._deploy_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        outcome: dict[str, ModelDeployError | None] = {}
+        for name in app_names:
+            try:
+                self.wait_running(name, timeout_s=max(0.0, deadline - time.monotonic()))
+                outcome[name] = None
+            except ModelDeployError as exc:
+                outcome[name] = exc
+        return outcome
+
+    def status(self, app_name: str) -> AppState:
+        return self.statuses().get(app_name, NOT_STARTED)
+
+    def statuses(self) -> dict[str, AppState]:
+        """Every Serve app, from one call to the controller."""
+        states: dict[str, AppState] = {}
+        for name, app in serve.status().applications.items():
+            deployment = app.deployments.get(DEPLOYMENT_NAME)
+            replica_states = deployment.replica_states if deployment else {}
+            # ReplicaState is a str enum that Serve does not export publicly.
+            running = sum(n for state, n in replica_states.items() if state == "RUNNING")
+            messages = [app.message] + [d.message for d in app.deployments.values()]
+            states[name] = AppState(
+                status=ApplicationStatus(app.status).value,
+                message="; ".join(m for m in messages if m),
+                running_replicas=int(running),
+            )
+        return states
+
+    def replicas(self, app_name: str) -> int:
+        """How many replicas of the app are RUNNING now."""
+        return self.status(app_name).running_replicas
+
+    def delete(self, app_name: str) -> None:
+        """Delete the app (waiting for it to go); deleting an absent app does nothing."""
+        with self._handles_lock:
+            self._handles.pop(app_name, None)
+        if self.status(app_name).status != "NOT_STARTED":
+            serve.delete(app_name)
+
+    def handle(self, app_name: str) -> DeploymentHandle[Any]:
+        """A handle to the app's LLMServer; ModelUnavailable if there is no such app.
+        Handles outlive redeploys of the same app, so they are kept."""
+        with self._handles_lock:
+            cached = self._handles.get(app_name)
+        if cached is not None:
+            return cached
+        try:
+            handle: DeploymentHandle[Any] = serve.get_app_handle(app_name)
+        except RayServeException:
+            raise ModelUnavailable(f"model app {app_name!r} is not deployed") from None
+        with self._handles_lock:
+            return self._handles.setdefault(app_name, handle)
+
+
+def _summary(message: str, limit: int = 500) -> str:
+    """Serve's messages carry whole tracebacks (logged in full); callers get the last
+    line, which names the error."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else "no message from Serve"
+    return last if len(last) <= limit else last[:limit] + "..."
+
+
+def code_version(config: dict[str, Any], engine_factory: EngineFactory) -> str:
+    """What a replica is built from, minus the autoscaling options, as a digest."""
+    built_from = {key: value for key, value in config.items() if key not in AUTOSCALING_FIELDS}
+    text = json.dumps(
+        {
+            "corral": corral.__version__,
+            "config": built_from,
+            "engine": _describe_factory(engine_factory),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _describe_factory(factory: Callable[..., Any]) -> str:
+    if isinstance(factory, partial):
+        return f"{_describe_factory(factory.func)}{factory.args!r}{factory.keywords!r}"
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', factory)}"
+
+
+def _with_code_version(
+    app: Application, config: dict[str, Any], factory: EngineFactory
+) -> Application:
+    # Serve sets this itself for config-file deploys (from import_path and args); the
+    # imperative API has no public spelling for it, hence `_internal`.
+    deployment = app._bound_deployment.options(
+        version=code_version(config, factory), _internal=True
+    )
+    return Application(deployment)

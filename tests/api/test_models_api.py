@@ -1,0 +1,255 @@
+"""The models routes (`/models*`, Corral's own, tagged "Corral") and the `corral models`
+commands that call them, against a registry on a real local Ray Serve (scripted engine)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import uuid
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ray import serve
+
+from corral import cli_models
+from corral.app import create_app
+from corral.cli import CliError
+from corral.config import Settings
+from corral.serving.catalog import ModelSpec
+from corral.serving.deployer import ServeDeployer
+from corral.serving.registry import ModelRegistry
+from corral.store import migrate
+from corral.store.db import Database
+from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+
+API_KEYS = "alpha:key-alpha,beta:key-beta"
+ALPHA = {"Authorization": "Bearer key-alpha"}
+BETA = {"Authorization": "Bearer key-beta"}
+
+
+def _app(settings: Settings, database: Database | None = None) -> FastAPI:
+    return create_app(settings, database=database)
+
+
+def _checkpoint(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def served(
+    serve_instance: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, Path, str]]:
+    """An API server whose `app.state.models` is a started registry with one file model;
+    yields the client, CORRAL_HOME and the file model's name."""
+    home = tmp_path_factory.mktemp("models-api") / "home"
+    token = uuid.uuid4().hex[:8]
+    shared = f"api-shared-{token}"
+    url = f"sqlite:///{home.parent / 'corral.db'}"
+    migrate.upgrade(url)
+    database = Database(url)
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(deploy_timeout_s=60),
+        file_models=[
+            ModelSpec(
+                name=shared,
+                aliases=[f"{shared}-alias"],
+                checkpoint_dir=_checkpoint(home / "models" / shared),
+                cpus_per_replica=0.25,
+                max_replicas=2,
+            )
+        ],
+        model_roots=(home / "models", home / "checkpoints"),
+        engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
+        registered_cpus_per_replica=0.25,
+    )
+    registry.start()
+    app = _app(Settings(home=home, api_keys=API_KEYS), database=database)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            app.state.models = registry
+            yield client, home, shared
+    finally:
+        for name in list(serve.status().applications):
+            if token in name or name.startswith("llm-tuned@"):
+                serve.delete(name, _blocking=False)
+        database.dispose()
+
+
+def test_without_a_registry_the_models_routes_answer_501(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    app = _app(Settings(home=tmp_path), database=sqlite_database)
+    with TestClient(app) as client:
+        response = client.get("/models")
+    assert response.status_code == 501
+    assert response.json()["error"]["capability"] == "models"
+
+
+def test_models_routes_are_tagged_outside_the_spec(tmp_path: Path) -> None:
+    document = _app(Settings(home=tmp_path)).openapi()
+    operations = {
+        (method, path): item["tags"]
+        for path, methods in document["paths"].items()
+        if path.startswith("/models")
+        for method, item in methods.items()
+    }
+    assert set(operations) == {
+        ("get", "/models"),
+        ("post", "/models/register"),
+        ("post", "/models/scale"),
+        ("delete", "/models/delete"),
+    }
+    assert all(tags == ["Corral"] for tags in operations.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_list_register_scale_and_delete(served: tuple[TestClient, Path, str]) -> None:
+    client, home, shared = served
+    listed = client.get("/models", headers=ALPHA).json()["data"]
+    assert [(m["name"], m["source"], m["status"], m["replicas"]) for m in listed] == [
+        (shared, "file", "RUNNING", 1)
+    ]
+    assert client.get("/models").status_code == 401
+
+    checkpoint = _checkpoint(home / "checkpoints" / "job-7" / "final")
+    escape = {"name": "tuned", "checkpoint_dir": f"{home}/checkpoints/../../../etc"}
+    refused = client.post("/models/register", json=escape, headers=ALPHA)
+    assert refused.status_code == 422, refused.text
+    assert "without '..'" in refused.json()["error"]["message"]
+    body = {"name": "tuned", "checkpoint_dir": str(checkpoint), "max_replicas": 2}
+    assert client.post("/models/register", json=body | {"gpu": 1}, headers=ALPHA).status_code == 422
+
+    registered = client.post("/models/register", json=body, headers=ALPHA)
+    assert registered.status_code == 200, registered.text
+    info = registered.json()
+    assert (info["name"], info["source"], info["status"], info["replicas"]) == (
+        "tuned",
+        "registered",
+        "RUNNING",
+        1,
+    )
+    assert client.post("/models/register", json=body, headers=ALPHA).json() == info
+    conflict = client.post("/models/register", json=body | {"max_batch_size": 2}, headers=ALPHA)
+    assert conflict.status_code == 409
+    assert [m["name"] for m in client.get("/models", headers=BETA).json()["data"]] == [shared]
+
+    # Only the upper bound: no replica has to start (the registry tests watch that).
+    scaled = client.post("/models/scale", json={"model": "tuned", "max_replicas": 3}, headers=ALPHA)
+    assert scaled.status_code == 200, scaled.text
+    assert scaled.json() == {"name": "tuned", "min_replicas": 1, "max_replicas": 3, "replicas": 1}
+    both = {"model": "tuned", "replicas": 2, "min_replicas": 1}
+    assert client.post("/models/scale", json=both, headers=ALPHA).status_code == 422
+    assert client.post("/models/scale", json={"model": "tuned"}, headers=ALPHA).status_code == 422
+    unknown = {"model": "tuned", "replicas": 1}
+    assert client.post("/models/scale", json=unknown, headers=BETA).status_code == 404
+
+    assert (
+        client.delete("/models/delete", params={"model": shared}, headers=ALPHA).status_code == 422
+    )
+    assert (
+        client.delete("/models/delete", params={"model": "tuned"}, headers=ALPHA).status_code == 200
+    )
+    assert (
+        client.delete("/models/delete", params={"model": "tuned"}, headers=ALPHA).status_code == 404
+    )
+    assert [m["name"] for m in client.get("/models", headers=ALPHA).json()["data"]] == [shared]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_cli_lists_and_scales_through_the_api(
+    served: tuple[TestClient, Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    client, home, shared = served
+    client.headers.update(ALPHA)
+    try:
+        # The commands' own HTTP client is swapped for the test client (same httpx API).
+        monkeypatch.setattr(cli_models, "_client", lambda _args: contextlib.nullcontext(client))
+        parser = _parser()
+        settings = Settings(home=home)
+
+        args = parser.parse_args(["models", "list"])
+        args.handler(settings, args)
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == [
+            "NAME",
+            "SOURCE",
+            "STATUS",
+            "REPLICAS",
+            "MIN",
+            "MAX",
+            "GPUS",
+            "ALIASES",
+        ]
+        assert table[1].split() == [
+            shared,
+            "file",
+            "RUNNING",
+            "1",
+            "1",
+            "2",
+            "0",
+            f"{shared}-alias",
+        ]
+
+        args = parser.parse_args(["models", "scale", f"{shared}-alias", "--min", "2", "--wait"])
+        args.handler(settings, args)
+        out = capsys.readouterr().out
+        assert f"{shared}: replicas 2..2" in out
+        assert f"{shared}: 2 running" in out
+
+        args = parser.parse_args(["models", "scale", "nothing", "--replicas", "1"])
+        with pytest.raises(CliError, match="404 no model 'nothing'"):
+            args.handler(settings, args)
+        # Back to one replica for whoever uses the shared model next.
+        cli_models.scale_model(client, shared, min_replicas=1)
+    finally:
+        for key in ALPHA:
+            client.headers.pop(key, None)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral")
+    commands = parser.add_subparsers(dest="command", required=True)
+    models = commands.add_parser("models").add_subparsers(dest="models_command", required=True)
+    cli_models.add_models_commands(models)
+    return parser
+
+
+def test_the_cli_checks_its_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = _parser()
+    settings = Settings(home=tmp_path)
+    for argv, message in (
+        (["models", "scale", "m", "--replicas", "2", "--max", "3"], "either --replicas"),
+        (["models", "scale", "m"], "give --replicas, --min or --max"),
+    ):
+        args = parser.parse_args(argv)
+        with pytest.raises(CliError, match=message):
+            args.handler(settings, args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["models", "scale", "m", "--replicas", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
+
+    monkeypatch.setenv(cli_models.API_KEY_ENV, "secret")
+    args = parser.parse_args(["models", "list", "--url", "http://127.0.0.1:9"])
+    with pytest.raises(CliError, match=r"cannot reach the Corral server at http://127\.0\.0\.1:9"):
+        args.handler(settings, args)
+
+
+def test_api_client_sends_the_bearer_key() -> None:
+    with cli_models.api_client("http://server:1", "k") as client:
+        assert client.headers["Authorization"] == "Bearer k"
+    with cli_models.api_client("http://server:1", None) as client:
+        assert "Authorization" not in client.headers

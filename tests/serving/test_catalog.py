@@ -1,0 +1,144 @@
+"""The models file, the embedded default, and Serve app names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from corral.config import Settings
+from corral.serving.catalog import (
+    SPEC_MODEL_NAMES,
+    ModelsFileError,
+    ModelSpec,
+    embedded_default,
+    file_app_name,
+    load_catalog,
+    load_models_file,
+    tenant_app_name,
+)
+from serve_apps.llm import LLMAppConfig
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_models_file_is_read_with_directories_relative_to_it(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+models:
+  - name: llama3_8b_chat
+    aliases: [chat]
+    checkpoint_dir: weights/llama-3.1-8b-instruct
+    gpus_per_replica: 1
+    min_replicas: 1
+    max_replicas: 4
+    target_ongoing_requests: 4
+    max_batch_size: 16
+  - name: my-sft
+    checkpoint_dir: /srv/base
+    adapter_dir: adapters/sft
+""",
+    )
+    chat, sft = load_models_file(path)
+    assert chat.names == ("llama3_8b_chat", "chat")
+    assert chat.checkpoint_dir == tmp_path / "weights" / "llama-3.1-8b-instruct"
+    assert (chat.gpus_per_replica, chat.max_replicas, chat.max_batch_size) == (1, 4, 16)
+    assert sft.checkpoint_dir == Path("/srv/base")
+    assert sft.adapter_dir == tmp_path / "adapters" / "sft"
+    assert sft.engine == "transformers"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models: [unclosed", "not valid YAML"),
+        ("- name: x", "expected a mapping with one key, 'models'"),
+        ("models: []\nextra: 1", "expected a mapping with one key, 'models'"),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a}\n  - {name: b, checkpoint_dir: /b, gpu: 1}",
+            "entry 2 ('b'): gpu: Extra inputs are not permitted",
+        ),
+        ("models:\n  - {name: 'bad name', checkpoint_dir: /a}", "entry 1 ('bad name'): name:"),
+        ("models:\n  - {name: a}", "entry 1 ('a'): checkpoint_dir: Field required"),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, min_replicas: 3, max_replicas: 2}",
+            "max_replicas must be at least min_replicas",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, aliases: [a]}",
+            "aliases must be distinct",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, aliases: [x]}\n"
+            "  - {name: x, checkpoint_dir: /b}",
+            "entry 2 ('x'): the name 'x' is already used by entry 1",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, engine: vllm}",
+            "entry 1 ('a'): engine:",
+        ),
+    ],
+)
+def test_models_file_errors_name_the_file_and_entry(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ModelsFileError) as caught:
+        load_models_file(path)
+    assert str(path) in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
+    (demo,) = embedded_default(tmp_path)
+    assert demo.name == "demo"
+    assert set(SPEC_MODEL_NAMES) <= set(demo.aliases)
+    assert demo.checkpoint_dir == tmp_path / "models" / "demo"
+    assert (demo.cpus_per_replica, demo.min_replicas, demo.max_replicas) == (0.5, 1, 2)
+
+
+def test_load_catalog(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    catalog = load_catalog(Settings(home=home))
+    assert [m.name for m in catalog.models] == ["demo"]
+    assert catalog.demo_model_dir == home / "models" / "demo"
+    assert not catalog.demo_model_dir.exists()  # built at start-up, not here
+
+    home.mkdir()
+    (home / "models.yaml").write_text("models:\n  - {name: mine, checkpoint_dir: /w}\n")
+    catalog = load_catalog(Settings(home=home))
+    assert ([m.name for m in catalog.models], catalog.demo_model_dir) == (["mine"], None)
+
+    with pytest.raises(ModelsFileError, match="no such file"):
+        load_catalog(Settings(home=home, models_file=tmp_path / "missing.yaml"))
+
+
+def test_app_names_are_unique_per_tenant() -> None:
+    assert file_app_name("demo") == "llm-demo"
+    a, b = tenant_app_name("a b", "m"), tenant_app_name("a_b", "m")
+    assert a != b
+    assert a.startswith("llm-m@a_b-") and b.startswith("llm-m@a_b-")
+    assert tenant_app_name("a b", "m") == a  # stable across restarts
+    assert "@" in tenant_app_name("default", "x") and "@" not in file_app_name("x")
+    assert len(tenant_app_name("t" * 64, "n" * 128)) < 200
+
+
+def test_app_config_builds_the_named_app(tmp_path: Path) -> None:
+    spec = ModelSpec(name="m", checkpoint_dir=tmp_path, max_batch_size=4, max_replicas=3)
+    app_name = tenant_app_name("alpha", "m")
+    config = LLMAppConfig.model_validate(spec.app_config(app_name=app_name))
+    assert config.app_name == app_name
+    assert (config.model_dir, config.max_batch_size, config.max_replicas) == (tmp_path, 4, 3)
+    with pytest.raises(ValueError, match="must start with 'llm-'"):
+        spec.app_config(app_name="m")
+
+
+def test_model_specs_refuse_unknown_fields(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError):
+        ModelSpec.model_validate({"name": "m", "checkpoint_dir": "/x", "runtime_env": {}})

@@ -1,0 +1,401 @@
+"""The model registry on a real local Ray Serve and a real (SQLite) database, with the
+scripted engine for speed, and once with the real demo model through the embedded default.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ray import serve
+from ray.serve.context import _get_global_client
+from sqlalchemy import select
+
+from corral.api.models import RegisterModelRequest
+from corral.config import Settings
+from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.serving.catalog import ModelSpec, file_app_name, load_catalog, tenant_app_name
+from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
+from corral.serving.registry import ModelRegistry
+from corral.store.db import Database
+from corral.store.tables import ServedModel, utcnow
+from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
+from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.llm import DEPLOYMENT_NAME
+
+REPLY = "one two three four"
+REQUEST = GenerationRequest(prompt="hi", sampling=SamplingOptions())
+
+
+def scripted(seconds_per_step: float = 0.0) -> Any:
+    return partial(scripted_engine, ScriptedEngineConfig(REPLY, seconds_per_step))
+
+
+def make_checkpoint(directory: Path, marker: str = "config.json") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / marker).write_text("{}")
+    return directory
+
+
+def running_replica_ids(app_name: str) -> set[str]:
+    # Replica ids are only in Serve's detailed status; the test reads them to prove
+    # that scaling did not restart a replica.
+    details = _get_global_client().get_serve_details()
+    replicas = details["applications"][app_name]["deployments"][DEPLOYMENT_NAME]["replicas"]
+    return {r["replica_id"] for r in replicas if r["state"] == "RUNNING"}
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.25)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def token() -> Iterator[str]:
+    """A word unique to the test, in every app name it creates (tenants and file
+    models), so apps never meet across tests; they are deleted afterwards."""
+    token = uuid.uuid4().hex[:8]
+    yield token
+    for name in list(serve.status().applications):
+        if token in name:
+            serve.delete(name, _blocking=False)  # the next test need not wait for it
+
+
+@pytest.fixture
+def tenant(token: str) -> str:
+    return f"tenant-{token}"
+
+
+RegistryFactory = Callable[..., ModelRegistry]
+
+
+@pytest.fixture
+def make_registry(sqlite_database: Database, home: Path, token: str) -> RegistryFactory:
+    def make(
+        *file_models: ModelSpec, engine: Any = None, deploy_timeout_s: float = 60
+    ) -> ModelRegistry:
+        return ModelRegistry(
+            database=sqlite_database,
+            deployer=ServeDeployer(deploy_timeout_s=deploy_timeout_s),
+            file_models=list(file_models),
+            model_roots=(home / "models", home / "checkpoints"),
+            engine_factory=engine or scripted(),
+            registered_cpus_per_replica=0.25,
+        )
+
+    return make
+
+
+def file_model(home: Path, name: str, **fields: Any) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        checkpoint_dir=make_checkpoint(home / "models" / name),
+        cpus_per_replica=0.25,
+        **fields,
+    )
+
+
+def rows(database: Database) -> list[tuple[str, str, int, int]]:
+    with database.transaction() as session:
+        found = session.scalars(select(ServedModel).order_by(ServedModel.name))
+        return [(r.tenant, r.name, r.min_replicas, r.max_replicas) for r in found]
+
+
+# ---------------------------------------------------------------- without Ray
+
+
+def test_register_refuses_bad_directories_and_stores_nothing(
+    database: Database, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[],
+        model_roots=(home / "models", home / "checkpoints"),
+    )
+    good = make_checkpoint(home / "checkpoints" / "sft-1")
+    outside = make_checkpoint(tmp_path / "elsewhere")
+    (home / "checkpoints" / "link").symlink_to(outside)
+    no_config = home / "models" / "empty"
+    no_config.mkdir(parents=True)
+    cases = {
+        "relative": ({"checkpoint_dir": "checkpoints/sft-1"}, "absolute path"),
+        "dot-dot inside": ({"checkpoint_dir": f"{good}/../sft-1"}, "without '..'"),
+        "outside the roots": ({"checkpoint_dir": str(outside)}, "model roots"),
+        "traversal": ({"checkpoint_dir": f"{home}/checkpoints/../../elsewhere"}, "'..'"),
+        "probing outside": ({"checkpoint_dir": f"{tmp_path}/nothing"}, "model roots"),
+        "symlink out": ({"checkpoint_dir": str(home / "checkpoints" / "link")}, "model roots"),
+        "missing": ({"checkpoint_dir": f"{home}/models/nothing"}, "no such directory"),
+        "no config.json": ({"checkpoint_dir": str(no_config)}, "no config.json"),
+        "a file": ({"checkpoint_dir": str(good / "config.json")}, "not a directory"),
+        "adapter without adapter_config.json": (
+            {"checkpoint_dir": str(good), "adapter_dir": str(good)},
+            "no adapter_config.json",
+        ),
+        "unknown source job": (
+            {"checkpoint_dir": str(good), "source_job_uuid": "no-such-job"},
+            "no job",
+        ),
+    }
+    for case, (fields, message) in cases.items():
+        request = RegisterModelRequest.model_validate({"name": "m"} | fields)
+        with pytest.raises(InvalidRequest, match=message):
+            registry.register(tenant="alpha", request=request)
+        assert rows(database) == [], case
+
+
+def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database) -> None:
+    registry = ModelRegistry(
+        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=()
+    )
+    with pytest.raises(NotFound):
+        registry.resolve(tenant="alpha", model="nothing")
+    with pytest.raises(InvalidRequest, match="either replicas or"):
+        registry.scale(tenant="alpha", model="x", replicas=2, min_replicas=1)
+    with pytest.raises(InvalidRequest, match="give replicas"):
+        registry.scale(tenant="alpha", model="x")
+    with pytest.raises(NotFound):
+        registry.scale(tenant="alpha", model="x", replicas=2)
+    with pytest.raises(NotFound):
+        registry.unregister(tenant="alpha", model="x")
+
+
+def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
+    sqlite_database: Database,
+) -> None:
+    registry = ModelRegistry(
+        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=()
+    )
+    with pytest.raises(NotFound):
+        registry.resolve(tenant="alpha", model="elsewhere")
+    with sqlite_database.transaction() as session:  # another API process registers it
+        now = utcnow()
+        session.add(
+            ServedModel(
+                tenant="alpha",
+                name="elsewhere",
+                checkpoint_dir="/w",
+                adapter_dir=None,
+                engine="transformers",
+                gpus_per_replica=0.0,
+                min_replicas=1,
+                max_replicas=1,
+                target_ongoing_requests=2.0,
+                max_batch_size=8,
+                source_job_uuid=None,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    with pytest.raises(NotFound):  # within RESOLVE_CACHE_S
+        registry.resolve(tenant="alpha", model="elsewhere")
+    resolved = registry.resolve(tenant="alpha", model="elsewhere", fresh=True)
+    assert (resolved.source, resolved.app_name) == (
+        "registered",
+        tenant_app_name("alpha", "elsewhere"),
+    )
+    assert registry.resolve(tenant="alpha", model="elsewhere") == resolved
+
+
+# ---------------------------------------------------------------- on Ray Serve
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_file_models_start_and_resolve_by_alias(
+    serve_instance: None, make_registry: RegistryFactory, home: Path, tenant: str, token: str
+) -> None:
+    name = f"shared-{token}"
+    registry = make_registry(file_model(home, name, aliases=[f"alias-{name}"], max_replicas=2))
+    registry.start()
+
+    resolved = registry.resolve(tenant=tenant, model=f"alias-{name}")
+    assert (resolved.name, resolved.app_name, resolved.source) == (
+        name,
+        file_app_name(name),
+        "file",
+    )
+    handle = registry.handle_for(tenant="anyone", model=f"alias-{name}")
+    assert handle.generate.remote(REQUEST).result().text == REPLY
+
+    (info,) = registry.list(tenant)
+    assert (info.name, info.source, info.status, info.replicas) == (name, "file", "RUNNING", 1)
+    assert (info.min_replicas, info.max_replicas) == (1, 2)
+
+    with pytest.raises(InvalidRequest, match="models file"):
+        registry.unregister(tenant=tenant, model=name)
+    with pytest.raises(InvalidRequest, match="replica bounds"):
+        registry.scale(tenant=tenant, model=name, min_replicas=3)
+    # A file model's bounds change in memory, for every tenant.
+    scaled = registry.scale(tenant=tenant, model=f"alias-{name}", max_replicas=3)
+    assert (scaled.min_replicas, scaled.max_replicas) == (1, 3)
+    assert registry.list("someone-else")[0].max_replicas == 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_register_is_idempotent_and_conflicts_on_a_different_body(
+    serve_instance: None,
+    make_registry: RegistryFactory,
+    home: Path,
+    tenant: str,
+    sqlite_database: Database,
+) -> None:
+    registry = make_registry()
+    checkpoint = make_checkpoint(home / "checkpoints" / "job-1" / "final")
+    adapter = make_checkpoint(home / "checkpoints" / "job-1" / "lora", "adapter_config.json")
+    request = RegisterModelRequest(
+        name="my-sft", checkpoint_dir=str(checkpoint), adapter_dir=str(adapter), max_batch_size=4
+    )
+    info = registry.register(tenant=tenant, request=request)
+    assert (info.source, info.status, info.replicas) == ("registered", "RUNNING", 1)
+    assert info.adapter_dir == str(adapter)
+    app_name = tenant_app_name(tenant, "my-sft")
+    replica_ids = running_replica_ids(app_name)
+
+    assert registry.register(tenant=tenant, request=request) == info
+    assert running_replica_ids(app_name) == replica_ids  # a no-op, not a redeploy
+    with pytest.raises(Conflict, match="max_batch_size"):
+        registry.register(tenant=tenant, request=request.model_copy(update={"max_batch_size": 8}))
+    with pytest.raises(Conflict, match="through /models/scale"):
+        registry.register(tenant=tenant, request=request.model_copy(update={"max_replicas": 2}))
+
+    handle = registry.handle_for(tenant=tenant, model="my-sft")
+    assert handle.generate.remote(REQUEST).result().text == REPLY
+    with pytest.raises(NotFound):  # another tenant's model is invisible
+        registry.handle_for(tenant="someone-else", model="my-sft")
+    assert [m.name for m in registry.list("someone-else")] == []
+
+    registry.unregister(tenant=tenant, model="my-sft")
+    assert rows(sqlite_database) == []
+    assert app_name not in serve.status().applications
+    with pytest.raises(NotFound):
+        registry.resolve(tenant=tenant, model="my-sft")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_failed_deploy_leaves_nothing_registered(
+    serve_instance: None,
+    make_registry: RegistryFactory,
+    home: Path,
+    tenant: str,
+    sqlite_database: Database,
+) -> None:
+    # The scripted engine is given a string for its config: its constructor fails in
+    # every replica, as a corrupt checkpoint would.
+    registry = make_registry(engine=partial(scripted_engine, "not a config"))
+    checkpoint = make_checkpoint(home / "checkpoints" / "broken")
+    request = RegisterModelRequest(name="broken", checkpoint_dir=str(checkpoint))
+    with pytest.raises(ModelDeployError, match="failed to start") as caught:
+        registry.register(tenant=tenant, request=request)
+    # The last line of Serve's own message: the constructor's error.
+    assert str(caught.value).endswith("AttributeError: 'str' object has no attribute 'reply'")
+    assert rows(sqlite_database) == []
+    assert tenant_app_name(tenant, "broken") not in serve.status().applications
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
+    serve_instance: None,
+    make_registry: RegistryFactory,
+    home: Path,
+    tenant: str,
+    sqlite_database: Database,
+) -> None:
+    registry = make_registry(engine=scripted(seconds_per_step=0.4))
+    checkpoint = make_checkpoint(home / "checkpoints" / "scale-me")
+    registry.register(
+        tenant=tenant, request=RegisterModelRequest(name="busy", checkpoint_dir=str(checkpoint))
+    )
+    app_name = tenant_app_name(tenant, "busy")
+    (first_replica,) = running_replica_ids(app_name)
+    deployer = ServeDeployer()
+
+    in_flight = registry.handle_for(tenant=tenant, model="busy").generate.remote(REQUEST)
+    time.sleep(0.3)  # the request is on the replica now (it takes 1.6 s)
+    scaled = registry.scale(tenant=tenant, model="busy", replicas=2)
+    assert (scaled.min_replicas, scaled.max_replicas) == (2, 2)
+    assert rows(sqlite_database) == [(tenant, "busy", 2, 2)]
+    assert in_flight.result(timeout_s=30).text == REPLY
+
+    wait_until(lambda: deployer.replicas(app_name) == 2, "did not scale up to 2 replicas")
+    assert first_replica in running_replica_ids(app_name), "scaling restarted the replica"
+
+    registry.scale(tenant=tenant, model="busy", max_replicas=1, min_replicas=1)
+    wait_until(lambda: deployer.replicas(app_name) == 1, "did not scale down to 1 replica")
+    listed = {m.name: m for m in registry.list(tenant)}["busy"]
+    assert (listed.min_replicas, listed.max_replicas, listed.replicas) == (1, 1, 1)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_restarted_registry_serves_registered_models_again(
+    serve_instance: None, make_registry: RegistryFactory, home: Path, tenant: str
+) -> None:
+    checkpoint = make_checkpoint(home / "checkpoints" / "survivor")
+    make_registry().register(
+        tenant=tenant, request=RegisterModelRequest(name="survivor", checkpoint_dir=str(checkpoint))
+    )
+    app_name = tenant_app_name(tenant, "survivor")
+    replica_ids = running_replica_ids(app_name)
+
+    # The API server restarts while Ray keeps running: the app is redeployed unchanged
+    # and keeps its replica.
+    make_registry().start()
+    assert running_replica_ids(app_name) == replica_ids
+
+    # Ray lost the app (a fresh cluster): the row brings it back.
+    serve.delete(app_name)
+    with pytest.raises(ModelUnavailable):
+        make_registry().handle_for(tenant=tenant, model="survivor")
+    restarted = make_registry()
+    restarted.start()
+    handle = restarted.handle_for(tenant=tenant, model="survivor")
+    assert handle.generate.remote(REQUEST).result().text == REPLY
+    assert [(m.name, m.status) for m in restarted.list(tenant)] == [("survivor", "RUNNING")]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
+    serve_instance: None, sqlite_database: Database, tmp_path: Path
+) -> None:
+    settings = Settings(home=tmp_path / "home")
+    catalog = load_catalog(settings)
+    assert catalog.demo_model_dir is not None
+    registry = ModelRegistry(
+        database=sqlite_database,
+        deployer=ServeDeployer(deploy_timeout_s=120),
+        file_models=catalog.models,
+        model_roots=(),
+        demo_model_dir=catalog.demo_model_dir,
+    )
+    try:
+        registry.start()  # builds the demo model, then deploys it with the real engine
+        assert (catalog.demo_model_dir / "config.json").is_file()
+        handle = registry.handle_for(tenant="default", model="llama3_8b_chat")
+        request = GenerationRequest(
+            prompt="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            sampling=SamplingOptions(max_tokens=4),
+        )
+        result = handle.generate.remote(request).result()
+        assert len(result.token_ids) == 4
+        assert registry.resolve(tenant="default", model="llama3_70b").app_name == "llm-demo"
+    finally:
+        serve.delete("llm-demo")

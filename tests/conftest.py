@@ -128,3 +128,32 @@ def serve_instance(ray_cluster: Any) -> Iterator[None]:
 
     serve.start(proxy_location="Disabled")
     yield
+
+
+PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
+
+
+def make_lora_adapter(base_dir: Path, destination: Path) -> Path:
+    """A LoRA adapter over `base_dir` on q_proj/v_proj with random (not zero) B matrices,
+    so that it changes the model's output, saved with peft's own save_pretrained."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    config = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 reads a property that transformers 5 deprecated.
+        warnings.filterwarnings("ignore", PEFT_DEPRECATION, FutureWarning)
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_B" in name:
+                    parameter.mul_(4.0)
+    peft_model.save_pretrained(str(destination))
+    return destination

@@ -169,7 +169,9 @@ def test_completion_and_max_tokens(client: TestClient) -> None:
     assert streamed[-1]["stop_reason"] == "max_tokens"
 
 
-def test_batch_completion_keeps_input_order(client: TestClient) -> None:
+def test_batch_completion_keeps_input_order(
+    client: TestClient, handles: dict[str, DeploymentHandle[Any]]
+) -> None:
     prompts = ["The sky is", "Rivers flow to the", "One, two,", "A cat sat on"]
     singles = []
     for prompt in prompts:
@@ -197,6 +199,8 @@ def test_batch_completion_keeps_input_order(client: TestClient) -> None:
     lines = [json.loads(line) for line in response.text.splitlines()]
     assert lines == singles
     assert len({line["content"] for line in lines}) > 1  # different prompts, different text
+    sizes = handles["llama3_8b"].stats.remote().result()["batch_sizes"]
+    assert max(sizes) > 1, f"the batch endpoint's requests never shared a batch: {sizes}"
 
 
 def test_batch_chat_completion(client: TestClient) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from corral.demo_model import END_OF_TEXT, EOM, EOT
@@ -29,6 +29,7 @@ from serve_apps.engines.transformers_engine import (
     TransformersEngineConfig,
     stop_token_reasons,
 )
+from tests.conftest import PEFT_DEPRECATION, make_lora_adapter
 
 # The model is random, so it never stops on its own within a few tokens: every request
 # runs to max_tokens unless a test arranges a stop token.
@@ -42,7 +43,6 @@ LONG = PROMPT.format(
     "Tell me a fun fact about the old robot who reads a long story in the library, "
     "and then explain it to a curious child."
 )
-PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 GREEDY = SamplingOptions(max_tokens=12)
 SAMPLED = SamplingOptions(max_tokens=12, strategy="top_p", temperature=1.0, top_p=0.9, seed=7)
 
@@ -283,22 +283,7 @@ def test_a_stop_token_ends_generation_with_its_reason(
 @pytest.fixture(scope="module")
 def adapter_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter on q_proj/v_proj with random (not zero) B matrices, so it matters."""
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, local_files_only=True)
-    config = LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft 0.21 reads a property that transformers 5 deprecated.
-        warnings.filterwarnings("ignore", PEFT_DEPRECATION, FutureWarning)
-        torch.manual_seed(0)
-        peft_model = get_peft_model(model, config)
-        with torch.no_grad():
-            for name, parameter in peft_model.named_parameters():
-                if "lora_B" in name:
-                    parameter.mul_(4.0)
-    directory = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(str(directory))
-    return directory
+    return make_lora_adapter(demo_model_dir, tmp_path_factory.mktemp("adapter"))
 
 
 def test_a_lora_adapter_changes_the_output(

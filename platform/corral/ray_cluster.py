@@ -309,6 +309,12 @@ def connect(*, address: str | None, home: Path) -> RayHead | str:
     """
     import ray
 
+    if address is None and os.environ.get(RAY_ADDRESS_ENV):
+        # Ray lets RAY_ADDRESS override the address argument of ray.init.
+        raise RayHeadError(
+            f"{RAY_ADDRESS_ENV} is set, but the embedded Ray head was asked for; "
+            f"pass address={os.environ[RAY_ADDRESS_ENV]!r} or unset it"
+        )
     if ray.is_initialized():
         raise RayHeadError("ray.init() was already called in this process")
     if address is not None:
@@ -316,12 +322,6 @@ def connect(*, address: str | None, home: Path) -> RayHead | str:
             address=address, namespace=NAMESPACE, ignore_reinit_error=False, log_to_driver=False
         )
         return address
-    if os.environ.get(RAY_ADDRESS_ENV):
-        # Ray lets RAY_ADDRESS override the address argument of ray.init.
-        raise RayHeadError(
-            f"{RAY_ADDRESS_ENV} is set, but the embedded Ray head was asked for; "
-            f"pass address={os.environ[RAY_ADDRESS_ENV]!r} or unset it"
-        )
     local = LocalRayHead(home)
     head = local.ensure()
     _use_token_auth(local.auth_env())

@@ -71,6 +71,14 @@ def _logprobs(result: GenerationResult) -> dict[str, Any] | None:
     return {"token_logprobs": list(result.logprobs)}
 
 
+def _completion_response(result: GenerationResult) -> CompletionResponse:
+    return CompletionResponse(
+        content=result.text,
+        stop_reason=to_spec_stop_reason(result.stop_reason),
+        logprobs=_logprobs(result),
+    )
+
+
 def _dialog_messages(dialog: Dialog) -> list[Message]:
     return [*dialog.message_history, dialog.message]
 
@@ -100,11 +108,7 @@ class InferenceService:
                 logprobs=request.logprobs,
             ),
         )
-        return CompletionResponse(
-            content=result.text,
-            stop_reason=to_spec_stop_reason(result.stop_reason),
-            logprobs=_logprobs(result),
-        )
+        return _completion_response(result)
 
     async def completion_stream(
         self, *, tenant: str, request: CompletionRequest
@@ -144,14 +148,7 @@ class InferenceService:
                 for content in request.content_batch
             ],
         )
-        return [
-            CompletionResponse(
-                content=r.text,
-                stop_reason=to_spec_stop_reason(r.stop_reason),
-                logprobs=_logprobs(r),
-            )
-            for r in results
-        ]
+        return [_completion_response(r) for r in results]
 
     # --- chat -----------------------------------------------------------------------
 

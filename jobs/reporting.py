@@ -5,12 +5,46 @@ cancelled while it ran cannot mark itself completed afterwards."""
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import dataclass
 from typing import Any
 
 from corral.store.db import Database
 from corral.store.jobs import JobStatus, JobStore, TransitionOutcome
 
 log = logging.getLogger(__name__)
+
+# The two log line shapes that progress is read back from (`read_progress`).
+PLAN_PREFIX = "plan: "
+STEP_PREFIX = "step "
+_PLAN = re.compile(r"plan: (\d+) steps")
+_STEP = re.compile(r"step (\d+) loss (\S+)")
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int | None
+    loss: float | None
+
+
+def read_progress(*, plan_line: str | None, step_line: str | None) -> Progress | None:
+    """Progress from the job's last plan line and last step line (either may be None)."""
+    plan = _PLAN.match(plan_line) if plan_line else None
+    step = _STEP.match(step_line) if step_line else None
+    if plan is None and step is None:
+        return None
+    loss = None
+    if step is not None:
+        try:
+            loss = float(step.group(2))
+        except ValueError:
+            loss = None
+    return Progress(
+        step=int(step.group(1)) if step else 0,
+        total_steps=int(plan.group(1)) if plan else None,
+        loss=loss,
+    )
 
 
 class JobReporter:
@@ -39,6 +73,18 @@ class JobReporter:
     def failed(self, error: str) -> TransitionOutcome:
         self.log(f"failed: {error}")
         return self._move(JobStatus.FAILED, error=error)
+
+    def plan(self, *, total_steps: int, detail: str = "") -> None:
+        """The number of optimizer steps this run will take (what progress counts to)."""
+        self.log(f"{PLAN_PREFIX}{total_steps} steps" + (f" ({detail})" if detail else ""))
+
+    def step(
+        self, *, step: int, loss: float, lr: float, tokens_per_s: float, **extra: float
+    ) -> None:
+        more = "".join(f" {name} {value:.4f}" for name, value in extra.items())
+        self.log(
+            f"{STEP_PREFIX}{step} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens_per_s:.0f}{more}"
+        )
 
     def log(self, *lines: str) -> None:
         with self._db.transaction() as session:

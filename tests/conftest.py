@@ -99,14 +99,16 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     """One private local Ray cluster for the whole session (start-up costs seconds),
-    stopped by its own handle. Its temp dir is short: Ray's socket paths live under it."""
+    stopped by its own handle. Its temp dir is short: Ray's socket paths live under it.
+    Its dashboard (loopback only) serves the Ray Jobs API that fine-tuning jobs go through."""
     import ray
 
     temp_dir = Path(tempfile.mkdtemp(prefix="corral-ray-", dir="/tmp"))
     context = ray.init(
         address="local",
         num_cpus=4,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         namespace="corral-tests",
         log_to_driver=False,
         _temp_dir=str(temp_dir),
@@ -119,6 +121,13 @@ def ray_cluster() -> Iterator[Any]:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_jobs_url(ray_cluster: Any) -> str:
+    """The session cluster's Ray Jobs API."""
+    url = str(ray_cluster.dashboard_url)
+    return url if url.startswith("http") else f"http://{url}"
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,18 @@ from corral.auth import BearerAuthMiddleware
 from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
 from corral.errors import CapabilityUnavailable, CorralError, Overloaded, http_status_for
+from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
+from corral.routes import jobs as jobs_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
+from corral.services.fine_tuning import LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 
@@ -44,11 +48,24 @@ def build_services(
     database: Database,
     fetcher: ContentFetcher,
     model_router: ModelRouter | None,
+    models: ModelRegistry | None = None,
+    launcher: JobLauncher | None = None,
 ) -> Services:
     router = model_router or NoModels()
+    datasets = DatasetService(database=database, fetcher=fetcher)
+    planner = (
+        LaunchPlanner(
+            datasets=datasets,
+            models=models,
+            defaults=TrainingDefaults.from_settings(settings),
+            database_url=database.url,
+        )
+        if models is not None and launcher is not None
+        else None
+    )
     return Services(
-        datasets=DatasetService(database=database, fetcher=fetcher),
-        post_training=PostTrainingService(database=database),
+        datasets=datasets,
+        post_training=PostTrainingService(database=database, planner=planner, launcher=launcher),
         inference=InferenceService(router=router),
         openai=OpenAIService(
             router=router, names=router if isinstance(router, ModelNames) else None
@@ -63,11 +80,14 @@ def create_app(
     fetcher: ContentFetcher | None = None,
     model_router: ModelRouter | None = None,
     models: ModelRegistry | None = None,
+    launcher: JobLauncher | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
     `models` is the registry of served models (it also routes inference); without it,
-    or a `model_router`, the server has no Ray connection and inference answers 501."""
+    or a `model_router`, the server has no Ray connection and inference answers 501.
+    `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
+    with it, unfinished jobs are settled against Ray at start-up and periodically."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,10 +97,22 @@ def create_app(
             database=db,
             fetcher=fetcher or ContentFetcher(fetch_policy(settings)),
             model_router=model_router or models,
+            models=models,
+            launcher=launcher,
         )
+        periodic = None
+        if launcher is not None:
+            reconciler = Reconciler(database=db, launcher=launcher)
+            for settled in reconciler.settle():  # before the first request is served
+                if settled.action != "left":
+                    log.info("job %s: %s at start-up", settled.job_uuid, settled.action)
+            periodic = PeriodicReconciler(reconciler, interval_s=settings.reconcile_interval_s)
+            periodic.start()
         try:
             yield
         finally:
+            if periodic is not None:
+                periodic.stop()
             if database is None:
                 db.dispose()
 
@@ -95,9 +127,10 @@ def create_app(
     app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
     for router in all_routers():
         app.include_router(router)
-    # Corral's own /models (tagged "Corral") and the OpenAI-compatible /v1 (not in the
-    # OpenAPI document): served beside the spec's operations, not part of them.
+    # Corral's own /models and job routes (tagged "Corral") and the OpenAI-compatible /v1
+    # (not in the OpenAPI document): served beside the spec's operations, not part of them.
     app.include_router(models_routes.router)
+    app.include_router(jobs_routes.router)
     app.include_router(openai_routes.router)
 
     @app.get("/health", include_in_schema=False)

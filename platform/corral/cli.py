@@ -51,7 +51,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from ray import serve
 
     from corral.app import create_app
-    from corral.ray_cluster import connect
+    from corral.ray_cluster import RayHead, connect
+    from corral.ray_jobs import RayJobLauncher, jobs_api_url
     from corral.serving.catalog import ModelsFileError, load_catalog, model_roots
     from corral.serving.deployer import ModelDeployError, ServeDeployer
     from corral.serving.registry import ModelRegistry
@@ -85,9 +86,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         registry.start()
     except ModelDeployError as exc:
         raise CliError(f"models did not start: {exc}") from None
+    launcher = RayJobLauncher(
+        jobs_api_url(
+            address=settings.ray_address,
+            dashboard_url=settings.ray_jobs_url
+            or (ray_target.dashboard_url if isinstance(ray_target, RayHead) else None),
+        ),
+        database_url=settings.resolved_database_url,
+    )
     try:
         uvicorn.run(
-            create_app(settings, database=database, models=registry),
+            create_app(settings, database=database, models=registry, launcher=launcher),
             host=args.host,
             port=args.port,
             log_level="info",

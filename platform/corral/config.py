@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,19 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     # Plain http:// dataset URLs are refused unless this is set.
     fetch_allow_http: bool = False
+    # Where the Ray Jobs API answers (the head's dashboard, e.g. http://head:8265). Unset:
+    # the embedded head's, or port 8265 on the host of RAY_ADDRESS.
+    ray_jobs_url: str | None = None
+    # Fine-tuning jobs: Ray Train workers per job, a GPU each or not, the ZeRO stage used
+    # when a request asks for neither memory_efficient_fsdp_wrap nor fsdp_cpu_offload
+    # (unset: plain DDP), training precision and the longest tokenized dialog.
+    train_workers: int = Field(default=2, ge=1, le=1024)
+    train_use_gpu: bool = False
+    train_zero_stage: int | None = Field(default=None, ge=0, le=3)
+    train_dtype: Literal["float32", "bfloat16"] = "float32"
+    train_max_seq_len: int = Field(default=2048, ge=8)
+    # How often the API settles unfinished jobs against Ray (it also does at start-up).
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
 
     @field_validator("home")
     @classmethod
@@ -51,6 +65,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.home / 'corral.db'}"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where fine-tuning jobs write their checkpoints, one directory per job."""
+        return self.home / "checkpoints"
 
     @property
     def resolved_models_file(self) -> Path:

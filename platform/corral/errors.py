@@ -49,6 +49,12 @@ class Overloaded(CorralError):
         self.retry_after_s = retry_after_s
 
 
+class BackendUnavailable(CorralError):
+    """A service Corral runs on (Ray, its Jobs API) could not be reached or failed."""
+
+    code = "backend_unavailable"
+
+
 class CapabilityUnavailable(CorralError):
     """An operation of the spec whose engine this build does not have yet."""
 
@@ -68,6 +74,7 @@ HTTP_STATUS: dict[type[CorralError], int] = {
     ContentUnavailable: 422,
     CapabilityUnavailable: 501,
     Overloaded: 503,
+    BackendUnavailable: 503,
 }
 
 

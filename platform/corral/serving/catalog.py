@@ -197,7 +197,7 @@ def load_catalog(settings: Settings) -> Catalog:
 
 def model_roots(settings: Settings) -> tuple[Path, ...]:
     """Directories that registered models (checkpoints and adapters) may live in."""
-    return (settings.home / "models", settings.home / "checkpoints")
+    return (settings.home / "models", settings.checkpoints_dir)
 
 
 def _relative_to(models_file: Path, directory: Path) -> Path:

@@ -174,9 +174,9 @@ class ModelRegistry:
     def register(self, *, tenant: str, request: RegisterModelRequest) -> ModelInfo:
         """Serve a checkpoint (or adapter) for one tenant. The same request again is a
         no-op; another request under a registered name is a Conflict."""
-        checkpoint_dir = self._checked_dir(request.checkpoint_dir, "checkpoint_dir", "config.json")
+        checkpoint_dir = self.checked_dir(request.checkpoint_dir, "checkpoint_dir", "config.json")
         adapter_dir = (
-            self._checked_dir(request.adapter_dir, "adapter_dir", "adapter_config.json")
+            self.checked_dir(request.adapter_dir, "adapter_dir", "adapter_config.json")
             if request.adapter_dir is not None
             else None
         )
@@ -375,7 +375,7 @@ class ModelRegistry:
             replicas=state.running_replicas if state is not None else 0,
         )
 
-    def _checked_dir(self, value: str, field: str, required_file: str) -> Path:
+    def checked_dir(self, value: str, field: str, required_file: str) -> Path:
         """An absolute directory under one of the model roots (after resolving links and
         `..`) that holds `required_file`; InvalidRequest otherwise."""
         raw = Path(value)

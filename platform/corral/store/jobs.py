@@ -90,10 +90,17 @@ class JobStore:
         self._session = session
 
     def create(
-        self, *, job_uuid: str, tenant: str, kind: JobKind, request: dict[str, Any]
+        self,
+        *,
+        job_uuid: str,
+        tenant: str,
+        kind: JobKind,
+        request: dict[str, Any],
+        launch: dict[str, Any] | None = None,
     ) -> CreateOutcome:
         """Store a scheduled job, or return the stored one if the same request was sent
-        before. The same uuid with a different request (or tenant, or kind) is a Conflict."""
+        before. The same uuid with a different request (or tenant, or kind) is a Conflict.
+        `launch` is what the job process will run; it is not part of the comparison."""
         digest = request_digest(request)
         existing = self._session.get(Job, job_uuid)
         if existing is None:
@@ -108,6 +115,7 @@ class JobStore:
                 scheduled_at=now,
                 updated_at=now,
                 attempt=0,
+                launch=launch,
             )
             try:
                 with self._session.begin_nested():
@@ -152,6 +160,18 @@ class JobStore:
         if kind is not None:
             query = query.where(Job.kind == kind.value)
         query = query.order_by(Job.scheduled_at.desc(), Job.uuid).limit(limit).offset(offset)
+        return list(self._session.scalars(query))
+
+    def unsettled(self, *, limit: int = 1000) -> list[Job]:
+        """Jobs of every tenant that have not reached a terminal status, oldest first:
+        what the reconciler compares against Ray."""
+        open_statuses = [s.value for s in JobStatus if not s.is_terminal]
+        query = (
+            select(Job)
+            .where(Job.status.in_(open_statuses))
+            .order_by(Job.scheduled_at, Job.uuid)
+            .limit(limit)
+        )
         return list(self._session.scalars(query))
 
     def transition(

@@ -96,6 +96,9 @@ class Job(Base):
     resources_allocated: Mapped[dict[str, Any] | None]
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # What the job process runs: the request resolved by the API (model directory,
+    # dataset rows, recipe settings). Never sent back to clients.
+    launch: Mapped[dict[str, Any] | None]
 
 
 class JobLogLine(Base):

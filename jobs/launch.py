@@ -1,0 +1,65 @@
+"""The one entrypoint of every Corral Ray job: `python -m jobs.launch`.
+
+It takes no arguments. The job's uuid and the SQL store's URL come from the environment
+the API server set (never from a request); the job's kind and launch config come from
+its row. It runs the recipe for the kind and exits 0 only when the row says completed,
+so Ray's own job status agrees with the store's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from corral.ray_jobs import DATABASE_URL_ENV, JOB_UUID_ENV
+from corral.store.db import Database
+from corral.store.jobs import JobKind, JobStatus
+from corral.store.tables import Job
+from jobs.reporting import JobReporter
+
+log = logging.getLogger("jobs.launch")
+
+
+def run(job_uuid: str, database_url: str) -> JobStatus | None:
+    """Run the job's recipe; returns the status stored afterwards."""
+    database = Database(database_url)
+    reporter = JobReporter(database, job_uuid)
+    try:
+        with database.transaction() as session:
+            job = session.get(Job, job_uuid)
+            if job is None:
+                raise LookupError(f"no job {job_uuid!r} in the store")
+            kind, launch = JobKind(job.kind), dict(job.launch or {})
+        settings = {**launch, "database_url": database_url}
+        try:
+            if kind is JobKind.SUPERVISED_FINE_TUNE:
+                from jobs import sft
+
+                sft.main(sft.SFTJobConfig.model_validate(settings))
+            elif kind is JobKind.PREFERENCE_OPTIMIZE:
+                from jobs import dpo
+
+                dpo.main(dpo.DPOJobConfig.model_validate(settings))
+            else:
+                raise ValueError(f"jobs of kind {kind.value!r} have no recipe here")
+        except Exception as exc:
+            # The recipes record their own failures; this records what fails before them.
+            log.exception("job %s failed", job_uuid)
+            status = reporter.status()
+            if status is None or not status.is_terminal:
+                reporter.failed(f"{type(exc).__name__}: {exc}")
+        return reporter.status()
+    finally:
+        database.dispose()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    status = run(os.environ[JOB_UUID_ENV], os.environ[DATABASE_URL_ENV])
+    log.info("job %s ends %s", os.environ[JOB_UUID_ENV], status)
+    return 0 if status is JobStatus.COMPLETED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Fine-tuning runs as Ray jobs: submitted, watched and stopped through the Ray Jobs API.
+
+The entrypoint is one fixed command (`python -m jobs.launch`) that reads its job from the
+SQL store; the job's uuid and the store's URL travel as environment variables. Nothing a
+client sends ever becomes part of a command line, a runtime_env or a working dir. The Ray
+submission id is the job uuid, so a second submission of the same job cannot start a
+second run: Ray refuses the id.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from corral.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+ENTRYPOINT = f"{sys.executable} -m jobs.launch"
+JOB_UUID_ENV = "CORRAL_JOB_UUID"
+DATABASE_URL_ENV = "CORRAL_DATABASE_URL"
+DASHBOARD_PORT = 8265
+# Worker and driver logs otherwise carry Ray Train's bytecode dumps of the print patch.
+_JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class RayJobState(enum.StrEnum):
+    """Ray's own job states (ray.job_submission.JobStatus), as Corral reads them."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in {RayJobState.STOPPED, RayJobState.SUCCEEDED, RayJobState.FAILED}
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    state: RayJobState
+    message: str | None = None
+
+
+class RayJobsUnavailable(BackendUnavailable):
+    """The Ray Jobs API could not be reached or refused the call."""
+
+
+class JobLauncher(Protocol):
+    """What the post-training service and the reconciler need from Ray."""
+
+    def submit(self, job_uuid: str) -> bool:
+        """Start the job's run; False when Ray already has a job with this id."""
+        ...
+
+    def info(self, job_uuid: str) -> RayJobInfo | None:
+        """Ray's view of the job, or None when Ray has never heard of it."""
+        ...
+
+    def stop(self, job_uuid: str) -> bool:
+        """Ask Ray to stop the job; False when it was not running (or is unknown)."""
+        ...
+
+
+def jobs_api_url(*, address: str | None, dashboard_url: str | None) -> str:
+    """Where the Jobs API answers: the given dashboard URL, else port 8265 on the host of
+    a Ray address (`host:port`, `ray://host:port`); `auto` means this machine."""
+    if dashboard_url:
+        return dashboard_url.rstrip("/")
+    if address is None or address in {"auto", "local"}:
+        return f"http://127.0.0.1:{DASHBOARD_PORT}"
+    host = urlsplit(address if "://" in address else f"ray://{address}").hostname
+    if not host:
+        raise ValueError(f"cannot tell the Ray head's host from RAY_ADDRESS={address!r}")
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{DASHBOARD_PORT}"
+
+
+class RayJobLauncher:
+    """`JobLauncher` over Ray's `JobSubmissionClient`."""
+
+    def __init__(
+        self, jobs_url: str, *, database_url: str, extra_env: dict[str, str] | None = None
+    ) -> None:
+        """`database_url` is where jobs report; `extra_env` is server-side configuration
+        every job needs (the embedded head's jobs inherit Ray's auth variables from it)."""
+        self.jobs_url = jobs_url
+        self._database_url = database_url
+        self._extra_env = dict(extra_env or {})
+        self._client_instance: object | None = None
+
+    def _client(self) -> object:
+        from ray.job_submission import JobSubmissionClient
+
+        if self._client_instance is None:
+            try:
+                self._client_instance = JobSubmissionClient(self.jobs_url)
+            except (ConnectionError, RuntimeError) as exc:
+                raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc
+        return self._client_instance
+
+    def submit(self, job_uuid: str) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        client = self._client()
+        assert isinstance(client, JobSubmissionClient)
+        if self.info(job_uuid) is not None:
+            return False
+        env = {**_JOB_ENV, **self._extra_env}
+        env |= {JOB_UUID_ENV: job_uuid, DATABASE_URL_ENV: self._database_url}
+        try:
+            client.submit_job(
+                entrypoint=ENTRYPOINT,
+                submission_id=job_uuid,
+                runtime_env={"env_vars": env},
+                metadata={"corral_job_uuid": job_uuid},
+            )
+        except RuntimeError as exc:
+            if self.info(job_uuid) is not None:  # a concurrent submission won
+                return False
+            raise RayJobsUnavailable(f"Ray refused job {job_uuid!r}: {exc}") from exc
+        log.info("submitted Ray job %s", job_uuid)
+        return True
+
+    def info(self, job_uuid: str) -> RayJobInfo | None:
+        from ray.job_submission import JobSubmissionClient
+
+        client = self._client()
+        assert isinstance(client, JobSubmissionClient)
+        try:
+            details = client.get_job_info(job_uuid)
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return None
+            raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc
+        return RayJobInfo(state=RayJobState(str(details.status)), message=details.message)
+
+    def stop(self, job_uuid: str) -> bool:
+        from ray.job_submission import JobSubmissionClient
+
+        client = self._client()
+        assert isinstance(client, JobSubmissionClient)
+        try:
+            return bool(client.stop_job(job_uuid))
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return False
+            raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc

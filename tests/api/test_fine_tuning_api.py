@@ -1,0 +1,420 @@
+"""Submitting, listing and cancelling fine-tuning jobs over HTTP, on both database
+backends. The model registry and the dataset fetcher are the real ones; Ray is replaced by
+a launcher that records what it was asked (the same `JobLauncher` protocol the Ray Jobs
+client implements; that one is tested against a real cluster in tests/services and the
+end-to-end test)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from corral.app import create_app, fetch_policy
+from corral.config import Settings
+from corral.content import ContentFetcher
+from corral.ray_jobs import RayJobInfo
+from corral.serving.catalog import ModelSpec, model_roots
+from corral.serving.deployer import ServeDeployer
+from corral.serving.registry import ModelRegistry
+from corral.store.db import Database
+from corral.store.jobs import JobStatus, JobStore
+from corral.store.tables import Job
+from jobs.reporting import JobReporter
+from tests.api.conftest import ALPHA, BETA
+
+pytestmark = pytest.mark.integration
+
+SFT_PATH = "/post_training/supervised_fine_tune/"
+DPO_PATH = "/post_training/preference_optimize/"
+
+
+class RecordingLauncher:
+    """A `JobLauncher` that remembers submissions and stops instead of running them."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.stopped: list[str] = []
+
+    def submit(self, job_uuid: str) -> bool:
+        if job_uuid in self.submitted:
+            return False
+        self.submitted.append(job_uuid)
+        return True
+
+    def info(self, job_uuid: str) -> RayJobInfo | None:
+        return None
+
+    def stop(self, job_uuid: str) -> bool:
+        self.stopped.append(job_uuid)
+        return job_uuid in self.submitted
+
+
+@pytest.fixture
+def launcher() -> RecordingLauncher:
+    return RecordingLauncher()
+
+
+@pytest.fixture
+def client(
+    settings: Settings, database: Database, launcher: RecordingLauncher, demo_model_dir: Path
+) -> Iterator[TestClient]:
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
+        model_roots=model_roots(settings),
+    )
+    app = create_app(
+        settings,
+        database=database,
+        fetcher=ContentFetcher(fetch_policy(settings)),
+        models=registry,
+        launcher=launcher,
+    )
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _dialog(question: str, answer: str) -> dict[str, Any]:
+    return {
+        "dialog": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def _write(root: Path, name: str, rows: list[dict[str, Any]]) -> str:
+    path = root / name
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path.as_uri()
+
+
+def _dataset(url: str, columns: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"columns": columns or {"dialog": "dialog"}, "content_url": url, "metadata": {}}
+
+
+TRAINING = {
+    "n_epochs": 2,
+    "batch_size": 1,
+    "shuffle": True,
+    "n_iters": 10,
+    "enable_activation_checkpointing": False,
+    "memory_efficient_fsdp_wrap": False,
+    "fsdp_cpu_offload": False,
+}
+OPTIMIZER = {"optimizer_type": "adamw", "lr": 1e-3, "lr_min": 1e-4, "weight_decay": 0.0}
+LORA = {
+    "lora_attn_modules": ["q_proj", "v_proj"],
+    "apply_lora_to_mlp": False,
+    "apply_lora_to_output": False,
+    "rank": 4,
+    "alpha": 8,
+}
+
+
+@pytest.fixture
+def sft_request(dataset_root: Path) -> dict[str, Any]:
+    train = _write(dataset_root, "train.jsonl", [_dialog("hi", "hello"), _dialog("2+2?", "4")])
+    val = _write(dataset_root, "val.jsonl", [_dialog("hey", "hello")])
+    return {
+        "job_uuid": "sft-1",
+        "model": "llama3_8b",
+        "dataset": _dataset(train),
+        "validation_dataset": _dataset(val),
+        "algorithm": "lora",
+        "algorithm_config": LORA,
+        "optimizer_config": OPTIMIZER,
+        "training_config": TRAINING,
+        "hyperparam_search_config": {},
+        "logger_config": {},
+    }
+
+
+def _stored_jobs(database: Database) -> list[Job]:
+    with database.transaction() as session:
+        return list(session.query(Job).all())
+
+
+def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
+    client: TestClient,
+    database: Database,
+    launcher: RecordingLauncher,
+    sft_request: dict[str, Any],
+    settings: Settings,
+    demo_model_dir: Path,
+) -> None:
+    response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
+    assert response.status_code == 200, response.text
+    assert launcher.submitted == ["sft-1"]
+    (job,) = _stored_jobs(database)
+    assert (job.uuid, job.tenant, job.status) == ("sft-1", "alpha", "scheduled")
+    launch = job.launch
+    assert launch is not None
+    assert launch["model_dir"] == str(demo_model_dir)
+    assert launch["output_dir"] == str(settings.checkpoints_dir / "sft-1")
+    assert launch["rows"][1]["dialog"][1] == {"role": "assistant", "content": "4"}
+    assert [r["dialog"][0]["content"] for r in launch["validation_rows"]] == ["hey"]
+    assert launch["adapter"]["rank"] == 4 and launch["algorithm"] == "lora"
+    assert (launch["zero_stage"], launch["cpu_offload"]) == (None, False)
+    assert "database_url" not in launch  # the job gets it from its environment
+
+    status = client.get("/post_training/job/status", params={"job_uuid": "sft-1"}, headers=ALPHA)
+    assert status.json()["status"] == "scheduled"
+
+    # The same request again: nothing new is stored or submitted.
+    assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+    assert launcher.submitted == ["sft-1"]
+    assert len(_stored_jobs(database)) == 1
+
+
+def test_the_same_uuid_with_another_request_is_a_conflict(
+    client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
+) -> None:
+    assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+    other = copy.deepcopy(sft_request)
+    other["training_config"]["n_epochs"] = 3
+    response = client.post(SFT_PATH, json=other, headers=ALPHA)
+    assert response.status_code == 409
+    assert "different request" in response.json()["error"]["message"]
+    # Another tenant cannot take the uuid either, and learns nothing else about the job.
+    assert client.post(SFT_PATH, json=sft_request, headers=BETA).status_code == 409
+    assert launcher.submitted == ["sft-1"]
+    (job,) = _stored_jobs(database)
+    assert job.request["training_config"]["n_epochs"] == 2
+
+
+def test_training_config_maps_onto_zero_offload_and_checkpointing(
+    client: TestClient, database: Database, sft_request: dict[str, Any]
+) -> None:
+    sft_request["training_config"] |= {
+        "memory_efficient_fsdp_wrap": True,
+        "fsdp_cpu_offload": True,
+        "enable_activation_checkpointing": True,
+    }
+    assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+    (job,) = _stored_jobs(database)
+    assert job.launch is not None
+    assert job.launch["zero_stage"] == 3
+    assert job.launch["cpu_offload"] is True
+    assert job.launch["activation_checkpointing"] is True
+
+
+def _bad(request: dict[str, Any], dataset_root: Path, case: str) -> dict[str, Any]:
+    bad = copy.deepcopy(request)
+    if case == "job_uuid":
+        bad["job_uuid"] = "../escape"
+    elif case == "unknown model":
+        bad["model"] = "llama3_70b"  # a spec name this server does not serve
+    elif case == "missing column":
+        url = _write(dataset_root, "text.jsonl", [{"text": "hello"}])
+        bad["dataset"] = _dataset(url, {"text": "text"})
+    elif case == "wrong column type":
+        url = _write(dataset_root, "dialog-as-text.jsonl", [{"dialog": "hello"}])
+        bad["dataset"] = _dataset(url, {"dialog": "text"})
+    elif case == "row without the column":
+        url = _write(dataset_root, "holes.jsonl", [_dialog("a", "b"), {"other": 1}])
+        bad["validation_dataset"] = _dataset(url)
+    elif case == "unreachable dataset":
+        bad["dataset"] = _dataset("file:///etc/passwd")
+    elif case == "hyperparam search":
+        bad["hyperparam_search_config"] = {"lr": [1e-3, 1e-4]}
+    elif case == "logger":
+        bad["logger_config"] = {"wandb": {"project": "x"}}
+    elif case == "bad optimizer":
+        bad["optimizer_config"]["lr_min"] = 1.0
+    elif case == "no epochs":
+        bad["training_config"]["n_epochs"] = 0
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("job_uuid", "job_uuid"),
+        ("unknown model", "not known"),
+        ("missing column", "must declare the column 'dialog'"),
+        ("wrong column type", "of type 'dialog'"),
+        ("row without the column", "validation_dataset: row 1 has no column 'dialog'"),
+        ("unreachable dataset", "dataset"),
+        ("hyperparam search", "hyperparam_search_config is not supported"),
+        ("logger", "logger_config is not supported"),
+        ("bad optimizer", "lr_min"),
+        ("no epochs", "n_epochs"),
+    ],
+)
+def test_bad_requests_are_refused_up_front_and_store_nothing(
+    client: TestClient,
+    database: Database,
+    launcher: RecordingLauncher,
+    sft_request: dict[str, Any],
+    dataset_root: Path,
+    case: str,
+    message: str,
+) -> None:
+    response = client.post(SFT_PATH, json=_bad(sft_request, dataset_root, case), headers=ALPHA)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"]
+    assert _stored_jobs(database) == []
+    assert launcher.submitted == []
+
+
+def _dpo_request(dataset_root: Path, model_url: str) -> dict[str, Any]:
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "Name a colour."}],
+            "chosen": "Blue.",
+            "rejected": "I will not.",
+        }
+    ]
+    columns = {"prompt": "dialog", "chosen": "text", "rejected": "text"}
+    url = _write(dataset_root, "prefs.jsonl", rows)
+    return {
+        "job_uuid": "dpo-1",
+        "finetuned_model": model_url,
+        "dataset": _dataset(url, columns),
+        "validation_dataset": _dataset(url, columns),
+        "algorithm": "dpo",
+        "algorithm_config": {"reward_scale": 0.1, "reward_clip": 0, "epsilon": 0, "gamma": 0},
+        "optimizer_config": OPTIMIZER,
+        "training_config": TRAINING,
+        "hyperparam_search_config": {},
+        "logger_config": {},
+    }
+
+
+def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
+    client: TestClient,
+    database: Database,
+    launcher: RecordingLauncher,
+    settings: Settings,
+    dataset_root: Path,
+    demo_model_dir: Path,
+) -> None:
+    checkpoint = settings.checkpoints_dir / "sft-0" / "checkpoints" / "iter-4"
+    shutil.copytree(demo_model_dir, checkpoint)
+
+    outside = _dpo_request(dataset_root, demo_model_dir.as_uri())
+    response = client.post(DPO_PATH, json=outside, headers=ALPHA)
+    assert response.status_code == 422
+    assert "model roots" in response.json()["error"]["message"]
+
+    no_columns = _dpo_request(dataset_root, checkpoint.as_uri())
+    no_columns["dataset"]["columns"] = {"prompt": "dialog", "chosen": "text"}
+    response = client.post(DPO_PATH, json=no_columns, headers=ALPHA)
+    assert response.status_code == 422
+    assert "'rejected'" in response.json()["error"]["message"]
+    assert _stored_jobs(database) == [] and launcher.submitted == []
+
+    good = _dpo_request(dataset_root, checkpoint.as_uri())
+    response = client.post(DPO_PATH, json=good, headers=ALPHA)
+    assert response.status_code == 200, response.text
+    (job,) = _stored_jobs(database)
+    assert (job.kind, job.status) == ("preference_optimize", "scheduled")
+    assert job.launch is not None and job.launch["model_dir"] == str(checkpoint)
+    assert job.launch["rows"][0]["chosen"] == "Blue."
+    assert launcher.submitted == ["dpo-1"]
+
+
+def _submit(client: TestClient, request: dict[str, Any], uuid: str) -> None:
+    response = client.post(SFT_PATH, json=request | {"job_uuid": uuid}, headers=ALPHA)
+    assert response.status_code == 200, response.text
+
+
+def test_list_filters_by_status_pages_and_keeps_tenants_apart(
+    client: TestClient, database: Database, sft_request: dict[str, Any]
+) -> None:
+    for index in range(5):
+        _submit(client, sft_request, f"job-{index}")
+    with database.transaction() as session:
+        JobStore(session).transition("job-1", to=JobStatus.RUNNING)
+        JobStore(session).transition("job-3", to=JobStatus.RUNNING)
+
+    def page(**params: Any) -> dict[str, Any]:
+        response = client.get("/post_training/jobs", params=params, headers=ALPHA)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    first = page(limit=2)
+    second = page(limit=2, offset=first["next_offset"])
+    third = page(limit=2, offset=second["next_offset"])
+    uuids = [job["job_uuid"] for p in (first, second, third) for job in p["data"]]
+    assert sorted(uuids) == [f"job-{index}" for index in range(5)]
+    assert "next_offset" not in third or third["next_offset"] is None
+
+    running = page(status="running")
+    assert sorted(job["job_uuid"] for job in running["data"]) == ["job-1", "job-3"]
+    both = page(status=["running", "scheduled"])
+    assert len(both["data"]) == 5
+    assert (
+        client.get("/post_training/jobs", params={"status": "done"}, headers=ALPHA).status_code
+        == 422
+    )
+    assert client.get("/post_training/jobs", headers=BETA).json()["data"] == []
+
+
+def test_one_job_shows_progress_from_its_log(
+    client: TestClient, database: Database, sft_request: dict[str, Any]
+) -> None:
+    _submit(client, sft_request, "job-p")
+    reporter = JobReporter(database, "job-p")
+    reporter.started(resources_allocated={"num_workers": 2})
+    reporter.plan(total_steps=8, detail="2 epochs")
+    reporter.step(step=1, loss=2.5, lr=1e-3, tokens_per_s=100)
+    reporter.step(step=2, loss=2.25, lr=1e-3, tokens_per_s=100)
+    reporter.checkpoint(iters=2, path="/tmp/x")
+    body = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=ALPHA).json()
+    assert body["status"] == "running"
+    assert body["progress"] == {"step": 2, "total_steps": 8, "loss": 2.25}
+    assert body["checkpoints"] == 1
+    missing = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=BETA)
+    assert missing.status_code == 404
+
+
+def test_cancel_records_the_end_stops_ray_and_a_late_completion_cannot_undo_it(
+    client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
+) -> None:
+    _submit(client, sft_request, "job-c")
+    reporter = JobReporter(database, "job-c")
+    reporter.started(resources_allocated={"num_workers": 2})
+
+    response = client.post("/post_training/job/cancel", json={"job_uuid": "job-c"}, headers=ALPHA)
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert launcher.stopped == ["job-c"]
+
+    again = client.post("/post_training/job/cancel", json={"job_uuid": "job-c"}, headers=ALPHA)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+    assert not reporter.completed().applied  # the job finishing afterwards changes nothing
+    status = client.get("/post_training/job/status", params={"job_uuid": "job-c"}, headers=ALPHA)
+    assert status.json()["status"] == "failed"  # the spec's enum has no "cancelled"
+    summary = client.get("/post_training/job", params={"job_uuid": "job-c"}, headers=ALPHA)
+    assert (summary.json()["status"], summary.json()["error"]) == ("cancelled", "cancelled")
+    logs = client.get("/post_training/job/logs", params={"job_uuid": "job-c"}, headers=ALPHA)
+    assert "cancelled on request" in logs.json()["log_lines"]
+
+
+def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
+    client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
+) -> None:
+    _submit(client, sft_request, "job-d")
+    reporter = JobReporter(database, "job-d")
+    reporter.started(resources_allocated={})
+    foreign = client.post("/post_training/job/cancel", json={"job_uuid": "job-d"}, headers=BETA)
+    assert foreign.status_code == 404
+    reporter.completed()
+    late = client.post("/post_training/job/cancel", json={"job_uuid": "job-d"}, headers=ALPHA)
+    assert late.status_code == 409
+    assert "already completed" in late.json()["error"]["message"]
+    assert launcher.stopped == []
+    with database.transaction() as session:
+        assert JobStore(session).status_of("job-d") is JobStatus.COMPLETED

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from corral.cli_jobs import add_jobs_commands
 from corral.cli_models import add_models_commands
 from corral.config import Settings
 
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_model.add_argument("directory")
     demo_model.set_defaults(handler=cmd_models_create_demo)
     add_models_commands(models)
+
+    add_jobs_commands(commands)
 
     ray = commands.add_parser("ray", help="the embedded Ray head").add_subparsers(
         dest="ray_command", required=True, metavar="ACTION"

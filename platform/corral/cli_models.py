@@ -19,7 +19,7 @@ API_KEY_ENV = "CORRAL_API_KEY"
 DEFAULT_WAIT_S = 300.0
 
 
-class ModelsCommandError(Exception):
+class ApiCommandError(Exception):
     """The server refused a request or could not be reached; one line for the user."""
 
 
@@ -31,7 +31,7 @@ def api_client(url: str, api_key: str | None, *, timeout_s: float = 600.0) -> ht
 
 
 def list_models(client: httpx.Client) -> list[dict[str, Any]]:
-    data: list[dict[str, Any]] = _call(client, "GET", "/models")["data"]
+    data: list[dict[str, Any]] = call_api(client, "GET", "/models")["data"]
     return data
 
 
@@ -53,7 +53,7 @@ def scale_model(
         }.items()
         if value is not None
     }
-    return _call(client, "POST", "/models/scale", json=body)
+    return call_api(client, "POST", "/models/scale", json=body)
 
 
 def wait_for_bounds(
@@ -67,7 +67,7 @@ def wait_for_bounds(
         if low <= info["replicas"] <= info["max_replicas"]:
             return info
         if time.monotonic() > deadline:
-            raise ModelsCommandError(
+            raise ApiCommandError(
                 f"{model}: {info['replicas']} replicas running after {timeout_s:g} s, "
                 f"bounds {info['min_replicas']}..{info['max_replicas']}"
             )
@@ -101,17 +101,17 @@ def format_models(models: list[dict[str, Any]]) -> str:
 
 
 def cmd_models_list(_settings: Settings, args: argparse.Namespace) -> None:
-    with _client(args) as client:
-        print(format_models(_run(list_models, client)))
+    with client_from_args(args) as client:
+        print(format_models(run_or_fail(list_models, client)))
 
 
 def cmd_models_scale(_settings: Settings, args: argparse.Namespace) -> None:
     if args.replicas is not None and (args.min is not None or args.max is not None):
-        _fail("give either --replicas or --min/--max")
+        fail("give either --replicas or --min/--max")
     if args.replicas is None and args.min is None and args.max is None:
-        _fail("give --replicas, --min or --max")
-    with _client(args) as client:
-        result = _run(
+        fail("give --replicas, --min or --max")
+    with client_from_args(args) as client:
+        result = run_or_fail(
             scale_model,
             client,
             args.name,
@@ -124,14 +124,14 @@ def cmd_models_scale(_settings: Settings, args: argparse.Namespace) -> None:
             f"{result['replicas']} running now"
         )
         if args.wait:
-            info = _run(wait_for_bounds, client, result["name"], timeout_s=args.timeout)
+            info = run_or_fail(wait_for_bounds, client, result["name"], timeout_s=args.timeout)
             print(f"{info['name']}: {info['replicas']} running")
 
 
 def add_models_commands(models: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `list` and `scale` to the `corral models` sub-commands."""
     listing = models.add_parser("list", help="models a running server serves, with replicas")
-    _add_connection_options(listing)
+    add_connection_options(listing)
     listing.set_defaults(handler=cmd_models_list)
 
     scale = models.add_parser(
@@ -147,11 +147,11 @@ def add_models_commands(models: argparse._SubParsersAction[argparse.ArgumentPars
     scale.add_argument(
         "--timeout", type=float, default=DEFAULT_WAIT_S, help="seconds --wait waits (300)"
     )
-    _add_connection_options(scale)
+    add_connection_options(scale)
     scale.set_defaults(handler=cmd_models_scale)
 
 
-def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
         default=DEFAULT_URL,
@@ -172,33 +172,35 @@ def _count(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _client(args: argparse.Namespace) -> httpx.Client:
+def client_from_args(args: argparse.Namespace) -> httpx.Client:
     return api_client(args.url, os.environ.get(API_KEY_ENV) or None)
 
 
-def _run(function: Any, *args: Any, **kwargs: Any) -> Any:
+def run_or_fail(function: Any, *args: Any, **kwargs: Any) -> Any:
     """Call a client function; turn its failure into the CLI's one-line error."""
     try:
         return function(*args, **kwargs)
-    except ModelsCommandError as exc:
-        _fail(str(exc))
+    except ApiCommandError as exc:
+        fail(str(exc))
 
 
-def _fail(message: str) -> NoReturn:
+def fail(message: str) -> NoReturn:
     from corral.cli import CliError  # corral.cli imports this module
 
     raise CliError(message)
 
 
-def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+def call_api(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
-        raise ModelsCommandError(
+        raise ApiCommandError(
             f"cannot reach the Corral server at {client.base_url}: {exc}"
         ) from None
     if response.status_code >= 400:
-        raise ModelsCommandError(f"{method} {path}: {response.status_code} {_message(response)}")
+        raise ApiCommandError(f"{method} {path}: {response.status_code} {_message(response)}")
+    if not response.content:
+        return {}  # the spec's submissions answer 200 with no body
     body: dict[str, Any] = response.json()
     return body
 
@@ -215,4 +217,4 @@ def _find(models: list[dict[str, Any]], name: str) -> dict[str, Any]:
     for model in sorted(models, key=lambda m: m["source"] != "registered"):
         if name == model["name"] or name in model["aliases"]:
             return model
-    raise ModelsCommandError(f"no model {name!r}")
+    raise ApiCommandError(f"no model {name!r}")

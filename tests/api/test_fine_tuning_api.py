@@ -6,9 +6,12 @@ end-to-end test)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -418,3 +421,68 @@ def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
     assert launcher.stopped == []
     with database.transaction() as session:
         assert JobStore(session).status_of("job-d") is JobStatus.COMPLETED
+
+
+def test_the_jobs_cli_submits_follows_lists_and_cancels(
+    client: TestClient,
+    database: Database,
+    sft_request: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from corral import cli_jobs
+    from corral.cli import CliError, build_parser
+
+    client.headers.update(ALPHA)
+    # The commands' own HTTP client is swapped for the test client (same httpx API).
+    monkeypatch.setattr(cli_jobs, "client_from_args", lambda _args: contextlib.nullcontext(client))
+    parser = build_parser()
+    settings = Settings(home=tmp_path)
+
+    def corral(*argv: str) -> str:
+        args = parser.parse_args(["jobs", *argv])
+        args.handler(settings, args)
+        return capsys.readouterr().out
+
+    request_file = tmp_path / "request.json"
+    request_file.write_text(json.dumps(sft_request | {"job_uuid": "cli-1"}))
+    assert corral("submit", str(request_file)) == "submitted cli-1\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(sft_request | {"job_uuid": "cli-2", "logger_config": {"x": 1}}))
+    with pytest.raises(CliError, match="422 logger_config is not supported"):
+        corral("submit", str(bad))
+
+    # The job runs in the background while `status --follow` redraws its progress.
+    reporter = JobReporter(database, "cli-1")
+
+    def train() -> None:
+        reporter.started(resources_allocated={"num_workers": 2})
+        reporter.plan(total_steps=4)
+        for step in range(1, 5):
+            time.sleep(0.3)
+            reporter.step(step=step, loss=3.0 / step, lr=1e-3, tokens_per_s=50)
+        reporter.checkpoint(iters=4, path="/srv/checkpoints/cli-1/iter-4")
+        reporter.completed()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    lines = corral("status", "cli-1", "--follow", "--poll", "0.1").splitlines()
+    worker.join()
+    assert lines[-1] == f"cli-1 [{'#' * 30}] 4/4 steps  loss 0.7500  completed"
+    assert any("] 2/4 steps" in line for line in lines)  # it showed the job under way
+
+    assert "step 4 loss 0.750000" in corral("logs", "cli-1")
+    assert corral("artifacts", "cli-1").split() == ["4", "file:///srv/checkpoints/cli-1/iter-4"]
+
+    request_file.write_text(json.dumps(sft_request | {"job_uuid": "cli-3"}))
+    corral("submit", str(request_file))
+    assert corral("cancel", "cli-3") == "cli-3: cancelled\n"
+    table = corral("list", "--status", "cancelled", "--status", "completed").splitlines()
+    assert table[0].split()[:3] == ["JOB", "KIND", "STATUS"]
+    assert sorted(row.split()[:3][::2] for row in table[1:]) == [
+        ["cli-1", "completed"],
+        ["cli-3", "cancelled"],
+    ]
+    with pytest.raises(CliError, match="already completed"):
+        corral("cancel", "cli-1")

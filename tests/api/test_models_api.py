@@ -174,7 +174,9 @@ def test_the_cli_lists_and_scales_through_the_api(
     client.headers.update(ALPHA)
     try:
         # The commands' own HTTP client is swapped for the test client (same httpx API).
-        monkeypatch.setattr(cli_models, "_client", lambda _args: contextlib.nullcontext(client))
+        monkeypatch.setattr(
+            cli_models, "client_from_args", lambda _args: contextlib.nullcontext(client)
+        )
         parser = _parser()
         settings = Settings(home=home)
 

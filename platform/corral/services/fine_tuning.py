@@ -35,7 +35,7 @@ from corral.api.post_training import (
     TrainingConfig,
 )
 from corral.config import Settings
-from corral.errors import InvalidRequest, NotFound
+from corral.errors import ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.registry import ResolvedModel
 
@@ -194,8 +194,8 @@ class LaunchPlanner:
                 )
         try:
             rows = self._datasets.load_rows(dataset)
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"{field}: {exc.message}") from None
+        except (InvalidRequest, ContentUnavailable) as exc:
+            raise type(exc)(f"{field}: {exc.message}") from None
         # CSV cells carry dialogs as JSON text; the recipe wants the messages themselves.
         return [
             {

@@ -1,0 +1,560 @@
+"""Direct preference optimization recipe: a policy trained against a frozen reference on
+Ray Train (DDP over gloo or NCCL).
+
+Reads top to bottom like jobs/sft.py: `main(config)` marks the job running, runs a
+`TorchTrainer` whose workers each run `train_loop` (setup -> train -> cleanup), and marks
+the job completed or failed. Rank 0 writes log lines and checkpoint rows to the SQL store.
+
+The loss. For a prompt x with chosen reply y_w and rejected reply y_l, the log-probabilities
+are summed over the reply's tokens only, and each reply's implicit reward is
+r = beta * (log pi_theta(y|x) - log pi_ref(y|x)). The spec's `DPOAlignmentConfig` maps on:
+- `reward_scale` is beta (> 0): how far the policy may move from the reference.
+- `reward_clip` (>= 0) bounds each implicit reward to [-reward_clip, reward_clip] inside the
+  loss, so a reply whose log-ratio already moved past reward_clip / beta is pushed no
+  further (nor pulled back); 0 turns clipping off. Logged rewards are never clipped.
+- `gamma` (>= 0) is a target margin: z = r_w - r_l - gamma.
+- `epsilon` (in [0, 0.5)) is label smoothing, the assumed chance that a pair's preference is
+  flipped (conservative DPO): loss = -(1 - epsilon) log sigmoid(z) - epsilon log sigmoid(-z).
+With epsilon = gamma = reward_clip = 0 this is the DPO paper's (and trl's "sigmoid") loss;
+the loss of a batch is the mean over its pairs, and it starts at log 2 (policy = reference).
+
+Mapping of the rest, as in jobs/sft.py: `n_epochs` passes over the rows; `n_iters` the most
+optimizer steps per epoch; `batch_size` pairs per worker per step; the learning rate decays
+from `lr` to `lr_min` on a cosine over the run. A checkpoint (full weights and tokenizer in
+Hugging Face format, plus `trainer_state.pt`) is saved after every epoch; a restarted worker
+group resumes from Ray Train's last one, a new attempt of the job from the last checkpoint
+row. The reference is always the original `model_dir`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812  # torch's own convention
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
+from corral.store.db import Database
+from corral.store.jobs import JobStore
+from corral.store.tables import Job
+from jobs.preference_data import REQUIRED_COLUMNS as REQUIRED_COLUMNS  # the API checks datasets
+from jobs.preference_data import TokenizedPair, pad_pairs, row_problem, tokenize_pairs
+from jobs.reporting import JobReporter
+from jobs.sft import build_cosine_schedule, build_optimizer
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.pt"
+ZERO_MISSING = (
+    "zero_stage needs the shared DeepSpeed layer, which the DPO recipe does not use yet; "
+    "leave zero_stage unset to train with DDP"
+)
+
+
+class DPOJobConfig(BaseModel):
+    """Everything one DPO run needs; the API side resolves datasets into rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    job_uuid: str
+    database_url: str
+    model_dir: Path  # the policy starts here; the reference is a frozen copy of it
+    output_dir: Path
+    rows: list[dict[str, Any]]
+    validation_rows: list[dict[str, Any]]
+    dpo: DPOAlignmentConfig
+    optimizer: OptimizerConfig
+    n_epochs: int = Field(ge=1)
+    n_iters: int = Field(ge=1, description="Most optimizer steps per epoch.")
+    batch_size: int = Field(ge=1, description="Preference pairs per worker per step.")
+    shuffle: bool = True
+    seed: int = 0
+    max_seq_len: int = Field(default=2048, ge=8)
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(default=2, ge=0, description="Worker group restarts.")
+    zero_stage: Literal[0, 1, 2, 3] | None = None
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        check_alignment(self.dpo)
+        if not self.rows:
+            raise ValueError("no training rows")
+        for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
+            for index, row in enumerate(rows):
+                if (problem := row_problem(row)) is not None:
+                    raise ValueError(f"{name}[{index}]: {problem}")
+        if self.cpu_offload and self.zero_stage is None:
+            raise ValueError("cpu_offload needs a zero_stage (it offloads DeepSpeed's state)")
+        return self
+
+
+def check_alignment(settings: DPOAlignmentConfig) -> None:
+    """Refuse DPO settings the loss cannot use, saying which and why (ValueError)."""
+    values = settings.model_dump()
+    if not all(math.isfinite(value) for value in values.values()):
+        raise ValueError(f"DPO settings must be finite numbers, got {values}")
+    if settings.reward_scale <= 0:
+        raise ValueError(f"reward_scale (DPO's beta) must be > 0, got {settings.reward_scale}")
+    if not 0 <= settings.epsilon < 0.5:
+        raise ValueError(
+            "epsilon (label smoothing: the chance a preference is flipped) must be in "
+            f"[0, 0.5), got {settings.epsilon}"
+        )
+    if settings.gamma < 0:
+        raise ValueError(f"gamma (the target reward margin) must be >= 0, got {settings.gamma}")
+    if settings.reward_clip < 0:
+        raise ValueError(f"reward_clip must be >= 0 (0 turns it off), got {settings.reward_clip}")
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@dataclass(frozen=True)
+class PairScores:
+    losses: torch.Tensor  # one per pair
+    chosen_rewards: torch.Tensor  # beta * log-ratio, unclipped, detached
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    settings: DPOAlignmentConfig,
+) -> PairScores:
+    """Per-pair DPO losses from per-sequence log-probs (see the module docstring)."""
+    chosen_rewards = settings.reward_scale * (policy_chosen - reference_chosen)
+    rejected_rewards = settings.reward_scale * (policy_rejected - reference_rejected)
+    clipped_chosen, clipped_rejected = chosen_rewards, rejected_rewards
+    if settings.reward_clip > 0:
+        clipped_chosen = chosen_rewards.clamp(-settings.reward_clip, settings.reward_clip)
+        clipped_rejected = rejected_rewards.clamp(-settings.reward_clip, settings.reward_clip)
+    z = clipped_chosen - clipped_rejected - settings.gamma
+    losses = -(1 - settings.epsilon) * F.logsigmoid(z) - settings.epsilon * F.logsigmoid(-z)
+    return PairScores(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token | tokens before it) over each sequence's labelled tokens."""
+    targets = labels[:, 1:]
+    # cross_entropy never holds a second vocabulary-sized tensor, unlike log_softmax + gather.
+    token_nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none"
+    )  # ignore_index -100 gives 0 for prompt and padding
+    return -token_nll.view(targets.shape).sum(dim=1)
+
+
+def pair_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen and the rejected replies' log-probs from one forward pass over the batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    chosen, rejected = sequence_logps(logits, batch["labels"]).chunk(2)
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- driver
+
+
+def main(config: DPOJobConfig) -> None:
+    """Run one attempt of the job and record its outcome in the store."""
+    database = Database(config.database_url)
+    reporter = JobReporter(database, config.job_uuid)
+    try:
+        attempt, resume_from = _attempt_and_last_checkpoint(database, config.job_uuid)
+        if config.zero_stage is not None:
+            # Refused before any worker starts: the job fails at once, with the reason.
+            error = NotImplementedError(ZERO_MISSING)
+            reporter.failed(str(error))
+            raise error
+        resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
+        started = reporter.started(resources_allocated=resources)
+        if not started.applied:
+            log.warning("job %s is %s; not training", config.job_uuid, started.status)
+            return
+        dpo = config.dpo
+        reporter.log(
+            f"attempt {attempt}: dpo on {config.num_workers} workers (beta {dpo.reward_scale}, "
+            f"epsilon {dpo.epsilon}, gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
+            + (f", resuming from {resume_from}" if resume_from else "")
+        )
+        try:
+            run(config, attempt=attempt, resume_from=resume_from)
+        except Exception as exc:
+            reporter.failed(str(exc) or type(exc).__name__)
+            raise
+        completed = reporter.completed()
+        if not completed.applied:
+            reporter.log(f"training finished but the job is {completed.status}; left as it is")
+    finally:
+        database.dispose()
+
+
+def run(config: DPOJobConfig, *, attempt: int, resume_from: str | None) -> None:
+    """Fit on Ray Train, the run named by job and attempt (Train V2 resumes a run whose
+    name already exists, so a new attempt must not reuse the last one's name)."""
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config, "resume_from": resume_from},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name=f"{config.job_uuid}-attempt-{attempt}",
+            storage_path=str(config.output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def _attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int, str | None]:
+    with database.transaction() as session:
+        job = session.get(Job, job_uuid)
+        if job is None:
+            raise LookupError(f"no job {job_uuid!r} in the store")
+        checkpoints = JobStore(session).checkpoints(job_uuid)
+        return job.attempt, checkpoints[-1].path if checkpoints else None
+
+
+# ---------------------------------------------------------------- worker
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: setup -> train -> cleanup."""
+    config: DPOJobConfig = loop_config["config"]
+    rank = ray.train.get_context().get_world_rank()
+    database = Database(config.database_url) if rank == 0 else None
+    reporter = JobReporter(database, config.job_uuid) if database is not None else None
+    torch.manual_seed(config.seed)
+
+    # setup
+    resume = ray.train.get_checkpoint()  # set when Ray Train restarted this worker group
+    if resume is None and loop_config["resume_from"] is not None:
+        resume = Checkpoint.from_directory(loop_config["resume_from"])  # a previous attempt
+    with resume.as_directory() if resume else nullcontext() as resume_dir:
+        tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+        start = _load_model(Path(resume_dir) if resume_dir else config.model_dir)
+        state = _load_trainer_state(Path(resume_dir)) if resume_dir else None
+    train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
+    validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
+    steps_per_epoch = min(len(train_loader), config.n_iters)
+    policy, reference, optimizer, scheduler = prepare_training(
+        config, start, _load_model(config.model_dir), total_steps=steps_per_epoch * config.n_epochs
+    )
+    first_epoch, step = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _follow_schedule(optimizer, scheduler)
+        first_epoch, step = state["epochs_done"], state["step"]
+    device = get_device()
+    precision = partial(_precision, config.dtype, device)
+
+    # train
+    if first_epoch == 0:
+        baseline = validate(policy, reference, validation_loader, config.dpo, device, precision)
+        if reporter is not None and baseline is not None:
+            reporter.log(f"epoch 0 validation {baseline.describe()}")
+    for epoch in range(first_epoch, config.n_epochs):
+        sampler = train_loader.sampler
+        assert isinstance(sampler, DistributedSampler)
+        sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        policy.train()
+        stats: PairStats | None = None
+        for batch_index, batch in enumerate(train_loader):
+            if batch_index >= steps_per_epoch:
+                break
+            started = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_step(policy, reference, optimizer, batch, config.dpo, device, precision)
+            scheduler.step()
+            step += 1
+            if reporter is not None:
+                rate = stats.tokens / (time.perf_counter() - started)
+                reporter.log(
+                    f"step {step} loss {stats.loss:.4f} lr {lr:.3e} tokens/s {rate:.0f} "
+                    f"reward_accuracy {stats.reward_accuracy:.2f} "
+                    f"reward_margin {stats.reward_margin:.4f}"
+                )
+        validation = validate(policy, reference, validation_loader, config.dpo, device, precision)
+        metrics = {"loss": stats.loss if stats is not None else math.nan}
+        if validation is not None:
+            metrics |= {
+                "validation_loss": validation.loss,
+                "validation_reward_accuracy": validation.reward_accuracy,
+                "validation_reward_margin": validation.reward_margin,
+            }
+            if reporter is not None:
+                reporter.log(f"epoch {epoch + 1} validation {validation.describe()}")
+        save_checkpoint(
+            config,
+            policy,
+            tokenizer,
+            optimizer,
+            scheduler,
+            epochs_done=epoch + 1,
+            step=step,
+            metrics=metrics,
+            reporter=reporter,
+        )
+
+    # cleanup
+    if reporter is not None and database is not None:
+        reporter.log(f"done after {step} steps")
+        database.dispose()
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _load_model(directory: Path) -> PreTrainedModel:
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    return model
+
+
+def prepare_training(
+    config: DPOJobConfig,
+    policy: PreTrainedModel,
+    reference: PreTrainedModel,
+    *,
+    total_steps: int,
+) -> tuple[
+    torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR
+]:
+    """The one place that knows how training is distributed: the policy under DDP (Ray
+    Train's prepare_model) with its optimizer and schedule, the reference frozen on this
+    worker's device. The shared DeepSpeed layer slots in here when zero_stage is set."""
+    if config.zero_stage is not None:
+        raise NotImplementedError(ZERO_MISSING)
+    if config.activation_checkpointing:
+        # Non-reentrant checkpointing works under DDP and with inputs that need no grad.
+        policy.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+    frozen: torch.nn.Module = reference
+    frozen.requires_grad_(False).eval().to(get_device())
+    model = prepare_model(policy)
+    optimizer = build_optimizer(config.optimizer, model)
+    scheduler = build_cosine_schedule(optimizer, config.optimizer, total_steps=total_steps)
+    return model, frozen, optimizer, scheduler
+
+
+def build_loader(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    config: DPOJobConfig,
+    *,
+    shuffle: bool,
+) -> DataLoader[TokenizedPair]:
+    """This worker's shard of the pairs, tokenized and padded into batches."""
+    pairs = tokenize_pairs(tokenizer, rows, max_seq_len=config.max_seq_len)
+    if rows and not pairs:
+        raise ValueError(f"max_seq_len {config.max_seq_len} cuts off every reply")
+    context = ray.train.get_context()
+    sampler: DistributedSampler[TokenizedPair] = DistributedSampler(
+        pairs,  # type: ignore[arg-type]  # a list serves as a map-style dataset
+        num_replicas=context.get_world_size(),
+        rank=context.get_world_rank(),
+        shuffle=shuffle,
+        seed=config.seed,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return DataLoader(
+        pairs,  # type: ignore[arg-type]
+        batch_size=config.batch_size,
+        sampler=sampler,
+        collate_fn=partial(pad_pairs, pad_id=pad_id),
+    )
+
+
+def _precision(dtype: str, device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 is autocast: weights and optimizer state stay float32, matmuls run in bf16."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---------------------------------------------------------------- steps
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """A batch's (or a validation pass's) figures over all workers' pairs."""
+
+    loss: float
+    reward_accuracy: float  # share of pairs whose chosen reward beats the rejected one
+    reward_margin: float  # mean of chosen minus rejected reward
+    tokens: int  # tokens the policy attended to
+
+    def describe(self) -> str:
+        return (
+            f"loss {self.loss:.4f} reward_accuracy {self.reward_accuracy:.2f} "
+            f"reward_margin {self.reward_margin:.4f}"
+        )
+
+
+def _batch_figures(
+    scores: PairScores, batch: dict[str, torch.Tensor]
+) -> tuple[float, float, float, float, float]:
+    """Sums that add up over workers: loss, correct pairs, margin, pairs, tokens."""
+    margins = scores.chosen_rewards - scores.rejected_rewards
+    return (
+        scores.losses.detach().sum().item(),
+        (margins > 0).sum().item(),
+        margins.sum().item(),
+        float(margins.numel()),
+        batch["attention_mask"].sum().item(),
+    )
+
+
+def _stats(totals: list[float]) -> PairStats:
+    loss_sum, correct, margin_sum, pairs, tokens = totals
+    pairs = max(pairs, 1.0)
+    return PairStats(loss_sum / pairs, correct / pairs, margin_sum / pairs, int(tokens))
+
+
+def train_step(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    settings: DPOAlignmentConfig,
+    device: torch.device,
+    precision: Callable[[], AbstractContextManager[Any]],
+) -> PairStats:
+    """One optimizer step on this worker's pairs; figures are over all workers' pairs."""
+    batch = {name: tensor.to(device) for name, tensor in batch.items()}
+    with torch.no_grad(), precision():
+        reference_chosen, reference_rejected = pair_logps(reference, batch)
+    with precision():
+        policy_chosen, policy_rejected = pair_logps(policy, batch)
+    scores = dpo_loss(
+        policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings
+    )
+    optimizer.zero_grad(set_to_none=True)
+    torch.autograd.backward(scores.losses.mean())  # DDP averages gradients over workers
+    optimizer.step()
+    return _stats(_all_reduce(list(_batch_figures(scores, batch)), device))
+
+
+@torch.no_grad()
+def validate(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    loader: DataLoader[TokenizedPair],
+    settings: DPOAlignmentConfig,
+    device: torch.device,
+    precision: Callable[[], AbstractContextManager[Any]],
+) -> PairStats | None:
+    """DPO figures over all workers' validation shards, None without validation rows (the
+    sampler repeats a pair or two when they do not divide evenly among workers)."""
+    if len(loader.dataset) == 0:  # type: ignore[arg-type]  # a list
+        return None
+    policy.eval()
+    totals = [0.0] * 5
+    for batch in loader:
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        with precision():
+            scores = dpo_loss(*pair_logps(policy, batch), *pair_logps(reference, batch), settings)
+        totals = [a + b for a, b in zip(totals, _batch_figures(scores, batch), strict=True)]
+    policy.train()
+    return _stats(_all_reduce(totals, device))
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return [float(value) for value in tensor.tolist()]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    config: DPOJobConfig,
+    policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    *,
+    epochs_done: int,
+    step: int,
+    metrics: dict[str, float],
+    reporter: JobReporter | None,
+) -> None:
+    """Rank 0 writes the policy (full weights) in HF format and reports it to Ray Train and
+    the store; every rank takes part in the report (Ray Train waits for all of them)."""
+    report = {**metrics, "epoch": epochs_done, "step": step}
+    if reporter is None:
+        ray.train.report(report)
+        return
+    directory = config.output_dir / "checkpoints" / f"iter-{step}"
+    directory.mkdir(parents=True, exist_ok=True)
+    _unwrap(policy).save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epochs_done": epochs_done,
+            "step": step,
+        },
+        directory / TRAINER_STATE,
+    )
+    ray.train.report(
+        report,
+        checkpoint=Checkpoint.from_directory(str(directory)),
+        checkpoint_dir_name=directory.name,
+    )
+    reporter.checkpoint(iters=step, path=str(directory), metrics=metrics)
+
+
+def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    assert isinstance(inner, PreTrainedModel)
+    return inner
+
+
+def _follow_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Set the resumed step's rate from this run's schedule: the saved rate belongs to the
+    saved run's, which ends elsewhere when a new attempt asks for more epochs."""
+    factors = scheduler.lr_lambdas
+    for group, base_lr, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, factors, strict=True
+    ):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
+def _load_trainer_state(directory: Path) -> dict[str, Any] | None:
+    path = directory / TRAINER_STATE
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = torch.load(path, weights_only=True)
+    return state

@@ -120,7 +120,7 @@ def main(config: SFTJobConfig) -> None:
             + (f", resuming from {resume_from}" if resume_from else "")
         )
         try:
-            run(config, attempt=attempt, resume_from=resume_from)
+            run(config, attempt=attempt)
         except Exception as exc:
             reporter.failed(str(exc) or type(exc).__name__)
             raise
@@ -131,14 +131,12 @@ def main(config: SFTJobConfig) -> None:
         database.dispose()
 
 
-def run(config: SFTJobConfig, *, attempt: int, resume_from: str | None) -> None:
+def run(config: SFTJobConfig, *, attempt: int) -> None:
     """Fit on Ray Train. The run's name carries the attempt: Train V2 resumes a run whose
     name already exists, so a retried attempt must not reuse the last one's name."""
     trainer = TorchTrainer(
         train_loop,
-        # Train V2 has no `resume_from_checkpoint`: the loop falls back to this directory
-        # when Ray Train has no checkpoint of its own run.
-        train_loop_config={"config": config, "resume_from": resume_from},
+        train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             name=f"{config.job_uuid}-attempt-{attempt}",
@@ -158,6 +156,14 @@ def _attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int
         return job.attempt, checkpoints[-1].path if checkpoints else None
 
 
+def _last_checkpoint_path(config: SFTJobConfig) -> str | None:
+    database = Database(config.database_url)
+    try:
+        return _attempt_and_last_checkpoint(database, config.job_uuid)[1]
+    finally:
+        database.dispose()
+
+
 # ---------------------------------------------------------------- worker
 
 
@@ -171,9 +177,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
 
     # setup
-    resume = ray.train.get_checkpoint()  # set when Ray Train restarted this worker group
-    if resume is None and loop_config["resume_from"] is not None:
-        resume = Checkpoint.from_directory(loop_config["resume_from"])  # a previous attempt
+    # Every rank resumes from the job's last checkpoint row (a previous attempt's, or this
+    # run's before Ray Train restarted the worker group), not from ray.train.get_checkpoint():
+    # Ray Train registers a report only when its controller next polls all workers, so a
+    # worker killed just after reporting leaves a row that Ray Train never saw, and resuming
+    # from Ray Train's older checkpoint would save the same `iters` twice.
+    resume_from = _last_checkpoint_path(config)
+    resume = Checkpoint.from_directory(resume_from) if resume_from else None
     with resume.as_directory() if resume else nullcontext() as resume_dir:
         tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
         model = build_model(config, Path(resume_dir) if resume_dir else None)
@@ -194,6 +204,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = get_device()
 
     # train
+    if reporter is not None and resume_from is not None:
+        reporter.log(f"resumed at step {step} from {resume_from}")
     if first_epoch == 0:
         baseline = validate(model, validation_loader, device)  # every rank all-reduces
         if reporter is not None:

@@ -471,33 +471,37 @@ def test_dpo_learns_to_prefer_the_chosen_reply(
 def test_a_new_attempt_resumes_from_the_last_checkpoint(
     first_run: DPOJobConfig, module_database: Database, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    """Attempt 1 of a 3-epoch job whose last checkpoint row is the first run's epoch 2:
-    only epoch 3 runs, on the resumed policy, schedule and optimizer, against the
+    """Attempt 1 of the same job whose last checkpoint row is the first run's epoch 1:
+    only epoch 2 runs, on the resumed policy, optimizer and schedule, against the
     original reference."""
     _, _, first_checkpoints = _stored(module_database, "dpo-first")
-    iters, path, _ = first_checkpoints[-1]
+    iters, path, _ = first_checkpoints[0]
     _create(module_database, "dpo-resumed")
     with module_database.transaction() as session:
         store = JobStore(session)
         store.transition("dpo-resumed", to=JobStatus.RUNNING)
         store.add_checkpoint("dpo-resumed", iters=iters, path=path)
         store.transition("dpo-resumed", to=JobStatus.SCHEDULED)  # requeued: attempt 1
-    config = _config(module_database.url, demo_model_dir, tmp_path, "dpo-resumed", n_epochs=3)
-    main(config)
+    main(_config(module_database.url, demo_model_dir, tmp_path, "dpo-resumed"))
 
     job, lines, checkpoints = _stored(module_database, "dpo-resumed")
     assert job.status == JobStatus.COMPLETED, lines
-    assert lines[0].endswith(f", resuming from {path}"), lines[0]
     assert lines[0].startswith("attempt 1: dpo on 2 workers")
+    assert lines[0].endswith(f", resuming from {path}"), lines[0]
     steps = [line for line in lines if line.startswith("step ")]
-    assert [line.split()[1] for line in steps] == ["9", "10", "11", "12"]
-    # The cosine schedule resumes too: lr_min + (lr - lr_min) * (1 + cos(pi * 8/12)) / 2.
-    assert " lr 3.250e-04 " in steps[0]
-    # A fresh policy (or a reference reloaded from the checkpoint) would start at log 2.
-    assert _field(steps[0], "loss") < 0.4
-    assert _field(steps[0], "reward_margin") > 1.0
+    assert [line.split()[1] for line in steps] == ["5", "6", "7", "8"]
+    # The cosine schedule resumes half way: lr_min + (lr - lr_min) / 2.
+    assert " lr 5.500e-04 " in steps[0]
+    # A fresh policy (or a reference loaded from the checkpoint) would start at log 2.
+    assert _field(steps[0], "loss") < 0.6
+    # The resumed epoch retraces the uninterrupted run's second epoch step for step.
+    _, first_lines, _ = _stored(module_database, "dpo-first")
+    uninterrupted = [line for line in first_lines if line.startswith("step ")][4:]
+    for resumed, original in zip(steps, uninterrupted, strict=True):
+        for name in ("loss", "lr", "reward_accuracy", "reward_margin"):
+            assert _field(resumed, name) == pytest.approx(_field(original, name), abs=2e-4)
     assert not any(line.startswith("epoch 0 ") for line in lines)
-    assert [i for i, _, _ in checkpoints] == [8, 12]
+    assert [i for i, _, _ in checkpoints] == [4, 8]
     assert (tmp_path / "ray" / "dpo-resumed-attempt-1").is_dir()
 
 

@@ -22,8 +22,8 @@ Mapping of the rest, as in jobs/sft.py: `n_epochs` passes over the rows; `n_iter
 optimizer steps per epoch; `batch_size` pairs per worker per step; the learning rate decays
 from `lr` to `lr_min` on a cosine over the run. A checkpoint (full weights and tokenizer in
 Hugging Face format, plus `trainer_state.pt`) is saved after every epoch; a restarted worker
-group resumes from Ray Train's last one, a new attempt of the job from the last checkpoint
-row. The reference is always the original `model_dir`.
+group and a new attempt of the job both resume from the job's last checkpoint row. The
+reference is always the original `model_dir`.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def main(config: DPOJobConfig) -> None:
             + (f", resuming from {resume_from}" if resume_from else "")
         )
         try:
-            run(config, attempt=attempt, resume_from=resume_from)
+            run(config, attempt=attempt)
         except Exception as exc:
             reporter.failed(str(exc) or type(exc).__name__)
             raise
@@ -215,12 +215,12 @@ def main(config: DPOJobConfig) -> None:
         database.dispose()
 
 
-def run(config: DPOJobConfig, *, attempt: int, resume_from: str | None) -> None:
+def run(config: DPOJobConfig, *, attempt: int) -> None:
     """Fit on Ray Train, the run named by job and attempt (Train V2 resumes a run whose
     name already exists, so a new attempt must not reuse the last one's name)."""
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config, "resume_from": resume_from},
+        train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             name=f"{config.job_uuid}-attempt-{attempt}",
@@ -240,6 +240,14 @@ def _attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int
         return job.attempt, checkpoints[-1].path if checkpoints else None
 
 
+def _last_checkpoint_path(config: DPOJobConfig) -> str | None:
+    database = Database(config.database_url)
+    try:
+        return _attempt_and_last_checkpoint(database, config.job_uuid)[1]
+    finally:
+        database.dispose()
+
+
 # ---------------------------------------------------------------- worker
 
 
@@ -252,9 +260,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
 
     # setup
-    resume = ray.train.get_checkpoint()  # set when Ray Train restarted this worker group
-    if resume is None and loop_config["resume_from"] is not None:
-        resume = Checkpoint.from_directory(loop_config["resume_from"])  # a previous attempt
+    # Every rank resumes from the job's last checkpoint row (a previous attempt's, or this
+    # run's before Ray Train restarted the worker group), not ray.train.get_checkpoint():
+    # Ray Train registers a report only when its controller next polls the workers, so a
+    # worker killed just after reporting leaves a row Ray Train never saw, and resuming from
+    # its older checkpoint would save the same `iters` twice (see jobs/sft.py).
+    resume_from = _last_checkpoint_path(config)
+    resume = Checkpoint.from_directory(resume_from) if resume_from else None
     with resume.as_directory() if resume else nullcontext() as resume_dir:
         tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
         start = _load_model(Path(resume_dir) if resume_dir else config.model_dir)
@@ -275,6 +287,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     precision = partial(_precision, config.dtype, device)
 
     # train
+    if reporter is not None and resume_from is not None:
+        reporter.log(f"resumed at step {step} from {resume_from}")
     if first_epoch == 0:
         baseline = validate(policy, reference, validation_loader, config.dpo, device, precision)
         if reporter is not None and baseline is not None:

@@ -488,6 +488,7 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     assert job.status == JobStatus.COMPLETED, lines
     assert lines[0].startswith("attempt 1: dpo on 2 workers")
     assert lines[0].endswith(f", resuming from {path}"), lines[0]
+    assert f"resumed at step 4 from {path}" in lines
     steps = [line for line in lines if line.startswith("step ")]
     assert [line.split()[1] for line in steps] == ["5", "6", "7", "8"]
     # The cosine schedule resumes half way: lr_min + (lr - lr_min) / 2.

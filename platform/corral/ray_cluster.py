@@ -118,7 +118,9 @@ class LocalRayHead:
         self, home: Path, *, num_cpus: int | None = None, num_gpus: int | None = None
     ) -> None:
         self.home = home.expanduser().resolve()
-        self.num_cpus = num_cpus
+        # Logical CPUs are scheduling slots, not cores: a fine-tuning job's two workers (one
+        # slot each) must fit beside the demo model's replica even on a two-core laptop.
+        self.num_cpus = num_cpus if num_cpus is not None else embedded_cpus()
         self.num_gpus = num_gpus
         self.ray_dir = self.home / "ray"
         self.record_path = self.ray_dir / "head.json"
@@ -329,6 +331,14 @@ def connect(*, address: str | None, home: Path) -> RayHead | str:
         address=head.address, namespace=NAMESPACE, ignore_reinit_error=False, log_to_driver=False
     )
     return head
+
+
+EMBEDDED_MIN_CPUS = 4
+
+
+def embedded_cpus() -> int:
+    """Logical CPUs of the embedded head: the machine's, and at least EMBEDDED_MIN_CPUS."""
+    return max(EMBEDDED_MIN_CPUS, os.cpu_count() or 1)
 
 
 def ray_temp_dir(home: Path) -> Path:

@@ -1,0 +1,154 @@
+"""Fine-tuning end to end over HTTP on the embedded defaults (`corral serve`, its own Ray
+head, SQLite): a LoRA job teaches the demo model one answer while the API server is killed
+and restarted under it; the job runs once, completes, and its checkpoint, served as a
+model, answers with what the dataset taught."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import pytest
+
+from corral.config import Settings
+from corral.demo import (
+    TEACH_ANSWER,
+    TEACH_QUESTION,
+    corral_server,
+    greedy_chat,
+    teaching_dialogs,
+    teaching_request,
+)
+from corral.ray_cluster import LocalRayHead
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+JOB = "e2e-lora-1"
+
+
+@pytest.fixture
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("ft")  # short: Ray's socket paths live under it
+    try:
+        yield path
+    finally:
+        LocalRayHead(path).stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _until(what: str, check: Any, timeout_s: float, poll_s: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll_s)
+    return result
+
+
+def _ok(response: httpx.Response) -> Any:
+    assert response.status_code == 200, f"{response.request.url}: {response.text}"
+    return response.json() if response.content else None
+
+
+def _ray_jobs(home: Path) -> list[dict[str, Any]]:
+    """Every job the embedded head's Jobs API knows, read with the head's own token."""
+    head = LocalRayHead(home)
+    record = head.find()
+    assert record is not None
+    token = head.token_path.read_text().strip()
+    response = httpx.get(
+        f"{record.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+    )
+    jobs: list[dict[str, Any]] = _ok(response)
+    return jobs
+
+
+def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(home=home)
+    datasets = home / "datasets"
+    datasets.mkdir()
+    teach = datasets / "teach.jsonl"
+    teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
+    key = secrets.token_urlsafe(16)
+    headers = {"Authorization": f"Bearer {key}"}
+    dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
+
+    with corral_server(settings, port=_free_port(), api_key=key) as first:
+        with httpx.Client(base_url=first.base_url, headers=headers, timeout=120) as api:
+            _ok(api.post("/datasets/create", json={"uuid": "teach", "dataset": dataset}))
+            _ok(
+                api.post(
+                    "/post_training/supervised_fine_tune/",
+                    json=teaching_request(JOB, dataset, dataset),
+                )
+            )
+
+            def training() -> bool:
+                job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
+                return job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1
+
+            _until("the first training step", training, timeout_s=300)
+        first.process.kill()  # no clean shutdown: the API process just dies
+        first.process.wait()
+
+    with (
+        corral_server(settings, port=_free_port(), api_key=key) as second,
+        httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
+    ):
+        # The reconciler ran at start-up and found the job still running in Ray.
+        job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
+        assert job["status"] in {"running", "completed"}, job
+
+        def finished() -> dict[str, Any] | None:
+            job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
+            return job if job["status"] in {"completed", "failed", "cancelled"} else None
+
+        job = _until("the job to finish", finished, timeout_s=900, poll_s=2)
+        assert job["status"] == "completed", job
+
+        status = _ok(api.get("/post_training/job/status", params={"job_uuid": JOB}))
+        assert status["resources_allocated"]["num_workers"] == 2
+        assert status["started_at"] <= status["completed_at"]
+        lines = _ok(api.get("/post_training/job/logs", params={"job_uuid": JOB}))["log_lines"]
+        # One run: one attempt started, no second submission, nothing re-settled.
+        assert sum(line.startswith("attempt ") for line in lines) == 1, lines
+        assert not any(line.startswith("reconciler") for line in lines), lines
+        assert [j["submission_id"] for j in _ray_jobs(home)].count(JOB) == 1
+        losses = [float(m[1]) for line in lines if (m := re.search(r"validation loss (\S+)", line))]
+        assert losses[-1] < 0.25 * losses[0], losses
+
+        artifacts = _ok(api.get("/post_training/job/artifacts", params={"job_uuid": JOB}))
+        assert len(artifacts["checkpoints"]) == 8  # one per epoch
+        adapter = Path(unquote(urlsplit(artifacts["checkpoints"][-1]["path"]).path))
+        assert (adapter / "adapter_config.json").is_file()
+        # The base model, asked first, does not know the answer.
+        question = greedy_chat("llama3_8b_chat", TEACH_QUESTION)
+        before = _ok(api.post("/inference/chat_completion", json=question))
+        assert before["content"].strip() != TEACH_ANSWER
+        # Registered under the spec's name, the checkpoint answers for this tenant.
+        register = {
+            "name": "llama3_8b_chat",
+            "checkpoint_dir": str(home / "models" / "demo"),
+            "adapter_dir": str(adapter),
+            "source_job_uuid": JOB,
+        }
+        _ok(api.post("/models/register", json=register))
+        after = _ok(api.post("/inference/chat_completion", json=question))
+        assert after["content"].strip() == TEACH_ANSWER

@@ -1,0 +1,109 @@
+"""Cancelling a running fine-tuning job through the API on a real Ray cluster: the Ray job
+is stopped, its workers' CPUs come back, the end state is recorded, and neither a second
+cancel nor the reconciler changes it afterwards."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from fastapi.testclient import TestClient
+
+from corral.app import create_app, fetch_policy
+from corral.config import Settings
+from corral.content import ContentFetcher
+from corral.demo import teaching_dialogs, teaching_request
+from corral.ray_jobs import RayJobLauncher, RayJobState
+from corral.services.reconciler import Reconciler
+from corral.serving.catalog import ModelSpec, model_roots
+from corral.serving.deployer import ServeDeployer
+from corral.serving.registry import ModelRegistry
+from corral.store.db import Database
+from tests.api.conftest import ALPHA
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def launcher(ray_jobs_url: str, database: Database) -> RayJobLauncher:
+    return RayJobLauncher(ray_jobs_url, database_url=database.url)
+
+
+@pytest.fixture
+def client(
+    settings: Settings, database: Database, launcher: RayJobLauncher, demo_model_dir: Path
+) -> Iterator[TestClient]:
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
+        model_roots=model_roots(settings),
+    )
+    app = create_app(
+        settings,
+        database=database,
+        fetcher=ContentFetcher(fetch_policy(settings)),
+        models=registry,
+        launcher=launcher,
+    )
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _until(what: str, check: Any, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return result
+
+
+@pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+def test_cancel_stops_the_ray_job_frees_its_workers_and_stays_cancelled(
+    client: TestClient, database: Database, launcher: RayJobLauncher, dataset_root: Path
+) -> None:
+    teach = dataset_root / "teach.jsonl"
+    teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
+    dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
+    job_uuid = f"cancel-{time.monotonic_ns()}"
+    request = teaching_request(job_uuid, dataset, dataset)
+    request["training_config"]["n_epochs"] = 50  # far longer than the test waits
+    total_cpus = ray.cluster_resources()["CPU"]
+
+    response = client.post("/post_training/supervised_fine_tune/", json=request, headers=ALPHA)
+    assert response.status_code == 200, response.text
+
+    def training() -> bool:
+        job = client.get("/post_training/job", params={"job_uuid": job_uuid}, headers=ALPHA).json()
+        return (job.get("progress") or {}).get("step", 0) >= 1
+
+    _until("the first step", training, timeout_s=300)
+    assert ray.available_resources().get("CPU", 0) <= total_cpus - 2  # two workers hold CPUs
+
+    cancel = client.post("/post_training/job/cancel", json={"job_uuid": job_uuid}, headers=ALPHA)
+    assert cancel.status_code == 200, cancel.text
+    assert cancel.json()["status"] == "cancelled"
+
+    def stopped() -> bool:
+        info = launcher.info(job_uuid)
+        return info is not None and info.state is RayJobState.STOPPED
+
+    _until("Ray to stop the job", stopped, timeout_s=120)
+    _until(
+        "the workers' CPUs to come back",
+        lambda: ray.available_resources().get("CPU", 0) >= total_cpus,
+        timeout_s=120,
+    )
+
+    again = client.post("/post_training/job/cancel", json={"job_uuid": job_uuid}, headers=ALPHA)
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    Reconciler(database=database, launcher=launcher).settle()  # Ray says STOPPED: no change
+    summary = client.get("/post_training/job", params={"job_uuid": job_uuid}, headers=ALPHA)
+    assert (summary.json()["status"], summary.json()["error"]) == ("cancelled", "cancelled")
+    logs = client.get("/post_training/job/logs", params={"job_uuid": job_uuid}, headers=ALPHA)
+    assert "cancelled on request" in logs.json()["log_lines"]

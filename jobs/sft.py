@@ -1,4 +1,5 @@
-"""Supervised fine-tuning recipe: full, LoRA or DoRA on Ray Train (DDP over gloo or NCCL).
+"""Supervised fine-tuning recipe: full, LoRA, QLoRA or DoRA on Ray Train, with DDP or
+DeepSpeed ZeRO (jobs/distributed.py) over gloo or NCCL.
 
 Reads top to bottom: `main(config)` marks the job running, runs a `TorchTrainer` whose
 workers each run `train_loop` (setup -> train -> cleanup), and marks the job completed or
@@ -11,11 +12,18 @@ Mapping of the spec's `training_config`:
 - `batch_size`: per worker; one optimizer step consumes `batch_size * num_workers` rows.
 - The learning rate decays from `lr` to `lr_min` on a cosine over all steps of the run.
 - `sgd` is plain SGD with momentum 0.9; `adam` and `adamw` use torch's defaults.
+- `zero_stage` (the API derives it from `memory_efficient_fsdp_wrap` / `fsdp_cpu_offload`):
+  None trains with DDP, 0-3 with DeepSpeed at that ZeRO stage; `cpu_offload` moves the
+  optimizer (and on ZeRO-3 the weights) to CPU memory; `activation_checkpointing`
+  recomputes activations in backward; `dtype` bfloat16 trains in mixed precision.
+- `qlora` is LoRA over a 4-bit NF4 base (bitsandbytes), with DDP or ZeRO 0-2.
 
 A checkpoint is saved at the end of every epoch in Hugging Face format (a peft adapter for
-LoRA/DoRA, full weights for `full`, the tokenizer with both) plus `trainer_state.pt`
-(optimizer, schedule, progress), and reported to Ray Train, so a restarted worker group
-resumes from it; a new attempt of the job resumes from the last checkpoint row.
+LoRA/QLoRA/DoRA over the unquantized `model_dir`, full weights for `full`, the tokenizer
+with both), plus the optimizer and schedule (`optimizer.pt`, or DeepSpeed's shards under
+`deepspeed/`) and the progress (`trainer_state.pt`). It is reported to Ray Train, so a
+restarted worker group resumes from it; a new attempt of the job resumes from the last
+checkpoint row. `output_dir` must be on storage that every worker sees.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -31,15 +40,15 @@ from typing import Any, Literal, Self
 import ray.train
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchTrainer, get_device
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    PreTrainedModel,
+    BitsAndBytesConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -47,15 +56,19 @@ from corral.api.post_training import AlgorithmConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.tables import Job
+from jobs.distributed import TrainingDtype, TrainingEngine, ZeroStage, prepare_training, torch_dtype
+from jobs.distributed import build_cosine_schedule as build_cosine_schedule
+from jobs.distributed import build_optimizer as build_optimizer
 from jobs.reporting import JobReporter
 from jobs.training_data import TokenizedDialog, pad_batch, tokenize_rows
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-QLORA_MISSING = (
-    "qlora (a 4-bit NF4 base through bitsandbytes) is not wired into this recipe yet; "
-    "use lora or dora"
+QLORA_UNDER_ZERO3 = (
+    "qlora cannot run under ZeRO-3 (zero_stage 3, memory_efficient_fsdp_wrap): ZeRO-3 "
+    "shards the 4-bit packed base weights as if they were plain tensors; use zero_stage "
+    "0-2 or DDP, where the 4-bit base is small and stays whole on every worker"
 )
 # The spec (after torchtune) names the attention output projection `output_proj`.
 _ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj"}
@@ -86,13 +99,26 @@ class SFTJobConfig(BaseModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(default=2, ge=0, description="Worker group restarts.")
+    zero_stage: ZeroStage | None = Field(
+        default=None, description="None: DDP; 0-3: DeepSpeed with that ZeRO stage."
+    )
+    cpu_offload: bool = Field(default=False, description="DeepSpeed state in CPU memory.")
+    activation_checkpointing: bool = False
+    dtype: TrainingDtype = "float32"
 
     @model_validator(mode="after")
-    def _adapter_follows_algorithm(self) -> Self:
+    def _settings_fit_together(self) -> Self:
         if self.algorithm != "full" and self.adapter is None:
             raise ValueError(f"algorithm {self.algorithm!r} needs adapter settings")
         if not self.rows:
             raise ValueError("no training rows")
+        if self.cpu_offload and not self.zero_stage:
+            raise ValueError(
+                "cpu_offload needs DeepSpeed ZeRO (zero_stage 1-3): it offloads the state "
+                "that ZeRO shards"
+            )
+        if self.algorithm == "qlora" and self.zero_stage == 3:
+            raise ValueError(QLORA_UNDER_ZERO3)
         return self
 
 
@@ -105,11 +131,6 @@ def main(config: SFTJobConfig) -> None:
     reporter = JobReporter(database, config.job_uuid)
     try:
         attempt, resume_from = _attempt_and_last_checkpoint(database, config.job_uuid)
-        if config.algorithm == "qlora":
-            # Refused before any worker starts: the job fails at once, with the reason.
-            error = NotImplementedError(QLORA_MISSING)
-            reporter.failed(str(error))
-            raise error
         resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
         started = reporter.started(resources_allocated=resources)
         if not started.applied:
@@ -119,6 +140,7 @@ def main(config: SFTJobConfig) -> None:
             f"attempt {attempt}: {config.algorithm} on {config.num_workers} workers"
             + (f", resuming from {resume_from}" if resume_from else "")
         )
+        reporter.log(f"parallelism: {describe_parallelism(config)}")
         try:
             run(config, attempt=attempt)
         except Exception as exc:
@@ -175,8 +197,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     database = Database(config.database_url) if rank == 0 else None
     reporter = JobReporter(database, config.job_uuid) if database is not None else None
     torch.manual_seed(config.seed)
+    device = get_device()
+    # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, every step;
+    # keep the worker logs readable.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
 
     # setup
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
+    validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
+    steps_per_epoch = min(len(train_loader), config.n_iters)
     # Every rank resumes from the job's last checkpoint row (a previous attempt's, or this
     # run's before Ray Train restarted the worker group), not from ray.train.get_checkpoint():
     # Ray Train registers a report only when its controller next polls all workers, so a
@@ -185,58 +215,51 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     resume_from = _last_checkpoint_path(config)
     resume = Checkpoint.from_directory(resume_from) if resume_from else None
     with resume.as_directory() if resume else nullcontext() as resume_dir:
-        tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
-        model = build_model(config, Path(resume_dir) if resume_dir else None)
-        state = _load_trainer_state(Path(resume_dir)) if resume_dir else None
-    train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
-    validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
-    steps_per_epoch = min(len(train_loader), config.n_iters)
-    model = prepare_model(model)
-    optimizer = build_optimizer(config.optimizer, model)
-    scheduler = build_cosine_schedule(
-        optimizer, config.optimizer, total_steps=steps_per_epoch * config.n_epochs
-    )
-    first_epoch, step = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        first_epoch, step = state["epochs_done"], state["step"]
-    device = get_device()
+        resume_path = Path(resume_dir) if resume_dir else None
+        model = build_model(config, resume_path)
+        state = _load_trainer_state(resume_path) if resume_path else None
+        engine = prepare_training(
+            model,
+            config.optimizer,
+            config,
+            total_steps=steps_per_epoch * config.n_epochs,
+            device=device,
+        )
+        if resume_path is not None and state is not None:
+            engine.load_state(resume_path)
+    first_epoch, step = (state["epochs_done"], state["step"]) if state else (0, 0)
 
     # train
     if reporter is not None and resume_from is not None:
         reporter.log(f"resumed at step {step} from {resume_from}")
     if first_epoch == 0:
-        baseline = validate(model, validation_loader, device)  # every rank all-reduces
+        baseline = validate(engine, validation_loader, device)  # every rank all-reduces
         if reporter is not None:
             reporter.log(f"epoch 0 validation loss {baseline:.4f}")
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        model.train()
+        engine.model.train()
         loss = math.nan
         for batch_index, batch in enumerate(train_loader):
             if batch_index >= steps_per_epoch:
                 break
             started = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            loss, tokens = train_step(model, optimizer, batch, device)
-            scheduler.step()
+            lr = engine.last_lr()
+            loss, tokens = train_step(engine.model, engine, batch, device)
             step += 1
             if reporter is not None:
                 rate = tokens / (time.perf_counter() - started)
                 reporter.log(f"step {step} loss {loss:.4f} lr {lr:.3e} tokens/s {rate:.0f}")
-        validation_loss = validate(model, validation_loader, device)
+        validation_loss = validate(engine, validation_loader, device)
         if reporter is not None:
             reporter.log(f"epoch {epoch + 1} validation loss {validation_loss:.4f}")
         metrics = {"loss": loss, "validation_loss": validation_loss}
         save_checkpoint(
             config,
-            model,
+            engine,
             tokenizer,
-            optimizer,
-            scheduler,
             epochs_done=epoch + 1,
             step=step,
             metrics=metrics,
@@ -249,17 +272,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         database.dispose()
 
 
+def describe_parallelism(config: SFTJobConfig) -> str:
+    """One line for the job's log: how the work is spread and in what precision."""
+    parts = ["DDP" if config.zero_stage is None else f"DeepSpeed ZeRO-{config.zero_stage}"]
+    if config.cpu_offload:
+        parts.append("CPU offload")
+    if config.activation_checkpointing:
+        parts.append("activation checkpointing")
+    parts.append(config.dtype)
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------- builders
 
 
 def build_model(config: SFTJobConfig, resume_dir: Path | None) -> torch.nn.Module:
-    """The base model, with a fresh or resumed adapter for lora/dora."""
-    if config.algorithm == "qlora":
-        raise NotImplementedError(QLORA_MISSING)
+    """The base model, with a fresh or resumed adapter for lora/qlora/dora. Weights load in
+    float32 whatever the checkpoint holds (transformers 5 would keep a bf16 checkpoint in
+    bf16): the optimizer updates float32 weights, bf16 is only ever compute precision."""
     if config.algorithm == "full":
         source = resume_dir if resume_dir is not None else config.model_dir
-        return AutoModelForCausalLM.from_pretrained(source, local_files_only=True)
-    base = AutoModelForCausalLM.from_pretrained(config.model_dir, local_files_only=True)
+        return AutoModelForCausalLM.from_pretrained(
+            source, local_files_only=True, dtype=torch.float32
+        )
+    if config.algorithm == "qlora":
+        base = _load_4bit_base(config)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            config.model_dir, local_files_only=True, dtype=torch.float32
+        )
     if resume_dir is not None:
         return PeftModel.from_pretrained(base, str(resume_dir), is_trainable=True)
     assert config.adapter is not None  # the config's validator makes sure
@@ -278,6 +319,31 @@ def build_model(config: SFTJobConfig, resume_dir: Path | None) -> torch.nn.Modul
     )
     peft_model: torch.nn.Module = get_peft_model(base, lora)
     return peft_model
+
+
+def _load_4bit_base(config: SFTJobConfig) -> torch.nn.Module:
+    """QLoRA's frozen base: linear layers quantized to 4-bit NF4 as they load (on the
+    current CUDA device, or on the CPU through bitsandbytes' CPU backend), computing in the
+    training dtype; the rest (embeddings, norms) stays float32. The adapter trains in float32
+    and is saved against the unquantized `model_dir`, so it serves over the original base."""
+    quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,  # quantize the quantization constants too (QLoRA)
+        bnb_4bit_compute_dtype=torch_dtype(config.dtype),
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        config.model_dir,
+        local_files_only=True,
+        dtype=torch.float32,
+        quantization_config=quantization,
+    )
+    # Freezes the base and casts what is not quantized to float32. Activation checkpointing
+    # is left to prepare_training, the same for every algorithm.
+    prepared: torch.nn.Module = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+        base, use_gradient_checkpointing=False
+    )
+    return prepared
 
 
 def build_loader(
@@ -306,30 +372,6 @@ def build_loader(
     )
 
 
-def build_optimizer(settings: OptimizerConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    if settings.optimizer_type == "adamw":
-        return torch.optim.AdamW(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    if settings.optimizer_type == "adam":
-        return torch.optim.Adam(parameters, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(
-        parameters, lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay
-    )
-
-
-def build_cosine_schedule(
-    optimizer: torch.optim.Optimizer, settings: OptimizerConfig, *, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay from `lr` at step 0 to `lr_min` after `total_steps`."""
-    floor = settings.lr_min / settings.lr
-
-    def factor(step: int) -> float:
-        progress = min(step / max(total_steps, 1), 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 # ---------------------------------------------------------------- steps
 
 
@@ -348,17 +390,25 @@ def token_loss_sum(
 
 def train_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | TrainingEngine,
     batch: dict[str, torch.Tensor],
     device: torch.device,
 ) -> tuple[float, int]:
     """One optimizer step on this worker's batch; returns the loss over all workers' tokens
-    and the number of tokens all workers attended to."""
-    loss_sum, count = token_loss_sum(model, batch, device)
+    and the number of tokens all workers attended to. With a plain torch optimizer the
+    caller steps its schedule; an engine (jobs/distributed.py) steps its own."""
+    precision = (
+        nullcontext() if isinstance(optimizer, torch.optim.Optimizer) else optimizer.autocast()
+    )
+    with precision:
+        loss_sum, count = token_loss_sum(model, batch, device)
     loss = loss_sum / count.clamp(min=1)
-    optimizer.zero_grad(set_to_none=True)
-    torch.autograd.backward(loss)  # DDP averages gradients over workers
-    optimizer.step()
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)  # DDP averages gradients over workers
+        optimizer.step()
+    else:
+        optimizer.backward_step(loss)
     totals = _all_reduce(
         [loss_sum.detach().item(), count.item(), batch["attention_mask"].sum().item()], device
     )
@@ -367,17 +417,21 @@ def train_step(
 
 @torch.no_grad()
 def validate(
-    model: torch.nn.Module, loader: DataLoader[TokenizedDialog], device: torch.device
+    model: torch.nn.Module | TrainingEngine,
+    loader: DataLoader[TokenizedDialog],
+    device: torch.device,
 ) -> float:
     """Token-weighted loss over all workers' validation shards (the sampler repeats a row
     or two when they do not divide evenly among workers)."""
-    model.eval()
+    module = model if isinstance(model, torch.nn.Module) else model.model
+    module.eval()
     loss_sum, count = 0.0, 0.0
     for batch in loader:
-        batch_sum, batch_count = token_loss_sum(model, batch, device)
+        with nullcontext() if isinstance(model, torch.nn.Module) else model.autocast():
+            batch_sum, batch_count = token_loss_sum(module, batch, device)
         loss_sum += batch_sum.item()
         count += batch_count.item()
-    model.train()
+    module.train()
     total_sum, total_count = _all_reduce([loss_sum, count], device)
     return total_sum / max(total_count, 1.0)
 
@@ -394,47 +448,37 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def save_checkpoint(
     config: SFTJobConfig,
-    model: torch.nn.Module,
+    engine: TrainingEngine,
     tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     *,
     epochs_done: int,
     step: int,
     metrics: dict[str, float],
     reporter: JobReporter | None,
 ) -> None:
-    """Rank 0 writes an HF-format checkpoint and reports it to Ray Train and the store;
-    every rank takes part in the report (Ray Train waits for all of them)."""
+    """Every rank writes its part of an HF-format checkpoint (ZeRO gathers weights and
+    writes optimizer shards from all ranks); rank 0 adds the tokenizer and progress, then
+    reports it to Ray Train and the store once all ranks are done. Every rank takes part
+    in the report (Ray Train waits for all of them)."""
     report = {**metrics, "epoch": epochs_done, "step": step}
+    directory = config.output_dir / "checkpoints" / f"iter-{step}"
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_hf(directory)  # an adapter for peft models, else full weights
+    engine.save_state(directory)
+    if reporter is not None:
+        tokenizer.save_pretrained(str(directory))
+        torch.save({"epochs_done": epochs_done, "step": step}, directory / TRAINER_STATE)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 reports only a complete directory
     if reporter is None:
         ray.train.report(report)
         return
-    directory = config.output_dir / "checkpoints" / f"iter-{step}"
-    directory.mkdir(parents=True, exist_ok=True)
-    _unwrap(model).save_pretrained(str(directory))  # an adapter for peft models, else full weights
-    tokenizer.save_pretrained(str(directory))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epochs_done": epochs_done,
-            "step": step,
-        },
-        directory / TRAINER_STATE,
-    )
     ray.train.report(
         report,
         checkpoint=Checkpoint.from_directory(str(directory)),
         checkpoint_dir_name=directory.name,
     )
     reporter.checkpoint(iters=step, path=str(directory), metrics=metrics)
-
-
-def _unwrap(model: torch.nn.Module) -> PreTrainedModel | PeftModel:
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    assert isinstance(inner, PreTrainedModel | PeftModel)
-    return inner
 
 
 def _load_trainer_state(directory: Path) -> dict[str, Any] | None:

@@ -17,4 +17,7 @@ python -m pip install --quiet --upgrade pip
 # torch goes first so nothing pulls a build we did not choose. The default is the CPU
 # build; on a GPU machine set e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
+# deepspeed comes as an sdist; its isolated build needs no torch (its C++/CUDA ops are
+# compiled on first use, into TORCH_EXTENSIONS_DIR), and the torch above satisfies its
+# dependency. pip caches the built wheel, so later runs do not build it again.
 python -m pip install --quiet -e ".[test]"

@@ -1,5 +1,5 @@
 """Direct preference optimization recipe: a policy trained against a frozen reference on
-Ray Train (DDP over gloo or NCCL).
+Ray Train, with DDP or DeepSpeed ZeRO (jobs/distributed.py) over gloo or NCCL.
 
 Reads top to bottom like jobs/sft.py: `main(config)` marks the job running, runs a
 `TorchTrainer` whose workers each run `train_loop` (setup -> train -> cleanup), and marks
@@ -20,10 +20,15 @@ the loss of a batch is the mean over its pairs, and it starts at log 2 (policy =
 
 Mapping of the rest, as in jobs/sft.py: `n_epochs` passes over the rows; `n_iters` the most
 optimizer steps per epoch; `batch_size` pairs per worker per step; the learning rate decays
-from `lr` to `lr_min` on a cosine over the run. A checkpoint (full weights and tokenizer in
-Hugging Face format, plus `trainer_state.pt`) is saved after every epoch; a restarted worker
-group and a new attempt of the job both resume from the job's last checkpoint row. The
-reference is always the original `model_dir`.
+from `lr` to `lr_min` on a cosine over the run; `zero_stage`, `cpu_offload`,
+`activation_checkpointing` and `dtype` choose how the policy is trained (jobs/distributed.py).
+The reference is always the original `model_dir`, whole and frozen on every worker (ZeRO
+shards the policy only), in the precision the policy computes in.
+
+A checkpoint (the policy's full weights and the tokenizer in Hugging Face format, the
+optimizer and schedule, and `trainer_state.pt`) is saved after every epoch; a restarted
+worker group and a new attempt of the job both resume from the job's last checkpoint row.
+`output_dir` must be on storage that every worker sees.
 """
 
 from __future__ import annotations
@@ -31,12 +36,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import ray.train
 import torch
@@ -44,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812  # torch's own convention
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device, prepare_model
+from ray.train.torch import TorchTrainer, get_device
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
     AutoModelForCausalLM,
@@ -57,18 +61,20 @@ from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.tables import Job
+from jobs.distributed import (
+    TrainingDtype,
+    TrainingEngine,
+    ZeroStage,
+    prepare_training,
+    torch_dtype,
+)
 from jobs.preference_data import REQUIRED_COLUMNS as REQUIRED_COLUMNS  # the API checks datasets
 from jobs.preference_data import TokenizedPair, pad_pairs, row_problem, tokenize_pairs
 from jobs.reporting import JobReporter
-from jobs.sft import build_cosine_schedule, build_optimizer
 
 log = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.pt"
-ZERO_MISSING = (
-    "zero_stage needs the shared DeepSpeed layer, which the DPO recipe does not use yet; "
-    "leave zero_stage unset to train with DDP"
-)
 
 
 class DPOJobConfig(BaseModel):
@@ -93,10 +99,10 @@ class DPOJobConfig(BaseModel):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(default=2, ge=0, description="Worker group restarts.")
-    zero_stage: Literal[0, 1, 2, 3] | None = None
+    zero_stage: ZeroStage | None = Field(default=None, description="None: DDP.")
     cpu_offload: bool = False
     activation_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: TrainingDtype = "float32"
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -187,11 +193,6 @@ def main(config: DPOJobConfig) -> None:
     reporter = JobReporter(database, config.job_uuid)
     try:
         attempt, resume_from = _attempt_and_last_checkpoint(database, config.job_uuid)
-        if config.zero_stage is not None:
-            # Refused before any worker starts: the job fails at once, with the reason.
-            error = NotImplementedError(ZERO_MISSING)
-            reporter.failed(str(error))
-            raise error
         resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
         started = reporter.started(resources_allocated=resources)
         if not started.applied:
@@ -199,8 +200,9 @@ def main(config: DPOJobConfig) -> None:
             return
         dpo = config.dpo
         reporter.log(
-            f"attempt {attempt}: dpo on {config.num_workers} workers (beta {dpo.reward_scale}, "
-            f"epsilon {dpo.epsilon}, gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
+            f"attempt {attempt}: dpo on {config.num_workers} workers "
+            f"({describe_parallelism(config)}; beta {dpo.reward_scale}, epsilon {dpo.epsilon}, "
+            f"gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
             + (f", resuming from {resume_from}" if resume_from else "")
         )
         try:
@@ -248,6 +250,17 @@ def _last_checkpoint_path(config: DPOJobConfig) -> str | None:
         database.dispose()
 
 
+def describe_parallelism(config: DPOJobConfig) -> str:
+    """How the policy is trained, for the job's log."""
+    parts = ["DDP" if config.zero_stage is None else f"DeepSpeed ZeRO-{config.zero_stage}"]
+    if config.cpu_offload:
+        parts.append("CPU offload")
+    if config.activation_checkpointing:
+        parts.append("activation checkpointing")
+    parts.append(config.dtype)
+    return ", ".join(parts)
+
+
 # ---------------------------------------------------------------- worker
 
 
@@ -258,8 +271,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     database = Database(config.database_url) if rank == 0 else None
     reporter = JobReporter(database, config.job_uuid) if database is not None else None
     torch.manual_seed(config.seed)
+    device = get_device()
 
     # setup
+    tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
+    train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
+    validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
+    steps_per_epoch = min(len(train_loader), config.n_iters)
     # Every rank resumes from the job's last checkpoint row (a previous attempt's, or this
     # run's before Ray Train restarted the worker group), not ray.train.get_checkpoint():
     # Ray Train registers a report only when its controller next polls the workers, so a
@@ -268,44 +286,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     resume_from = _last_checkpoint_path(config)
     resume = Checkpoint.from_directory(resume_from) if resume_from else None
     with resume.as_directory() if resume else nullcontext() as resume_dir:
-        tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
-        start = _load_model(Path(resume_dir) if resume_dir else config.model_dir)
-        state = _load_trainer_state(Path(resume_dir)) if resume_dir else None
-    train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
-    validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
-    steps_per_epoch = min(len(train_loader), config.n_iters)
-    policy, reference, optimizer, scheduler = prepare_training(
-        config, start, _load_model(config.model_dir), total_steps=steps_per_epoch * config.n_epochs
-    )
-    first_epoch, step = 0, 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _follow_schedule(optimizer, scheduler)
-        first_epoch, step = state["epochs_done"], state["step"]
-    device = get_device()
-    precision = partial(_precision, config.dtype, device)
+        resume_path = Path(resume_dir) if resume_dir else None
+        policy = load_model(resume_path or config.model_dir, torch.float32)
+        state = _load_trainer_state(resume_path) if resume_path else None
+        engine, reference = prepare_models(
+            config, policy, total_steps=steps_per_epoch * config.n_epochs, device=device
+        )
+        if resume_path is not None and state is not None:
+            engine.load_state(resume_path)
+    first_epoch, step = (state["epochs_done"], state["step"]) if state else (0, 0)
 
     # train
     if reporter is not None and resume_from is not None:
         reporter.log(f"resumed at step {step} from {resume_from}")
     if first_epoch == 0:
-        baseline = validate(policy, reference, validation_loader, config.dpo, device, precision)
+        baseline = validate(engine, reference, validation_loader, config.dpo, device)
         if reporter is not None and baseline is not None:
             reporter.log(f"epoch 0 validation {baseline.describe()}")
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
         sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
-        policy.train()
+        engine.model.train()
         stats: PairStats | None = None
         for batch_index, batch in enumerate(train_loader):
             if batch_index >= steps_per_epoch:
                 break
             started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_step(policy, reference, optimizer, batch, config.dpo, device, precision)
-            scheduler.step()
+            lr = engine.last_lr()
+            stats = train_step(engine, reference, batch, config.dpo, device)
             step += 1
             if reporter is not None:
                 rate = stats.tokens / (time.perf_counter() - started)
@@ -314,7 +323,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     f"reward_accuracy {stats.reward_accuracy:.2f} "
                     f"reward_margin {stats.reward_margin:.4f}"
                 )
-        validation = validate(policy, reference, validation_loader, config.dpo, device, precision)
+        validation = validate(engine, reference, validation_loader, config.dpo, device)
         metrics = {"loss": stats.loss if stats is not None else math.nan}
         if validation is not None:
             metrics |= {
@@ -326,10 +335,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 reporter.log(f"epoch {epoch + 1} validation {validation.describe()}")
         save_checkpoint(
             config,
-            policy,
+            engine,
             tokenizer,
-            optimizer,
-            scheduler,
             epochs_done=epoch + 1,
             step=step,
             metrics=metrics,
@@ -345,36 +352,32 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- builders
 
 
-def _load_model(directory: Path) -> PreTrainedModel:
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+def load_model(directory: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """A causal LM in `dtype`, whatever its checkpoint holds (transformers 5 would keep a
+    bf16 checkpoint in bf16, and the optimizer must update float32 weights)."""
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, dtype=dtype
+    )
     return model
 
 
-def prepare_training(
-    config: DPOJobConfig,
-    policy: PreTrainedModel,
-    reference: PreTrainedModel,
-    *,
-    total_steps: int,
-) -> tuple[
-    torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR
-]:
-    """The one place that knows how training is distributed: the policy under DDP (Ray
-    Train's prepare_model) with its optimizer and schedule, the reference frozen on this
-    worker's device. The shared DeepSpeed layer slots in here when zero_stage is set."""
-    if config.zero_stage is not None:
-        raise NotImplementedError(ZERO_MISSING)
-    if config.activation_checkpointing:
-        # Non-reentrant checkpointing works under DDP and with inputs that need no grad.
-        policy.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    frozen: torch.nn.Module = reference
-    frozen.requires_grad_(False).eval().to(get_device())
-    model = prepare_model(policy)
-    optimizer = build_optimizer(config.optimizer, model)
-    scheduler = build_cosine_schedule(optimizer, config.optimizer, total_steps=total_steps)
-    return model, frozen, optimizer, scheduler
+def prepare_models(
+    config: DPOJobConfig, policy: PreTrainedModel, *, total_steps: int, device: torch.device
+) -> tuple[TrainingEngine, torch.nn.Module]:
+    """The policy under the shared training layer (DDP, or DeepSpeed ZeRO when zero_stage is
+    set) with its optimizer and schedule, and the frozen reference on this worker's device.
+    DeepSpeed's bf16 mode keeps the policy's weights in bf16, so the reference's are too;
+    otherwise both compute from float32 weights (under autocast for bf16), and they agree
+    exactly before the first step."""
+    engine = prepare_training(
+        policy, config.optimizer, config, total_steps=total_steps, device=device
+    )
+    zero_bf16 = config.zero_stage is not None and config.dtype == "bfloat16"
+    reference: torch.nn.Module = load_model(
+        config.model_dir, torch_dtype(config.dtype) if zero_bf16 else torch.float32
+    )
+    reference.requires_grad_(False).eval().to(device)
+    return engine, reference
 
 
 def build_loader(
@@ -403,13 +406,6 @@ def build_loader(
         sampler=sampler,
         collate_fn=partial(pad_pairs, pad_id=pad_id),
     )
-
-
-def _precision(dtype: str, device: torch.device) -> AbstractContextManager[Any]:
-    """bfloat16 is autocast: weights and optimizer state stay float32, matmuls run in bf16."""
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ---------------------------------------------------------------- steps
@@ -452,50 +448,46 @@ def _stats(totals: list[float]) -> PairStats:
 
 
 def train_step(
-    policy: torch.nn.Module,
+    engine: TrainingEngine,
     reference: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     settings: DPOAlignmentConfig,
     device: torch.device,
-    precision: Callable[[], AbstractContextManager[Any]],
 ) -> PairStats:
     """One optimizer step on this worker's pairs; figures are over all workers' pairs."""
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    with torch.no_grad(), precision():
+    with torch.no_grad(), engine.autocast():
         reference_chosen, reference_rejected = pair_logps(reference, batch)
-    with precision():
-        policy_chosen, policy_rejected = pair_logps(policy, batch)
+    with engine.autocast():
+        policy_chosen, policy_rejected = pair_logps(engine.model, batch)
     scores = dpo_loss(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings
     )
-    optimizer.zero_grad(set_to_none=True)
-    torch.autograd.backward(scores.losses.mean())  # DDP averages gradients over workers
-    optimizer.step()
+    engine.backward_step(scores.losses.mean())  # gradients averaged over workers
     return _stats(_all_reduce(list(_batch_figures(scores, batch)), device))
 
 
 @torch.no_grad()
 def validate(
-    policy: torch.nn.Module,
+    engine: TrainingEngine,
     reference: torch.nn.Module,
     loader: DataLoader[TokenizedPair],
     settings: DPOAlignmentConfig,
     device: torch.device,
-    precision: Callable[[], AbstractContextManager[Any]],
 ) -> PairStats | None:
     """DPO figures over all workers' validation shards, None without validation rows (the
     sampler repeats a pair or two when they do not divide evenly among workers)."""
     if len(loader.dataset) == 0:  # type: ignore[arg-type]  # a list
         return None
-    policy.eval()
+    engine.model.eval()
     totals = [0.0] * 5
     for batch in loader:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        with precision():
-            scores = dpo_loss(*pair_logps(policy, batch), *pair_logps(reference, batch), settings)
+        with engine.autocast():
+            policy = pair_logps(engine.model, batch)
+            scores = dpo_loss(*policy, *pair_logps(reference, batch), settings)
         totals = [a + b for a, b in zip(totals, _batch_figures(scores, batch), strict=True)]
-    policy.train()
+    engine.model.train()
     return _stats(_all_reduce(totals, device))
 
 
@@ -511,59 +503,37 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def save_checkpoint(
     config: DPOJobConfig,
-    policy: torch.nn.Module,
+    engine: TrainingEngine,
     tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
     *,
     epochs_done: int,
     step: int,
     metrics: dict[str, float],
     reporter: JobReporter | None,
 ) -> None:
-    """Rank 0 writes the policy (full weights) in HF format and reports it to Ray Train and
-    the store; every rank takes part in the report (Ray Train waits for all of them)."""
+    """Every rank writes its part of the checkpoint (ZeRO gathers the policy's weights and
+    writes optimizer shards from all ranks); rank 0 adds the tokenizer and progress, then
+    reports it to Ray Train and the store once all ranks are done. Every rank takes part
+    in the report (Ray Train waits for all of them)."""
     report = {**metrics, "epoch": epochs_done, "step": step}
+    directory = config.output_dir / "checkpoints" / f"iter-{step}"
+    directory.mkdir(parents=True, exist_ok=True)
+    engine.save_hf(directory)  # the policy's full weights
+    engine.save_state(directory)
+    if reporter is not None:
+        tokenizer.save_pretrained(str(directory))
+        torch.save({"epochs_done": epochs_done, "step": step}, directory / TRAINER_STATE)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 reports only a complete directory
     if reporter is None:
         ray.train.report(report)
         return
-    directory = config.output_dir / "checkpoints" / f"iter-{step}"
-    directory.mkdir(parents=True, exist_ok=True)
-    _unwrap(policy).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epochs_done": epochs_done,
-            "step": step,
-        },
-        directory / TRAINER_STATE,
-    )
     ray.train.report(
         report,
         checkpoint=Checkpoint.from_directory(str(directory)),
         checkpoint_dir_name=directory.name,
     )
     reporter.checkpoint(iters=step, path=str(directory), metrics=metrics)
-
-
-def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    assert isinstance(inner, PreTrainedModel)
-    return inner
-
-
-def _follow_schedule(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
-) -> None:
-    """Set the resumed step's rate from this run's schedule: the saved rate belongs to the
-    saved run's, which ends elsewhere when a new attempt asks for more epochs."""
-    factors = scheduler.lr_lambdas
-    for group, base_lr, factor in zip(
-        optimizer.param_groups, scheduler.base_lrs, factors, strict=True
-    ):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 def _load_trainer_state(directory: Path) -> dict[str, Any] | None:

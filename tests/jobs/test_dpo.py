@@ -9,7 +9,6 @@ import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,14 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from jobs.dpo import (
     DPOJobConfig,
-    _precision,
     dpo_loss,
     main,
     pair_logps,
+    prepare_models,
     sequence_logps,
     train_step,
 )
 from jobs.preference_data import pad_pairs, tokenize_pairs
-from jobs.sft import build_optimizer
 
 TENANT = "t"
 ANSWER = "Corral fine-tunes Llama models on Ray."
@@ -254,28 +252,25 @@ def test_sequence_logps_match_a_plain_loop(demo_model_dir: Path) -> None:
 # ---------------------------------------------------------------- one step, no Ray
 
 
-def _one_step(model_dir: Path, *, dtype: str = "float32", checkpointing: bool = False) -> Any:
+def _one_step(model_dir: Path, **settings: Any) -> Any:
+    """Two steps on one worker (no process group: the bare model, no DDP), prepared as the
+    recipe prepares them."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     batch = pad_pairs(
         tokenize_pairs(tokenizer, ROWS[:2], max_seq_len=256), pad_id=tokenizer.pad_token_id
     )
-    policy, reference = _load(model_dir), _load(model_dir).eval()
-    if checkpointing:
-        policy.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
-    policy.train()
+    config = _config("sqlite://", model_dir, model_dir.parent / "unused", "one", **settings)
     device = torch.device("cpu")
-    optimizer = build_optimizer(OPTIMIZER, policy)
-    precision = partial(_precision, dtype, device)
-    first = train_step(policy, reference, optimizer, batch, PLAIN, device, precision)
-    second = train_step(policy, reference, optimizer, batch, PLAIN, device, precision)
-    return first, second, policy
+    engine, reference = prepare_models(config, _load(model_dir), total_steps=2, device=device)
+    engine.model.train()
+    first = train_step(engine, reference, batch, PLAIN, device)
+    second = train_step(engine, reference, batch, PLAIN, device)
+    return first, second, engine.model
 
 
 def test_activation_checkpointing_changes_memory_not_results(demo_model_dir: Path) -> None:
     plain_first, plain_second, plain = _one_step(demo_model_dir)
-    first, second, checkpointed = _one_step(demo_model_dir, checkpointing=True)
+    first, second, checkpointed = _one_step(demo_model_dir, activation_checkpointing=True)
     assert plain_first.loss == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
     assert second.loss == pytest.approx(plain_second.loss, rel=1e-5)
     assert second.loss < first.loss
@@ -285,7 +280,7 @@ def test_activation_checkpointing_changes_memory_not_results(demo_model_dir: Pat
 
 def test_bfloat16_autocast_trains_float32_weights(demo_model_dir: Path) -> None:
     first, second, policy = _one_step(demo_model_dir, dtype="bfloat16")
-    assert first.loss == pytest.approx(math.log(2), abs=1e-6)  # both models in the same bf16
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6)  # both under the same autocast
     assert second.loss < first.loss and second.reward_margin > 0
     assert all(p.dtype == torch.float32 for p in policy.parameters())
 
@@ -412,9 +407,9 @@ def test_dpo_learns_to_prefer_the_chosen_reply(
     assert job.status == JobStatus.COMPLETED, lines
     assert job.started_at is not None and job.completed_at is not None
     assert job.resources_allocated == {"num_workers": 2, "use_gpu": False}
-    assert (
-        lines[0]
-        == "attempt 0: dpo on 2 workers (beta 0.1, epsilon 0.0, gamma 0.0, reward_clip 0.0)"
+    assert lines[0] == (
+        "attempt 0: dpo on 2 workers (DDP, float32; beta 0.1, epsilon 0.0, gamma 0.0, "
+        "reward_clip 0.0)"
     )
 
     steps = [line for line in lines if line.startswith("step ")]
@@ -506,17 +501,44 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     assert (tmp_path / "ray" / "dpo-resumed-attempt-1").is_dir()
 
 
-def test_zero_stage_is_refused_until_the_deepspeed_layer_is_wired(
-    sqlite_database: Database, demo_model_dir: Path, tmp_path: Path
+@pytest.mark.integration
+@pytest.mark.slow
+def test_zero3_bf16_trains_and_saves_a_loadable_policy(
+    ray_cluster: Any, sqlite_database: Database, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    _create(sqlite_database, "dpo-zero")
-    config = _config(sqlite_database.url, demo_model_dir, tmp_path, "dpo-zero", zero_stage=2)
-    with pytest.raises(NotImplementedError, match="zero_stage"):
-        main(config)
-    job, _, _ = _stored(sqlite_database, "dpo-zero")
-    assert job.status == JobStatus.FAILED
-    assert job.error is not None and "DeepSpeed" in job.error
-    assert not (tmp_path / "ray").exists()
+    """DeepSpeed ZeRO-3 in bf16: the policy's weights are sharded and held in bf16, the
+    reference is bf16 too (so step 1 is exactly log 2), and the saved weights are gathered
+    into one loadable checkpoint."""
+    _create(sqlite_database, "dpo-zero3")
+    config = _config(
+        sqlite_database.url,
+        demo_model_dir,
+        tmp_path,
+        "dpo-zero3",
+        zero_stage=3,
+        dtype="bfloat16",
+        n_epochs=1,
+        n_iters=2,
+    )
+    main(config)
+    job, lines, checkpoints = _stored(sqlite_database, "dpo-zero3")
+    assert job.status == JobStatus.COMPLETED, lines
+    assert "(DeepSpeed ZeRO-3, bfloat16; beta 0.1," in lines[0]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 2, lines
+    assert _field(steps[0], "loss") == pytest.approx(math.log(2), abs=1e-4)
+    assert _field(steps[1], "loss") < _field(steps[0], "loss")
+    [(iters, path, _)] = checkpoints
+    assert iters == 2 and (Path(path) / "deepspeed").is_dir()
+    tuned = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    original = _load(demo_model_dir)
+    assert set(tuned.state_dict()) == set(original.state_dict())
+    changed = [
+        name
+        for name, tensor in tuned.state_dict().items()
+        if not torch.equal(tensor.float(), original.state_dict()[name].float())
+    ]
+    assert changed, "the saved policy is the untouched model"
 
 
 def test_a_cancelled_job_does_not_train(

@@ -297,6 +297,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     first_epoch, step = (state["epochs_done"], state["step"]) if state else (0, 0)
 
     # train
+    if reporter is not None:
+        total = steps_per_epoch * config.n_epochs
+        reporter.plan(total_steps=total, detail=f"{config.n_epochs} epochs of {steps_per_epoch}")
     if reporter is not None and resume_from is not None:
         reporter.log(f"resumed at step {step} from {resume_from}")
     if first_epoch == 0:

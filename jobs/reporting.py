@@ -78,14 +78,6 @@ class JobReporter:
         """The number of optimizer steps this run will take (what progress counts to)."""
         self.log(f"{PLAN_PREFIX}{total_steps} steps" + (f" ({detail})" if detail else ""))
 
-    def step(
-        self, *, step: int, loss: float, lr: float, tokens_per_s: float, **extra: float
-    ) -> None:
-        more = "".join(f" {name} {value:.4f}" for name, value in extra.items())
-        self.log(
-            f"{STEP_PREFIX}{step} loss {loss:.6f} lr {lr:.3e} tokens/s {tokens_per_s:.0f}{more}"
-        )
-
     def log(self, *lines: str) -> None:
         with self._db.transaction() as session:
             JobStore(session).append_log(self.job_uuid, *lines)

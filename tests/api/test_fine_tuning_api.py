@@ -371,8 +371,8 @@ def test_one_job_shows_progress_from_its_log(
     reporter = JobReporter(database, "job-p")
     reporter.started(resources_allocated={"num_workers": 2})
     reporter.plan(total_steps=8, detail="2 epochs")
-    reporter.step(step=1, loss=2.5, lr=1e-3, tokens_per_s=100)
-    reporter.step(step=2, loss=2.25, lr=1e-3, tokens_per_s=100)
+    reporter.log("step 1 loss 2.5000 lr 1.000e-03 tokens/s 100")
+    reporter.log("step 2 loss 2.2500 lr 1.000e-03 tokens/s 100")
     reporter.checkpoint(iters=2, path="/tmp/x")
     body = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=ALPHA).json()
     assert body["status"] == "running"
@@ -461,7 +461,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
         reporter.plan(total_steps=4)
         for step in range(1, 5):
             time.sleep(0.3)
-            reporter.step(step=step, loss=3.0 / step, lr=1e-3, tokens_per_s=50)
+            reporter.log(f"step {step} loss {3.0 / step:.4f} lr 1.000e-03 tokens/s 50")
         reporter.checkpoint(iters=4, path="/srv/checkpoints/cli-1/iter-4")
         reporter.completed()
 
@@ -472,7 +472,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     assert lines[-1] == f"cli-1 [{'#' * 30}] 4/4 steps  loss 0.7500  completed"
     assert any("] 2/4 steps" in line for line in lines)  # it showed the job under way
 
-    assert "step 4 loss 0.750000" in corral("logs", "cli-1")
+    assert "step 4 loss 0.7500" in corral("logs", "cli-1")
     assert corral("artifacts", "cli-1").split() == ["4", "file:///srv/checkpoints/cli-1/iter-4"]
 
     request_file.write_text(json.dumps(sft_request | {"job_uuid": "cli-3"}))

@@ -40,7 +40,6 @@ from corral.services.datasets import DatasetService, Row
 from corral.serving.registry import ResolvedModel
 
 SFT_COLUMNS = {"dialog": "dialog"}
-DPO_COLUMNS = {"prompt": "dialog", "chosen": "text", "rejected": "text"}
 
 
 class ModelLocator(Protocol):
@@ -126,6 +125,7 @@ class LaunchPlanner:
         )
 
     def plan_dpo(self, *, tenant: str, request: PostTrainingRLHFRequest) -> dict[str, Any]:
+        from jobs.dpo import REQUIRED_COLUMNS as DPO_COLUMNS
         from jobs.dpo import DPOJobConfig
 
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)

@@ -6,8 +6,10 @@ Every figure is measured in this run against a baseline measured in the same run
 
 Both sides train LoRA on one process: the recipe through Ray Train with one worker (its
 own private Ray cluster), the bare loop in this process with as many torch threads as a
-one-CPU Ray worker gets. The submit side will be the HTTP API; here latency is measured
-from the call to `main()` to the `step 1` log row in the store.
+one-CPU Ray worker gets. Latency to the first step is measured twice: from the call to
+`main()` in this process (the recipe alone), and from submitting the job to the Ray Jobs API
+the way the API server does (`RayJobLauncher`: the fixed `python -m jobs.launch` entrypoint
+reading its launch config from the job row) to its `step 1` row in the store.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.demo_model import DemoModelSpec, build_demo_model, describe
+from corral.ray_jobs import RayJobLauncher, RayJobState
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
@@ -105,22 +108,19 @@ def bare_loop(model_dir: Path, rows: list[dict[str, Any]], batch_size: int) -> l
     return times
 
 
-def recipe(
-    model_dir: Path, rows: list[dict[str, Any]], batch_size: int, work: Path
-) -> tuple[datetime, list[tuple[datetime, str]]]:
-    """Run the recipe on one Ray Train worker; its start time and its (time, line) logs."""
-    url = f"sqlite:///{work / 'corral.db'}"
-    migrate.upgrade(url)
-    database = Database(url)
-    with database.transaction() as session:
-        JobStore(session).create(
-            job_uuid="bench", tenant="bench", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
-        )
-    config = sft.SFTJobConfig(
-        job_uuid="bench",
+def bench_config(
+    job_uuid: str,
+    url: str,
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    batch_size: int,
+    work: Path,
+) -> sft.SFTJobConfig:
+    return sft.SFTJobConfig(
+        job_uuid=job_uuid,
         database_url=url,
         model_dir=model_dir,
-        output_dir=work / "out",
+        output_dir=work / job_uuid,
         rows=rows,
         validation_rows=rows[:2],
         algorithm="lora",
@@ -139,11 +139,59 @@ def recipe(
         num_workers=1,
         max_failures=0,
     )
+
+
+def _create_job(database: Database, config: sft.SFTJobConfig) -> None:
+    with database.transaction() as session:
+        JobStore(session).create(
+            job_uuid=config.job_uuid,
+            tenant="bench",
+            kind=JobKind.SUPERVISED_FINE_TUNE,
+            request={},
+            launch=config.model_dump(mode="json", exclude={"database_url"}),
+        )
+
+
+def _lines(database: Database, job_uuid: str) -> list[tuple[datetime, str]]:
+    with database.transaction() as session:
+        return [(line.logged_at, line.line) for line in JobStore(session).log_lines(job_uuid)]
+
+
+def recipe(
+    model_dir: Path, rows: list[dict[str, Any]], batch_size: int, work: Path, url: str
+) -> tuple[datetime, list[tuple[datetime, str]]]:
+    """Run the recipe on one Ray Train worker; its start time and its (time, line) logs."""
+    database = Database(url)
+    config = bench_config("bench", url, model_dir, rows, batch_size, work)
+    _create_job(database, config)
     started = datetime.now(UTC)
     sft.main(config)
-    with database.transaction() as session:
-        lines = [(line.logged_at, line.line) for line in JobStore(session).log_lines("bench")]
+    lines = _lines(database, "bench")
     database.dispose()
+    return started, lines
+
+
+def submitted(
+    model_dir: Path,
+    rows: list[dict[str, Any]],
+    batch_size: int,
+    work: Path,
+    url: str,
+    jobs_url: str,
+) -> tuple[datetime, list[tuple[datetime, str]]]:
+    """The same job submitted as the API server submits it; the submit time and its logs."""
+    database = Database(url)
+    config = bench_config("bench-submitted", url, model_dir, rows, batch_size, work)
+    _create_job(database, config)
+    launcher = RayJobLauncher(jobs_url, database_url=url)
+    started = datetime.now(UTC)
+    launcher.submit(config.job_uuid)
+    while (info := launcher.info(config.job_uuid)) is None or not info.state.is_terminal:
+        time.sleep(0.5)
+    lines = _lines(database, config.job_uuid)
+    database.dispose()
+    if info.state is not RayJobState.SUCCEEDED:
+        raise RuntimeError(f"the submitted job ended {info.state}: {info.message}\n{lines}")
     return started, lines
 
 
@@ -183,16 +231,23 @@ def main() -> None:
     torch.manual_seed(0)
     bare = bare_loop(model_dir, rows, args.batch_size)
     ray_dir = Path(tempfile.mkdtemp(prefix="cb-", dir="/tmp"))  # socket paths must stay short
+    url = f"sqlite:///{work / 'corral.db'}"
+    migrate.upgrade(url)
     try:
-        ray.init(
+        context = ray.init(
             address="local",
             num_cpus=2,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             _temp_dir=str(ray_dir),
         )
         threads = worker_threads()
-        started, lines = recipe(model_dir, rows, args.batch_size, work)
+        started, lines = recipe(model_dir, rows, args.batch_size, work, url)
+        jobs_url = f"http://{context.dashboard_url}"
+        submit_started, submit_lines = submitted(
+            model_dir, rows, args.batch_size, work, url, jobs_url
+        )
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
@@ -211,9 +266,9 @@ def main() -> None:
     whole_s = steady(between, max(warmup - 1, 0))
     compute_s = steady(compute, warmup)
 
-    def since_start(prefix: str) -> float:
-        at = next(at for at, line in lines if line.startswith(prefix))
-        return (at - started).total_seconds()
+    def since(start: datetime, logged: list[tuple[datetime, str]], prefix: str) -> float:
+        at = next(at for at, line in logged if line.startswith(prefix))
+        return (at - start).total_seconds()
 
     print(model_line)
     print(
@@ -226,14 +281,16 @@ def main() -> None:
         f"{'recipe, train_step (from tokens/s)':38}{compute_s * 1000:9.1f}{compute_s / bare_s:8.2f}"
     )
     print(f"{'recipe, log row to log row':38}{whole_s * 1000:9.1f}{whole_s / bare_s:8.2f}")
-    print("from the call to main() to the row in the store:")
+    print(f"{'seconds until the row is in the store':38}{'main()':>9}{'submit':>8}")
     for label, prefix in (
         ("job running, trainer starting", "attempt "),
         ("workers up, baseline validated", "epoch 0 validation loss"),
         ("first step logged (step 1)", "step 1 "),
         ("job done", "done after"),
     ):
-        print(f"  {label:36}{since_start(prefix):8.1f} s")
+        direct = since(started, lines, prefix)
+        via_jobs = since(submit_started, submit_lines, prefix)
+        print(f"  {label:36}{direct:9.1f}{via_jobs:8.1f}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
-from corral.services.fine_tuning import LaunchPlanner, TrainingDefaults
+from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -50,6 +50,7 @@ def build_services(
     model_router: ModelRouter | None,
     models: ModelRegistry | None = None,
     launcher: JobLauncher | None = None,
+    cluster_resources: ClusterResources | None = None,
 ) -> Services:
     router = model_router or NoModels()
     datasets = DatasetService(database=database, fetcher=fetcher)
@@ -59,6 +60,7 @@ def build_services(
             models=models,
             defaults=TrainingDefaults.from_settings(settings),
             database_url=database.url,
+            cluster_resources=cluster_resources,
         )
         if models is not None and launcher is not None
         else None
@@ -81,13 +83,15 @@ def create_app(
     model_router: ModelRouter | None = None,
     models: ModelRegistry | None = None,
     launcher: JobLauncher | None = None,
+    cluster_resources: ClusterResources | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
     `models` is the registry of served models (it also routes inference); without it,
     or a `model_router`, the server has no Ray connection and inference answers 501.
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
-    with it, unfinished jobs are settled against Ray at start-up and periodically."""
+    with it, unfinished jobs are settled against Ray at start-up and periodically.
+    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +103,7 @@ def create_app(
             model_router=model_router or models,
             models=models,
             launcher=launcher,
+            cluster_resources=cluster_resources,
         )
         periodic = None
         if launcher is not None:

@@ -48,6 +48,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
+    import ray
     import uvicorn
     from ray import serve
 
@@ -97,7 +98,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     )
     try:
         uvicorn.run(
-            create_app(settings, database=database, models=registry, launcher=launcher),
+            create_app(
+                settings,
+                database=database,
+                models=registry,
+                launcher=launcher,
+                cluster_resources=ray.cluster_resources,
+            ),
             host=args.host,
             port=args.port,
             log_level="info",

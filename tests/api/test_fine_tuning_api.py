@@ -23,6 +23,7 @@ from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import RayJobInfo
+from corral.services.fine_tuning import TrainingDefaults, worker_count
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
@@ -486,3 +487,48 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     ]
     with pytest.raises(CliError, match="already completed"):
         corral("cancel", "cli-1")
+
+
+@pytest.mark.parametrize(
+    ("use_gpu", "resources", "workers"),
+    [
+        (False, {"CPU": 16.0}, 2),  # the configured number
+        (False, {"CPU": 1.0}, 1),  # no more than the cluster has
+        (True, {"CPU": 16.0, "GPU": 8.0}, 2),
+        (True, {"CPU": 16.0, "GPU": 1.0}, 1),
+    ],
+)
+def test_workers_come_from_config_capped_by_the_cluster(
+    use_gpu: bool, resources: dict[str, float], workers: int, tmp_path: Path
+) -> None:
+    defaults = TrainingDefaults(checkpoints_dir=tmp_path, num_workers=2, use_gpu=use_gpu)
+    assert worker_count(defaults, resources) == workers
+
+
+def test_a_cluster_without_gpus_cannot_take_gpu_jobs(
+    settings: Settings,
+    database: Database,
+    launcher: RecordingLauncher,
+    demo_model_dir: Path,
+    sft_request: dict[str, Any],
+) -> None:
+    gpu_settings = settings.model_copy(update={"train_use_gpu": True})
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
+        model_roots=model_roots(settings),
+    )
+    app = create_app(
+        gpu_settings,
+        database=database,
+        fetcher=ContentFetcher(fetch_policy(settings)),
+        models=registry,
+        launcher=launcher,
+        cluster_resources=lambda: {"CPU": 4.0},
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
+    assert response.status_code == 503
+    assert "no GPUs" in response.json()["error"]["message"]
+    assert _stored_jobs(database) == [] and launcher.submitted == []

@@ -21,6 +21,7 @@ the server's `CORRAL_TRAIN_ZERO_STAGE` (unset: plain DDP); `enable_activation_ch
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +36,7 @@ from corral.api.post_training import (
     TrainingConfig,
 )
 from corral.config import Settings
-from corral.errors import ContentUnavailable, InvalidRequest, NotFound
+from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.registry import ResolvedModel
 
@@ -73,9 +74,24 @@ class TrainingDefaults:
         )
 
 
+ClusterResources = Callable[[], Mapping[str, float]]
+
+
+def worker_count(defaults: TrainingDefaults, resources: Mapping[str, float]) -> int:
+    """Workers for one job: the configured number, but no more than the cluster has GPUs
+    (or CPUs, on CPU), so a job never waits for workers the cluster can never give it."""
+    kind = "GPU" if defaults.use_gpu else "CPU"
+    slots = int(resources.get(kind, 0))
+    if slots < 1:
+        raise BackendUnavailable(f"the Ray cluster has no {kind}s for training workers")
+    return min(defaults.num_workers, slots)
+
+
 class LaunchPlanner:
     """Builds and checks launch configs; `database_url` only takes part in the recipe's
-    validation (the job process gets it from its environment, not from the config)."""
+    validation (the job process gets it from its environment, not from the config).
+    `cluster_resources` reports the Ray cluster's totals (`ray.cluster_resources`); without
+    it the configured number of workers is used as it is."""
 
     def __init__(
         self,
@@ -84,11 +100,13 @@ class LaunchPlanner:
         models: ModelLocator,
         defaults: TrainingDefaults,
         database_url: str,
+        cluster_resources: ClusterResources | None = None,
     ) -> None:
         self._datasets = datasets
         self._models = models
         self._defaults = defaults
         self._database_url = database_url
+        self._cluster_resources = cluster_resources
 
     def plan_sft(self, *, tenant: str, request: PostTrainingSFTRequest) -> dict[str, Any]:
         from jobs.sft import SFTJobConfig
@@ -166,7 +184,11 @@ class LaunchPlanner:
             "batch_size": training.batch_size,
             "shuffle": training.shuffle,
             "max_seq_len": self._defaults.max_seq_len,
-            "num_workers": self._defaults.num_workers,
+            "num_workers": (
+                worker_count(self._defaults, self._cluster_resources())
+                if self._cluster_resources is not None
+                else self._defaults.num_workers
+            ),
             "use_gpu": self._defaults.use_gpu,
             "dtype": self._defaults.dtype,
             **_distribution(training, self._defaults.zero_stage),

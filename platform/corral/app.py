@@ -14,7 +14,13 @@ from corral import __version__
 from corral.auth import BearerAuthMiddleware
 from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
-from corral.errors import CapabilityUnavailable, CorralError, Overloaded, http_status_for
+from corral.errors import (
+    BackendUnavailable,
+    CapabilityUnavailable,
+    CorralError,
+    Overloaded,
+    http_status_for,
+)
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
@@ -108,9 +114,12 @@ def create_app(
         periodic = None
         if launcher is not None:
             reconciler = Reconciler(database=db, launcher=launcher)
-            for settled in reconciler.settle():  # before the first request is served
-                if settled.action != "left":
-                    log.info("job %s: %s at start-up", settled.job_uuid, settled.action)
+            try:
+                for settled in reconciler.settle():  # before the first request is served
+                    if settled.action != "left":
+                        log.info("job %s: %s at start-up", settled.job_uuid, settled.action)
+            except BackendUnavailable as exc:  # the periodic passes try again
+                log.warning("jobs not settled at start-up: %s", exc)
             periodic = PeriodicReconciler(reconciler, interval_s=settings.reconcile_interval_s)
             periodic.start()
         try:

@@ -13,10 +13,13 @@ import enum
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from corral.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
 
@@ -93,62 +96,62 @@ class RayJobLauncher:
         self.jobs_url = jobs_url
         self._database_url = database_url
         self._extra_env = dict(extra_env or {})
-        self._client_instance: object | None = None
+        self._client_instance: JobSubmissionClient | None = None
 
-    def _client(self) -> object:
+    def _client(self) -> JobSubmissionClient:
         from ray.job_submission import JobSubmissionClient
 
         if self._client_instance is None:
             try:
                 self._client_instance = JobSubmissionClient(self.jobs_url)
-            except (ConnectionError, RuntimeError) as exc:
-                raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc
+            except _TRANSPORT_ERRORS as exc:
+                raise self._unavailable(exc) from exc
         return self._client_instance
 
-    def submit(self, job_uuid: str) -> bool:
-        from ray.job_submission import JobSubmissionClient
+    def _unavailable(self, exc: BaseException) -> RayJobsUnavailable:
+        return RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}")
 
-        client = self._client()
-        assert isinstance(client, JobSubmissionClient)
+    def submit(self, job_uuid: str) -> bool:
         if self.info(job_uuid) is not None:
             return False
         env = {**_JOB_ENV, **self._extra_env}
         env |= {JOB_UUID_ENV: job_uuid, DATABASE_URL_ENV: self._database_url}
         try:
-            client.submit_job(
+            self._client().submit_job(
                 entrypoint=ENTRYPOINT,
                 submission_id=job_uuid,
                 runtime_env={"env_vars": env},
                 metadata={"corral_job_uuid": job_uuid},
             )
-        except RuntimeError as exc:
+        except _TRANSPORT_ERRORS as exc:
             if self.info(job_uuid) is not None:  # a concurrent submission won
                 return False
-            raise RayJobsUnavailable(f"Ray refused job {job_uuid!r}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         log.info("submitted Ray job %s", job_uuid)
         return True
 
     def info(self, job_uuid: str) -> RayJobInfo | None:
-        from ray.job_submission import JobSubmissionClient
-
-        client = self._client()
-        assert isinstance(client, JobSubmissionClient)
         try:
-            details = client.get_job_info(job_uuid)
-        except RuntimeError as exc:
-            if "does not exist" in str(exc) or "404" in str(exc):
+            details = self._client().get_job_info(job_uuid)
+        except _TRANSPORT_ERRORS as exc:
+            if _is_unknown_job(exc):
                 return None
-            raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc
+            raise self._unavailable(exc) from exc
         return RayJobInfo(state=RayJobState(str(details.status)), message=details.message)
 
     def stop(self, job_uuid: str) -> bool:
-        from ray.job_submission import JobSubmissionClient
-
-        client = self._client()
-        assert isinstance(client, JobSubmissionClient)
         try:
-            return bool(client.stop_job(job_uuid))
-        except RuntimeError as exc:
-            if "does not exist" in str(exc) or "404" in str(exc):
+            return bool(self._client().stop_job(job_uuid))
+        except _TRANSPORT_ERRORS as exc:
+            if _is_unknown_job(exc):
                 return False
-            raise RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}") from exc
+            raise self._unavailable(exc) from exc
+
+
+# The Jobs SDK raises RuntimeError for error answers and requests' errors (OSError) when the
+# dashboard cannot be reached.
+_TRANSPORT_ERRORS = (RuntimeError, OSError)
+
+
+def _is_unknown_job(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "does not exist" in str(exc)

@@ -22,8 +22,9 @@ from fastapi.testclient import TestClient
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
-from corral.ray_jobs import RayJobInfo
+from corral.ray_jobs import RayJobInfo, RayJobsUnavailable
 from corral.services.fine_tuning import TrainingDefaults, worker_count
+from corral.services.reconciler import Reconciler
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
@@ -532,3 +533,40 @@ def test_a_cluster_without_gpus_cannot_take_gpu_jobs(
     assert response.status_code == 503
     assert "no GPUs" in response.json()["error"]["message"]
     assert _stored_jobs(database) == [] and launcher.submitted == []
+
+
+class UnreachableLauncher(RecordingLauncher):
+    """Ray's Jobs API is down: every call fails the way the real client's do."""
+
+    def submit(self, job_uuid: str) -> bool:
+        raise RayJobsUnavailable("the Ray Jobs API at http://head:8265: connection refused")
+
+
+def test_a_job_ray_cannot_take_yet_is_kept_scheduled_for_the_reconciler(
+    settings: Settings, database: Database, demo_model_dir: Path, sft_request: dict[str, Any]
+) -> None:
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
+        model_roots=model_roots(settings),
+    )
+    down = UnreachableLauncher()
+    planner_only = create_app(
+        settings,
+        database=database,
+        fetcher=ContentFetcher(fetch_policy(settings)),
+        models=registry,
+        launcher=down,
+    )
+    with TestClient(planner_only, raise_server_exceptions=False) as client:
+        response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
+        assert response.status_code == 200, response.text
+        logs = client.get("/post_training/job/logs", params={"job_uuid": "sft-1"}, headers=ALPHA)
+    assert logs.json()["log_lines"] == [
+        "waiting for Ray: the Ray Jobs API at http://head:8265: connection refused"
+    ]
+    up = RecordingLauncher()
+    settled = Reconciler(database=database, launcher=up).settle()
+    assert [(s.job_uuid, s.action) for s in settled] == [("sft-1", "submitted")]
+    assert up.submitted == ["sft-1"]

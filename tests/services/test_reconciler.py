@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from corral.ray_jobs import RayJobInfo, RayJobLauncher, RayJobState
+from corral.errors import http_status_for
+from corral.ray_jobs import RayJobInfo, RayJobLauncher, RayJobState, RayJobsUnavailable
 from corral.services.reconciler import VANISHED, Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
@@ -133,3 +134,10 @@ def test_a_running_job_ray_never_heard_of_is_failed_as_vanished(
     _job(database, "lost-1", JobStatus.RUNNING, {})
     Reconciler(database=database, launcher=launcher).settle()
     assert _row(database, "lost-1") == (JobStatus.FAILED, VANISHED)
+
+
+def test_an_unreachable_jobs_api_is_a_clear_503_error() -> None:
+    launcher = RayJobLauncher("http://127.0.0.1:9", database_url="sqlite://")
+    with pytest.raises(RayJobsUnavailable, match=r"the Ray Jobs API at http://127\.0\.0\.1:9"):
+        launcher.info("any")
+    assert http_status_for(RayJobsUnavailable("x")) == 503

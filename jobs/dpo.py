@@ -47,8 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812  # torch's own convention
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, get_device
+from ray.train import Checkpoint
+from ray.train.torch import get_device
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
     AutoModelForCausalLM,
@@ -59,12 +59,12 @@ from transformers import (
 
 from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
 from corral.store.db import Database
-from corral.store.jobs import JobStore
-from corral.store.tables import Job
+from jobs.attempts import last_checkpoint_path, run_attempt
 from jobs.distributed import (
     TrainingDtype,
     TrainingEngine,
     ZeroStage,
+    describe_parallelism,
     prepare_training,
     torch_dtype,
 )
@@ -189,76 +189,17 @@ def pair_logps(
 
 def main(config: DPOJobConfig) -> None:
     """Run one attempt of the job and record its outcome in the store."""
-    database = Database(config.database_url)
-    reporter = JobReporter(database, config.job_uuid)
-    try:
-        attempt, resume_from = _attempt_and_last_checkpoint(database, config.job_uuid)
-        resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
-        started = reporter.started(resources_allocated=resources)
-        if not started.applied:
-            log.warning("job %s is %s; not training", config.job_uuid, started.status)
-            return
-        dpo = config.dpo
-        reporter.log(
+    dpo = config.dpo
+
+    def describe(attempt: int, resume_from: str | None) -> list[str]:
+        return [
             f"attempt {attempt}: dpo on {config.num_workers} workers "
             f"({describe_parallelism(config)}; beta {dpo.reward_scale}, epsilon {dpo.epsilon}, "
             f"gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
             + (f", resuming from {resume_from}" if resume_from else "")
-        )
-        try:
-            run(config, attempt=attempt)
-        except Exception as exc:
-            reporter.failed(str(exc) or type(exc).__name__)
-            raise
-        completed = reporter.completed()
-        if not completed.applied:
-            reporter.log(f"training finished but the job is {completed.status}; left as it is")
-    finally:
-        database.dispose()
+        ]
 
-
-def run(config: DPOJobConfig, *, attempt: int) -> None:
-    """Fit on Ray Train, the run named by job and attempt (Train V2 resumes a run whose
-    name already exists, so a new attempt must not reuse the last one's name)."""
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
-        run_config=RunConfig(
-            name=f"{config.job_uuid}-attempt-{attempt}",
-            storage_path=str(config.output_dir / "ray"),
-            failure_config=FailureConfig(max_failures=config.max_failures),
-        ),
-    )
-    trainer.fit()
-
-
-def _attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int, str | None]:
-    with database.transaction() as session:
-        job = session.get(Job, job_uuid)
-        if job is None:
-            raise LookupError(f"no job {job_uuid!r} in the store")
-        checkpoints = JobStore(session).checkpoints(job_uuid)
-        return job.attempt, checkpoints[-1].path if checkpoints else None
-
-
-def _last_checkpoint_path(config: DPOJobConfig) -> str | None:
-    database = Database(config.database_url)
-    try:
-        return _attempt_and_last_checkpoint(database, config.job_uuid)[1]
-    finally:
-        database.dispose()
-
-
-def describe_parallelism(config: DPOJobConfig) -> str:
-    """How the policy is trained, for the job's log."""
-    parts = ["DDP" if config.zero_stage is None else f"DeepSpeed ZeRO-{config.zero_stage}"]
-    if config.cpu_offload:
-        parts.append("CPU offload")
-    if config.activation_checkpointing:
-        parts.append("activation checkpointing")
-    parts.append(config.dtype)
-    return ", ".join(parts)
+    run_attempt(config, train_loop, describe=describe)
 
 
 # ---------------------------------------------------------------- worker
@@ -278,12 +219,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
     validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
     steps_per_epoch = min(len(train_loader), config.n_iters)
-    # Every rank resumes from the job's last checkpoint row (a previous attempt's, or this
-    # run's before Ray Train restarted the worker group), not ray.train.get_checkpoint():
-    # Ray Train registers a report only when its controller next polls the workers, so a
-    # worker killed just after reporting leaves a row Ray Train never saw, and resuming from
-    # its older checkpoint would save the same `iters` twice (see jobs/sft.py).
-    resume_from = _last_checkpoint_path(config)
+    # Every rank resumes from the job's last checkpoint row (see jobs/attempts.py).
+    resume_from = last_checkpoint_path(config)
     resume = Checkpoint.from_directory(resume_from) if resume_from else None
     with resume.as_directory() if resume else nullcontext() as resume_dir:
         resume_path = Path(resume_dir) if resume_dir else None

@@ -1,0 +1,110 @@
+"""One attempt of a training job, the same for every recipe: mark the job running, fit on
+Ray Train, record completed or failed; and where an attempt resumes from.
+
+The run's name carries the attempt: Train V2 resumes a run whose `RunConfig(name,
+storage_path)` already exists, so a new attempt must not reuse the last one's name. Workers
+resume from the job's last checkpoint row rather than `ray.train.get_checkpoint()`: Ray
+Train registers a report only when its controller next polls the workers, so a worker
+killed just after reporting leaves a row Ray Train never saw, and resuming from Ray Train's
+older checkpoint would save the same `iters` twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from corral.store.db import Database
+from corral.store.jobs import JobStore
+from corral.store.tables import Job
+from jobs.reporting import JobReporter
+
+log = logging.getLogger(__name__)
+
+
+class AttemptSettings(Protocol):
+    """The fields of a job config that running an attempt needs."""
+
+    @property
+    def job_uuid(self) -> str: ...
+    @property
+    def database_url(self) -> str: ...
+    @property
+    def output_dir(self) -> Path: ...
+    @property
+    def num_workers(self) -> int: ...
+    @property
+    def use_gpu(self) -> bool: ...
+    @property
+    def max_failures(self) -> int: ...
+
+
+def run_attempt(
+    config: AttemptSettings,
+    train_loop: Callable[[dict[str, Any]], None],
+    *,
+    describe: Callable[[int, str | None], list[str]],
+) -> None:
+    """Run one attempt of the job and record its outcome in the store. `describe(attempt,
+    resume_from)` gives the log lines that open the attempt."""
+    database = Database(config.database_url)
+    reporter = JobReporter(database, config.job_uuid)
+    try:
+        attempt, resume_from = attempt_and_last_checkpoint(database, config.job_uuid)
+        resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
+        started = reporter.started(resources_allocated=resources)
+        if not started.applied:
+            log.warning("job %s is %s; not training", config.job_uuid, started.status)
+            return
+        reporter.log(*describe(attempt, resume_from))
+        try:
+            fit(config, train_loop, attempt=attempt)
+        except Exception as exc:
+            reporter.failed(str(exc) or type(exc).__name__)
+            raise
+        completed = reporter.completed()
+        if not completed.applied:
+            reporter.log(f"training finished but the job is {completed.status}; left as it is")
+    finally:
+        database.dispose()
+
+
+def fit(
+    config: AttemptSettings, train_loop: Callable[[dict[str, Any]], None], *, attempt: int
+) -> None:
+    """Fit on Ray Train; every worker runs `train_loop({"config": config})`."""
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name=f"{config.job_uuid}-attempt-{attempt}",
+            storage_path=str(config.output_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int, str | None]:
+    """The job's attempt number and the path of its last checkpoint row, if any."""
+    with database.transaction() as session:
+        job = session.get(Job, job_uuid)
+        if job is None:
+            raise LookupError(f"no job {job_uuid!r} in the store")
+        checkpoints = JobStore(session).checkpoints(job_uuid)
+        return job.attempt, checkpoints[-1].path if checkpoints else None
+
+
+def last_checkpoint_path(config: AttemptSettings) -> str | None:
+    """Where a worker resumes from (see the module docstring)."""
+    database = Database(config.database_url)
+    try:
+        return attempt_and_last_checkpoint(database, config.job_uuid)[1]
+    finally:
+        database.dispose()

@@ -7,11 +7,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
+from corral.ray_jobs import JobLauncher
+from corral.services.fine_tuning import ClusterResources
+from corral.serving.catalog import ModelSpec, model_roots
+from corral.serving.deployer import ServeDeployer
+from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
@@ -36,3 +42,29 @@ def client(settings: Settings, database: Database) -> Iterator[TestClient]:
     app = create_app(settings, database=database, fetcher=ContentFetcher(fetch_policy(settings)))
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+def training_app(
+    settings: Settings,
+    database: Database,
+    *,
+    model_dir: Path,
+    launcher: JobLauncher,
+    cluster_resources: ClusterResources | None = None,
+) -> FastAPI:
+    """An app that can submit fine-tuning jobs: a real model registry (not started: no
+    Serve needed to locate weights) with `model_dir` as `llama3_8b`, and `launcher`."""
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=model_dir)],
+        model_roots=model_roots(settings),
+    )
+    return create_app(
+        settings,
+        database=database,
+        fetcher=ContentFetcher(fetch_policy(settings)),
+        models=registry,
+        launcher=launcher,
+        cluster_resources=cluster_resources,
+    )

@@ -19,20 +19,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from corral.app import create_app, fetch_policy
 from corral.config import Settings
-from corral.content import ContentFetcher
 from corral.ray_jobs import RayJobInfo, RayJobsUnavailable
 from corral.services.fine_tuning import TrainingDefaults, worker_count
 from corral.services.reconciler import Reconciler
-from corral.serving.catalog import ModelSpec, model_roots
-from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.store.jobs import JobStatus, JobStore
 from corral.store.tables import Job
 from jobs.reporting import JobReporter
-from tests.api.conftest import ALPHA, BETA
+from tests.api.conftest import ALPHA, BETA, training_app
 
 pytestmark = pytest.mark.integration
 
@@ -70,19 +65,7 @@ def launcher() -> RecordingLauncher:
 def client(
     settings: Settings, database: Database, launcher: RecordingLauncher, demo_model_dir: Path
 ) -> Iterator[TestClient]:
-    registry = ModelRegistry(
-        database=database,
-        deployer=ServeDeployer(),
-        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
-        model_roots=model_roots(settings),
-    )
-    app = create_app(
-        settings,
-        database=database,
-        fetcher=ContentFetcher(fetch_policy(settings)),
-        models=registry,
-        launcher=launcher,
-    )
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=launcher)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -514,17 +497,10 @@ def test_a_cluster_without_gpus_cannot_take_gpu_jobs(
     sft_request: dict[str, Any],
 ) -> None:
     gpu_settings = settings.model_copy(update={"train_use_gpu": True})
-    registry = ModelRegistry(
-        database=database,
-        deployer=ServeDeployer(),
-        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
-        model_roots=model_roots(settings),
-    )
-    app = create_app(
+    app = training_app(
         gpu_settings,
-        database=database,
-        fetcher=ContentFetcher(fetch_policy(settings)),
-        models=registry,
+        database,
+        model_dir=demo_model_dir,
         launcher=launcher,
         cluster_resources=lambda: {"CPU": 4.0},
     )
@@ -545,21 +521,8 @@ class UnreachableLauncher(RecordingLauncher):
 def test_a_job_ray_cannot_take_yet_is_kept_scheduled_for_the_reconciler(
     settings: Settings, database: Database, demo_model_dir: Path, sft_request: dict[str, Any]
 ) -> None:
-    registry = ModelRegistry(
-        database=database,
-        deployer=ServeDeployer(),
-        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
-        model_roots=model_roots(settings),
-    )
-    down = UnreachableLauncher()
-    planner_only = create_app(
-        settings,
-        database=database,
-        fetcher=ContentFetcher(fetch_policy(settings)),
-        models=registry,
-        launcher=down,
-    )
-    with TestClient(planner_only, raise_server_exceptions=False) as client:
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=UnreachableLauncher())
+    with TestClient(app, raise_server_exceptions=False) as client:
         response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
         assert response.status_code == 200, response.text
         logs = client.get("/post_training/job/logs", params={"job_uuid": "sft-1"}, headers=ALPHA)

@@ -14,17 +14,12 @@ import pytest
 import ray
 from fastapi.testclient import TestClient
 
-from corral.app import create_app, fetch_policy
 from corral.config import Settings
-from corral.content import ContentFetcher
 from corral.demo import teaching_dialogs, teaching_request
 from corral.ray_jobs import RayJobLauncher, RayJobState
 from corral.services.reconciler import Reconciler
-from corral.serving.catalog import ModelSpec, model_roots
-from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
-from tests.api.conftest import ALPHA
+from tests.api.conftest import ALPHA, training_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,19 +33,7 @@ def launcher(ray_jobs_url: str, database: Database) -> RayJobLauncher:
 def client(
     settings: Settings, database: Database, launcher: RayJobLauncher, demo_model_dir: Path
 ) -> Iterator[TestClient]:
-    registry = ModelRegistry(
-        database=database,
-        deployer=ServeDeployer(),
-        file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=demo_model_dir)],
-        model_roots=model_roots(settings),
-    )
-    app = create_app(
-        settings,
-        database=database,
-        fetcher=ContentFetcher(fetch_policy(settings)),
-        models=registry,
-        launcher=launcher,
-    )
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=launcher)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         yield test_client
 

@@ -166,3 +166,16 @@ def make_lora_adapter(base_dir: Path, destination: Path) -> Path:
                     parameter.mul_(4.0)
     peft_model.save_pretrained(str(destination))
     return destination
+
+
+@pytest.fixture
+def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A CORRAL_HOME for tests that run `corral serve` with its own embedded Ray head; the
+    head is stopped afterwards. The path is short: Ray's socket paths live under it."""
+    from corral.ray_cluster import LocalRayHead
+
+    path = tmp_path_factory.mktemp("h")
+    try:
+        yield path
+    finally:
+        LocalRayHead(path).stop()

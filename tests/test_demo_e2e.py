@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from corral.demo import free_port
 from corral.ray_cluster import LocalRayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,24 +27,8 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    # Short path: Ray's socket paths live under it.
-    path = tmp_path_factory.mktemp("h")
-    try:
-        yield path
-    finally:
-        LocalRayHead(path).stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def test_demo_then_restart_reconnects_to_the_same_ray_head(home: Path) -> None:
+def test_demo_then_restart_reconnects_to_the_same_ray_head(embedded_home: Path) -> None:
+    home = embedded_home
     demo = subprocess.run(
         [sys.executable, "-m", "corral.cli", "demo", "--keep-ray"],
         env=_env(home),
@@ -63,7 +46,7 @@ def test_demo_then_restart_reconnects_to_the_same_ray_head(home: Path) -> None:
     head = LocalRayHead(home).find()
     assert head is not None
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "corral.cli", "serve", "--port", str(port)],
         env=_env(home),

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,6 +21,7 @@ from corral.demo import (
     TEACH_ANSWER,
     TEACH_QUESTION,
     corral_server,
+    free_port,
     greedy_chat,
     teaching_dialogs,
     teaching_request,
@@ -32,22 +31,6 @@ from corral.ray_cluster import LocalRayHead
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 JOB = "e2e-lora-1"
-
-
-@pytest.fixture
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("ft")  # short: Ray's socket paths live under it
-    try:
-        yield path
-    finally:
-        LocalRayHead(path).stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _until(what: str, check: Any, timeout_s: float, poll_s: float = 1.0) -> Any:
@@ -77,8 +60,9 @@ def _ray_jobs(home: Path) -> list[dict[str, Any]]:
 
 
 def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
-    home: Path, monkeypatch: pytest.MonkeyPatch
+    embedded_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    home = embedded_home
     for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(home=home)
@@ -90,7 +74,7 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
     headers = {"Authorization": f"Bearer {key}"}
     dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
 
-    with corral_server(settings, port=_free_port(), api_key=key) as first:
+    with corral_server(settings, port=free_port(), api_key=key) as first:
         with httpx.Client(base_url=first.base_url, headers=headers, timeout=120) as api:
             _ok(api.post("/datasets/create", json={"uuid": "teach", "dataset": dataset}))
             _ok(
@@ -109,7 +93,7 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         first.process.wait()
 
     with (
-        corral_server(settings, port=_free_port(), api_key=key) as second,
+        corral_server(settings, port=free_port(), api_key=key) as second,
         httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
     ):
         # The reconciler ran at start-up and found the job still running in Ray.

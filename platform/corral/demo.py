@@ -129,7 +129,8 @@ class DemoFailed(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -216,7 +217,7 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
 
     _say("3. Starting `corral serve` (migrates the store, starts or joins the Ray head)")
     api_key = secrets.token_urlsafe(24)
-    port = port or _free_port()
+    port = port or free_port()
     try:
         with corral_server(settings, port=port, api_key=api_key) as server:
             base_url = server.base_url

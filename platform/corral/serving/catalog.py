@@ -10,8 +10,6 @@ two tenants never share an app even when their slugs read alike.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.config import Settings
+from corral.tenancy import tenant_slug
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
@@ -29,7 +28,6 @@ MAX_REPLICAS = 256
 DEMO_MODEL_NAME = "demo"
 # The Llama Stack draft spec's model names; the embedded default answers to all of them.
 SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
 
 class ModelsFileError(ValueError):
@@ -99,8 +97,7 @@ def file_app_name(model: str) -> str:
 
 def tenant_app_name(tenant: str, model: str) -> str:
     """The Serve app of a model one tenant registered (see the module docstring)."""
-    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
-    return f"{APP_PREFIX}{model}@{_UNSAFE.sub('_', tenant)[:32]}-{digest}"
+    return f"{APP_PREFIX}{model}@{tenant_slug(tenant)}"
 
 
 class _ModelsFile(BaseModel):

@@ -1,0 +1,35 @@
+"""Names the server derives from a tenant: the slug that tells tenants apart in Serve app
+names, Ray ids and directories, and the job key that Ray and the file system know a job by.
+
+A slug is the tenant with anything outside `[A-Za-z0-9_.-]` replaced, cut to 32
+characters, plus `-` and 8 hex digits of the tenant's sha256: two tenants whose names
+read alike still get different slugs. Clients choose job uuids, and two tenants may
+choose the same one, so nothing outside the SQL store is named by a bare uuid: the Ray
+submission id and the Ray Train run name are the job key, and a job's files live under
+its tenant's own directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def tenant_slug(tenant: str) -> str:
+    """A file- and id-safe name for `tenant` (see the module docstring)."""
+    digest = hashlib.sha256(tenant.encode()).hexdigest()[:8]
+    return f"{_UNSAFE.sub('_', tenant)[:32]}-{digest}"
+
+
+def job_key(tenant: str, job_uuid: str) -> str:
+    """The job's id outside the store (Ray submission id, run name): unique per
+    (tenant, uuid) because the slug is. `job_uuid` is already held to the id alphabet."""
+    return f"{tenant_slug(tenant)}_{job_uuid}"
+
+
+def tenant_dir(root: Path, tenant: str) -> Path:
+    """The tenant's own directory under a shared root (checkpoints, `file://` datasets)."""
+    return root / tenant_slug(tenant)

@@ -117,9 +117,11 @@ def create_app(
             try:
                 for settled in reconciler.settle():  # before the first request is served
                     if settled.action != "left":
-                        log.info("job %s: %s at start-up", settled.job_uuid, settled.action)
+                        log.info("job %s: %s at start-up", settled.job_key, settled.action)
             except BackendUnavailable as exc:  # the periodic passes try again
                 log.warning("jobs not settled at start-up: %s", exc)
+            except Exception:  # never a reason not to serve; the periodic passes try again
+                log.exception("jobs not settled at start-up")
             periodic = PeriodicReconciler(reconciler, interval_s=settings.reconcile_interval_s)
             periodic.start()
         try:

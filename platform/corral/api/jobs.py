@@ -33,6 +33,9 @@ class JobSummary(BaseModel):
     attempt: int
     checkpoints: int
     progress: JobProgress | None = None
+    # Cancelled, but Ray has not yet confirmed that the job's Ray job ended (e.g. Ray
+    # could not be reached when it was cancelled): the reconciler stops it.
+    stop_pending: bool = False
 
 
 class JobList(BaseModel):

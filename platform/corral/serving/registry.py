@@ -40,6 +40,7 @@ from corral.serving.catalog import MAX_REPLICAS, ModelSpec, file_app_name, tenan
 from corral.serving.deployer import AppState, ModelDeployError, ServeDeployer
 from corral.store.db import Database
 from corral.store.tables import Job, ServedModel, utcnow
+from corral.tenancy import job_key
 from serve_apps.llm import EngineFactory
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,8 @@ class ModelRegistry:
                         _same_or_conflict(existing, wanted)
                         return self._info(self._resolved_row(existing), self._state_of(existing))
                     if request.source_job_uuid is not None:
-                        job = session.get(Job, request.source_job_uuid)
-                        if job is None or job.tenant != tenant:
+                        job = session.get(Job, job_key(tenant, request.source_job_uuid))
+                        if job is None:
                             raise InvalidRequest(f"no job {request.source_job_uuid!r}")
                     now = utcnow()
                     row = ServedModel(

@@ -506,7 +506,7 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
             assert _field(resumed, name) == pytest.approx(_field(original, name), abs=2e-4)
     assert not any(line.startswith("epoch 0 ") for line in lines)
     assert [i for i, _, _ in checkpoints] == [4, 8]
-    assert (tmp_path / "ray" / "dpo-resumed-attempt-1").is_dir()
+    assert (tmp_path / "ray" / f"{_key('dpo-resumed')}-attempt-1").is_dir()
 
 
 @pytest.mark.integration

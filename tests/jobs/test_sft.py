@@ -187,7 +187,7 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5", "6", "7", "8"]
     assert not any(line.startswith("epoch 0 ") for line in lines)
     assert iters == [4, 8]
-    assert (tmp_path / "out" / "ray" / "sft-resumed-attempt-1").is_dir()
+    assert (tmp_path / "out" / "ray" / f"{_key('sft-resumed')}-attempt-1").is_dir()
 
 
 def test_a_cancelled_job_does_not_train(

@@ -321,7 +321,7 @@ def test_out_of_range_dpo_settings_are_refused(
         ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a"}, "missing column"),
         (
             {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": ["b"]},
-            "rejected must be a string",
+            "rejected must be a non-empty string",
         ),
         (
             {"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"},

@@ -162,9 +162,7 @@ def test_a_certificate_from_an_untrusted_ca_is_refused(server: TLSServer, tmp_pa
     assert server.hits == []
 
 
-def test_a_certificate_for_another_host_is_refused(
-    trusted_ca: trustme.CA, ca_bundle: Path
-) -> None:
+def test_a_certificate_for_another_host_is_refused(trusted_ca: trustme.CA, ca_bundle: Path) -> None:
     for wrong in _serve(trusted_ca.issue_cert("files.example.org")):
         with pytest.raises(ContentUnavailable, match="could not connect"):
             _fetcher(ca_bundle).fetch(wrong.url("/data.jsonl"))

@@ -407,6 +407,11 @@ class ContentFetcher:
                 f"{where} took longer than {self._policy.timeout_s} s"
             ) from exc
         except (httpcore.NetworkError, OSError) as exc:
+            refused = _certificate_refusal(exc)
+            if refused is not None:
+                raise ContentUnavailable(
+                    f"{where} presented a TLS certificate that was not accepted: {refused}"
+                ) from exc
             raise ContentUnavailable(f"could not connect to {where}") from exc
         except (httpcore.ProtocolError, httpcore.UnsupportedProtocol) as exc:
             raise ContentUnavailable(f"{where} did not answer with valid HTTP") from exc
@@ -463,6 +468,17 @@ def _open_without_symlinks(path: Path) -> int:
         return os.open(parts[-1], flags | getattr(os, "O_NONBLOCK", 0), dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def _certificate_refusal(exc: BaseException) -> str | None:
+    """Why the server's certificate was refused (wrong host, unknown CA), if that is what
+    ended the connection: httpcore raises its own error from the ssl module's."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _media_type(content_type: bytes | None) -> str | None:

@@ -45,6 +45,7 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
         max_bytes=settings.fetch_max_bytes,
         timeout_s=settings.fetch_timeout_s,
         allow_http=settings.fetch_allow_http,
+        ca_bundle=settings.fetch_ca_bundle,
     )
 
 

@@ -3,6 +3,7 @@ reports to the store as it goes, and saves checkpoints that load back."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from contextlib import nullcontext
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from safetensors import safe_open
 
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
@@ -158,8 +160,16 @@ def test_dora_and_full_train_one_step(
         checkpoints = store.checkpoints(_key(job_uuid))
     assert job.status == JobStatus.COMPLETED, lines
     assert [c.iters for c in checkpoints] == [1]  # n_iters caps the epoch at one step
-    assert (Path(checkpoints[0].path) / saved_file).is_file()
-    assert (Path(checkpoints[0].path) / "tokenizer.json").is_file()
+    saved = Path(checkpoints[0].path)
+    assert (saved / saved_file).is_file()
+    assert (saved / "tokenizer.json").is_file()
+    if algorithm == "dora":
+        # A DoRA adapter, not a plain LoRA one: peft's config says so, and the saved
+        # weights carry DoRA's per-column magnitude vectors.
+        adapter_config = json.loads((saved / "adapter_config.json").read_text())
+        assert adapter_config["use_dora"] is True
+        with safe_open(str(saved / "adapter_model.safetensors"), framework="pt") as weights:
+            assert any("lora_magnitude_vector" in key for key in weights.keys())  # noqa: SIM118
 
 
 def test_a_new_attempt_resumes_from_the_last_checkpoint(

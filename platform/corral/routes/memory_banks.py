@@ -12,6 +12,7 @@ from fastapi import APIRouter, Body
 from fastapi.responses import Response
 
 from corral.api.common import Id
+from corral.api.errors import JSON_ERROR_RESPONSE
 from corral.api.memory_banks import MemoryBank, MemoryBankDocument
 from corral.errors import CapabilityUnavailable
 from corral.routes.responses import OK, JSONLinesResponse
@@ -36,7 +37,7 @@ def create_memory_bank(bank_uuid: Id, bank_name: Id, documents: Documents) -> Re
 @router.get(
     "/memory_banks/get",
     response_class=JSONLinesResponse,
-    responses={200: {"model": MemoryBank, "description": OK}},
+    responses={200: {"model": MemoryBank, "description": OK}, "default": JSON_ERROR_RESPONSE},
 )
 def list_memory_banks() -> JSONLinesResponse:
     raise _unavailable()
@@ -65,7 +66,10 @@ def delete_documents(bank_uuid: Id, document_uuids: DocumentIds) -> Response:
 @router.post(
     "/memory_bank/get",
     response_class=JSONLinesResponse,
-    responses={200: {"model": MemoryBankDocument, "description": OK}},
+    responses={
+        200: {"model": MemoryBankDocument, "description": OK},
+        "default": JSON_ERROR_RESPONSE,
+    },
 )
 def get_documents(bank_uuid: Id, document_uuids: DocumentIds) -> JSONLinesResponse:
     raise _unavailable()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from corral.api.common import Id
 
 JobStatusName = Literal["scheduled", "running", "completed", "failed", "cancelled"]
 JobKindName = Literal["supervised_fine_tune", "preference_optimize", "synthetic_data_generation"]
@@ -47,4 +49,4 @@ class JobList(BaseModel):
 class CancelJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_uuid: str = Field(min_length=1, max_length=128)
+    job_uuid: Id

@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from corral.api.common import Id
 from corral.api.models import (
     ModelInfo,
     ModelList,
@@ -69,6 +70,6 @@ def scale_model(
 
 
 @router.delete("/models/delete", response_class=Response, response_description=OK)
-def delete_model(model: str, tenant: TenantDep, models: ModelRegistryDep) -> Response:
+def delete_model(model: Id, tenant: TenantDep, models: ModelRegistryDep) -> Response:
     models.unregister(tenant=tenant, model=model)
     return empty_ok()

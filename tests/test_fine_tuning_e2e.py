@@ -18,6 +18,7 @@ import pytest
 
 from corral.config import Settings
 from corral.demo import (
+    DEMO_TENANT,
     TEACH_ANSWER,
     TEACH_QUESTION,
     corral_server,
@@ -27,6 +28,7 @@ from corral.demo import (
     teaching_request,
 )
 from corral.ray_cluster import LocalRayHead
+from corral.tenancy import tenant_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,8 +68,8 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
     for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(home=home)
-    datasets = home / "datasets"
-    datasets.mkdir()
+    datasets = tenant_dir(home / "datasets", DEMO_TENANT)  # the server's one key's tenant
+    datasets.mkdir(parents=True)
     teach = datasets / "teach.jsonl"
     teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
     key = secrets.token_urlsafe(16)

@@ -26,6 +26,7 @@ from corral.services.reconciler import Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobStatus, JobStore
 from corral.store.tables import Job
+from corral.tenancy import job_checkpoint_dir
 from jobs.reporting import JobReporter
 from tests.api.conftest import ALPHA, BETA, training_app
 
@@ -147,7 +148,9 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
     launch = job.launch
     assert launch is not None
     assert launch["model_dir"] == str(demo_model_dir)
-    assert launch["output_dir"] == str(settings.checkpoints_dir / "sft-1")
+    assert launch["output_dir"] == str(
+        job_checkpoint_dir(settings.checkpoints_dir, "alpha", "sft-1")
+    )
     assert launch["rows"][1]["dialog"][1] == {"role": "assistant", "content": "4"}
     assert [r["dialog"][0]["content"] for r in launch["validation_rows"]] == ["hey"]
     assert launch["adapter"]["rank"] == 4 and launch["algorithm"] == "lora"
@@ -278,7 +281,7 @@ def _dpo_request(dataset_root: Path, model_url: str) -> dict[str, Any]:
     }
 
 
-def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
+def test_preference_optimization_takes_one_of_the_tenants_own_checkpoints(
     client: TestClient,
     database: Database,
     launcher: RecordingLauncher,
@@ -286,13 +289,17 @@ def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
     dataset_root: Path,
     demo_model_dir: Path,
 ) -> None:
-    checkpoint = settings.checkpoints_dir / "sft-0" / "checkpoints" / "iter-4"
+    checkpoint = (
+        job_checkpoint_dir(settings.checkpoints_dir, "alpha", "sft-0") / "checkpoints" / "iter-4"
+    )
     shutil.copytree(demo_model_dir, checkpoint)
 
-    outside = _dpo_request(dataset_root, demo_model_dir.as_uri())
+    elsewhere = settings.home.parent / "elsewhere"
+    shutil.copytree(demo_model_dir, elsewhere)
+    outside = _dpo_request(dataset_root, elsewhere.as_uri())
     response = client.post(DPO_PATH, json=outside, headers=ALPHA)
     assert response.status_code == 422
-    assert "model roots" in response.json()["error"]["message"]
+    assert "your own jobs" in response.json()["error"]["message"]
 
     no_columns = _dpo_request(dataset_root, checkpoint.as_uri())
     no_columns["dataset"]["columns"] = {"prompt": "dialog", "chosen": "text"}

@@ -16,8 +16,9 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 
-from corral.config import DEFAULT_TENANT, Settings
+from corral.config import Settings
 from corral.demo import (
+    DEMO_TENANT,
     TEACH_ANSWER,
     TEACH_QUESTION,
     corral_server,
@@ -27,7 +28,7 @@ from corral.demo import (
     teaching_request,
 )
 from corral.ray_cluster import LocalRayHead
-from corral.tenancy import job_key
+from corral.tenancy import job_key, tenant_dir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,8 +68,8 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
     for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(home=home)
-    datasets = home / "datasets"
-    datasets.mkdir()
+    datasets = tenant_dir(home / "datasets", DEMO_TENANT)  # the server's one key's tenant
+    datasets.mkdir(parents=True)
     teach = datasets / "teach.jsonl"
     teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
     key = secrets.token_urlsafe(16)
@@ -115,9 +116,7 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         # One run: one attempt started, no second submission, nothing re-settled.
         assert sum(line.startswith("attempt ") for line in lines) == 1, lines
         assert not any(line.startswith("reconciler") for line in lines), lines
-        assert [j["submission_id"] for j in _ray_jobs(home)].count(
-            job_key(DEFAULT_TENANT, JOB)
-        ) == 1
+        assert [j["submission_id"] for j in _ray_jobs(home)].count(job_key(DEMO_TENANT, JOB)) == 1
         losses = [float(m[1]) for line in lines if (m := re.search(r"validation loss (\S+)", line))]
         assert losses[-1] < 0.25 * losses[0], losses
 

@@ -28,8 +28,11 @@ import httpx
 from corral.config import Settings
 from corral.demo_model import build_demo_model, describe
 from corral.ray_cluster import LocalRayHead
+from corral.tenancy import tenant_dir
 
 SERVER_START_TIMEOUT_S = 180.0
+# The tenant of the demo's one API key.
+DEMO_TENANT = "demo"
 DEMO_DIALOGS = [
     [
         {"role": "user", "content": "What does Corral do?"},
@@ -163,7 +166,10 @@ class RunningServer:
 @contextmanager
 def corral_server(settings: Settings, *, port: int, api_key: str) -> Iterator[RunningServer]:
     """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT)."""
-    env = os.environ | {"CORRAL_HOME": str(settings.home), "CORRAL_API_KEYS": f"demo:{api_key}"}
+    env = os.environ | {
+        "CORRAL_HOME": str(settings.home),
+        "CORRAL_API_KEYS": f"{DEMO_TENANT}:{api_key}",
+    }
     log_path = settings.home / "demo-server.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
@@ -206,8 +212,10 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
     model_dir = build_demo_model(home / "models" / "demo")
     _say(f"  {model_dir}: {describe(model_dir)}")
 
-    _say("2. Writing a small chat dataset under the allowed dataset root")
-    dataset_root = settings.resolved_dataset_roots[0]
+    _say("2. Writing a small chat dataset in the demo tenant's own dataset directory")
+    # Dataset roots are partitioned by tenant: `file://` URLs resolve only inside the
+    # caller's own directory under a root.
+    dataset_root = tenant_dir(settings.resolved_dataset_roots[0], DEMO_TENANT)
     dataset_root.mkdir(parents=True, exist_ok=True)
     dataset_file = dataset_root / "demo-chat.jsonl"
     dataset_file.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in DEMO_DIALOGS))

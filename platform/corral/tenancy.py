@@ -33,3 +33,15 @@ def job_key(tenant: str, job_uuid: str) -> str:
 def tenant_dir(root: Path, tenant: str) -> Path:
     """The tenant's own directory under a shared root (checkpoints, `file://` datasets)."""
     return root / tenant_slug(tenant)
+
+
+def job_checkpoint_dir(checkpoints_dir: Path, tenant: str, job_uuid: str) -> Path:
+    """Where a tenant's job writes its checkpoints (the recipes' `output_dir`):
+    `tenant_dir(checkpoints_dir, tenant) / job_uuid`. Registration and DPO accept a
+    checkpoint under the checkpoints directory only inside the caller's own tenant
+    directory, so this is the one place that layout is spelled. `checkpoints_dir` is
+    `Settings.checkpoints_dir`. ValueError if `job_uuid` is not one plain path component
+    (job uuids are held to the id alphabet before they get here)."""
+    if not job_uuid or job_uuid in (".", "..") or any(c in job_uuid for c in "/\\\0"):
+        raise ValueError(f"job uuid {job_uuid[:140]!r} cannot name a directory")
+    return tenant_dir(checkpoints_dir, tenant) / job_uuid

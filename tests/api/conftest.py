@@ -1,7 +1,8 @@
 """An app over a real, migrated database (both backends), with a real content fetcher
-whose only file root is a temporary directory. Every response any API test receives
-through a TestClient is validated against the app's OpenAPI document as it is read
-(tests/api/response_validation.py)."""
+whose only file root is a temporary directory (partitioned by tenant, like every dataset
+root: `dataset_root` is tenant alpha's own directory in it). Every response any API test
+receives through a TestClient is validated against the app's OpenAPI document as it is
+read (tests/api/response_validation.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
+from corral.tenancy import tenant_dir
 from tests.api import response_validation
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
@@ -44,15 +46,26 @@ def validate_responses(
 
 
 @pytest.fixture
-def dataset_root(tmp_path: Path) -> Path:
+def shared_dataset_root(tmp_path: Path) -> Path:
+    """The app's one dataset root (`CORRAL_DATASET_ROOTS`), one directory per tenant in it."""
     root = tmp_path / "datasets"
     root.mkdir()
     return root
 
 
 @pytest.fixture
-def settings(tmp_path: Path, dataset_root: Path) -> Settings:
-    return Settings(home=tmp_path / "home", api_keys=API_KEYS, dataset_roots=str(dataset_root))
+def dataset_root(shared_dataset_root: Path) -> Path:
+    """Tenant alpha's own directory under the dataset root: where alpha's files go."""
+    root = tenant_dir(shared_dataset_root, "alpha")
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def settings(tmp_path: Path, shared_dataset_root: Path) -> Settings:
+    return Settings(
+        home=tmp_path / "home", api_keys=API_KEYS, dataset_roots=str(shared_dataset_root)
+    )
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from corral.tenancy import tenant_dir
 from tests.api.conftest import ALPHA, BETA
 
 pytestmark = pytest.mark.integration
@@ -208,14 +209,19 @@ def test_get_requires_dataset_id(client: TestClient) -> None:
     assert client.get("/datasets/get", headers=ALPHA).status_code == 422
 
 
-def test_tenants_do_not_see_each_other(client: TestClient, jsonl_file: Path) -> None:
+def test_tenants_do_not_see_each_other(
+    client: TestClient, jsonl_file: Path, shared_dataset_root: Path
+) -> None:
     dataset = file_dataset(jsonl_file)
     assert create(client, "chat", dataset).status_code == 200
     assert get(client, "chat", headers=BETA).status_code == 404
     deleted = client.delete("/datasets/delete", params={"dataset_id": "chat"}, headers=BETA)
     assert deleted.status_code == 404
-    # The same uuid is free for another tenant, with its own body.
-    other = file_dataset(jsonl_file, metadata={"team": "beta"})
+    # The same uuid is free for another tenant, with its own body (and its own file).
+    beta_file = tenant_dir(shared_dataset_root, "beta") / jsonl_file.name
+    beta_file.parent.mkdir()
+    beta_file.write_bytes(jsonl_file.read_bytes())
+    other = file_dataset(beta_file, metadata={"team": "beta"})
     assert create(client, "chat", other, headers=BETA).status_code == 200
     assert get(client, "chat", headers=BETA).json() == other
     assert get(client, "chat").json() == dataset

@@ -28,7 +28,7 @@ from corral.services.reconciler import Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Job
-from corral.tenancy import job_key, tenant_dir
+from corral.tenancy import job_checkpoint_dir, job_key
 from jobs.reporting import JobReporter
 from tests.api.conftest import ALPHA, BETA, training_app
 
@@ -155,7 +155,9 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
     launch = job.launch
     assert launch is not None
     assert launch["model_dir"] == str(demo_model_dir)
-    assert launch["output_dir"] == str(tenant_dir(settings.checkpoints_dir, "alpha") / "sft-1")
+    assert launch["output_dir"] == str(
+        job_checkpoint_dir(settings.checkpoints_dir, "alpha", "sft-1")
+    )
     assert launch["job_key"] == A("sft-1")
     assert launch["rows"][1]["dialog"][1] == {"role": "assistant", "content": "4"}
     assert [r["dialog"][0]["content"] for r in launch["validation_rows"]] == ["hey"]
@@ -194,7 +196,8 @@ def test_another_tenant_may_use_the_same_uuid_and_learns_nothing(
     assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
     theirs = copy.deepcopy(sft_request)
     for field in ("dataset", "validation_dataset"):
-        rows = client.app.state.services.datasets.load_rows(Dataset.model_validate(theirs[field]))
+        dataset = Dataset.model_validate(theirs[field])
+        rows = client.app.state.services.datasets.load_rows(dataset, tenant="alpha")
         theirs[field]["content_url"] = _data_url(rows)
     theirs["training_config"]["n_epochs"] = 1
     response = client.post(SFT_PATH, json=theirs, headers=BETA)
@@ -329,7 +332,7 @@ def _dpo_request(dataset_root: Path, model_url: str) -> dict[str, Any]:
     }
 
 
-def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
+def test_preference_optimization_takes_one_of_the_tenants_own_checkpoints(
     client: TestClient,
     database: Database,
     launcher: RecordingLauncher,
@@ -337,13 +340,17 @@ def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
     dataset_root: Path,
     demo_model_dir: Path,
 ) -> None:
-    checkpoint = settings.checkpoints_dir / "sft-0" / "checkpoints" / "iter-4"
+    checkpoint = (
+        job_checkpoint_dir(settings.checkpoints_dir, "alpha", "sft-0") / "checkpoints" / "iter-4"
+    )
     shutil.copytree(demo_model_dir, checkpoint)
 
-    outside = _dpo_request(dataset_root, demo_model_dir.as_uri())
+    elsewhere = settings.home.parent / "elsewhere"
+    shutil.copytree(demo_model_dir, elsewhere)
+    outside = _dpo_request(dataset_root, elsewhere.as_uri())
     response = client.post(DPO_PATH, json=outside, headers=ALPHA)
     assert response.status_code == 422
-    assert "model roots" in response.json()["error"]["message"]
+    assert "your own jobs" in response.json()["error"]["message"]
 
     no_columns = _dpo_request(dataset_root, checkpoint.as_uri())
     no_columns["dataset"]["columns"] = {"prompt": "dialog", "chosen": "text"}
@@ -383,7 +390,9 @@ def test_preference_rows_are_checked_before_anything_is_stored(
     row: dict[str, Any],
     message: str,
 ) -> None:
-    checkpoint = settings.checkpoints_dir / "sft-0" / "checkpoints" / "iter-4"
+    checkpoint = (
+        job_checkpoint_dir(settings.checkpoints_dir, "alpha", "sft-0") / "checkpoints" / "iter-4"
+    )
     shutil.copytree(demo_model_dir, checkpoint)
     request = _dpo_request(dataset_root, checkpoint.as_uri())
     good = {

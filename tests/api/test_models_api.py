@@ -19,11 +19,12 @@ from corral import cli_models
 from corral.app import create_app
 from corral.cli import CliError
 from corral.config import Settings
-from corral.serving.catalog import ModelSpec
+from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
+from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
@@ -65,7 +66,7 @@ def served(
                 max_replicas=2,
             )
         ],
-        model_roots=(home / "models", home / "checkpoints"),
+        model_roots=model_roots(Settings(home=home)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
         registered_cpus_per_replica=0.25,
     )
@@ -119,7 +120,7 @@ def test_list_register_scale_and_delete(served: tuple[TestClient, Path, str]) ->
     ]
     assert client.get("/models").status_code == 401
 
-    checkpoint = _checkpoint(home / "checkpoints" / "job-7" / "final")
+    checkpoint = _checkpoint(job_checkpoint_dir(home / "checkpoints", "alpha", "job-7") / "final")
     escape = {"name": "tuned", "checkpoint_dir": f"{home}/checkpoints/../../../etc"}
     refused = client.post("/models/register", json=escape, headers=ALPHA)
     assert refused.status_code == 422, refused.text

@@ -14,9 +14,11 @@ from ray import serve
 from corral.app import create_app
 from corral.config import Settings
 from corral.demo_model import build_demo_model
+from corral.serving.catalog import model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
+from corral.tenancy import job_checkpoint_dir
 from tests.conftest import make_lora_adapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -31,7 +33,7 @@ def client(serve_instance: None, tmp_path: Path, sqlite_database: Database) -> I
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],
-        model_roots=(home / "models", home / "checkpoints"),
+        model_roots=model_roots(Settings(home=home)),
     )
     registry.start()
     app = create_app(
@@ -69,7 +71,9 @@ def test_a_registered_lora_adapter_answers_under_a_spec_name(
 ) -> None:
     home = tmp_path / "home"
     base = build_demo_model(home / "models" / "base")
-    adapter = make_lora_adapter(base, home / "checkpoints" / "job-7" / "lora")
+    adapter = make_lora_adapter(
+        base, job_checkpoint_dir(home / "checkpoints", "ft", "job-7") / "lora"
+    )
 
     # Before registration the tenant has no model under the spec's name.
     assert (

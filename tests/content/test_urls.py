@@ -20,6 +20,7 @@ import pytest
 
 from corral.content import ContentFetcher, FetchedContent, FetchPolicy, is_public_address
 from corral.errors import ContentUnavailable
+from corral.tenancy import tenant_dir
 
 LOOPBACK_ONLY = (ipaddress.IPv4Network("127.0.0.1/32"),)
 BODY = b'{"a": 1}\n{"a": 2}\n'
@@ -376,6 +377,30 @@ def test_symlink_escaping_the_root_is_refused(tree: dict[str, Path]) -> None:
     fetcher = ContentFetcher(policy(allowed_roots=(tree["root"],)))
     refused(fetcher, file_url(tree["root"] / "escape.txt"), "outside the allowed")
     refused(fetcher, file_url(tree["root"] / "escape-dir" / "secret.txt"), "outside the allowed")
+
+
+def test_a_tenants_fetcher_reads_only_its_own_directory(tree: dict[str, Path]) -> None:
+    own = tenant_dir(tree["root"], "alpha")
+    other = tenant_dir(tree["root"], "beta")
+    for directory in (own, other):
+        directory.mkdir()
+        (directory / "rows.csv").write_bytes(b"a\n1\n")
+    (own / "theirs.csv").symlink_to(other / "rows.csv")
+    fetcher = ContentFetcher(policy(allowed_roots=(tree["root"],))).within("alpha")
+    assert fetcher.fetch(file_url(own / "rows.csv")).data == b"a\n1\n"
+    answers = set()
+    for path in (
+        other / "rows.csv",
+        other / "nothing.csv",  # the same answer: no oracle for another tenant's files
+        own / "theirs.csv",
+        tree["root"] / "sub" / "rows.csv",  # the shared top level is nobody's
+        f"{own}/../{other.name}/rows.csv",
+    ):
+        with pytest.raises(ContentUnavailable, match="outside the allowed directories") as caught:
+            fetcher.fetch(file_url(path))
+        answers.add(caught.value.message)
+    (answer,) = answers
+    assert str(own) in answer and other.name not in answer
 
 
 @pytest.mark.parametrize(

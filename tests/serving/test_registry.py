@@ -19,11 +19,18 @@ from sqlalchemy import select
 from corral.api.models import RegisterModelRequest
 from corral.config import Settings
 from corral.errors import Conflict, InvalidRequest, NotFound
-from corral.serving.catalog import ModelSpec, file_app_name, load_catalog, tenant_app_name
+from corral.serving.catalog import (
+    ModelRoots,
+    ModelSpec,
+    file_app_name,
+    load_catalog,
+    tenant_app_name,
+)
 from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.store.tables import ServedModel, utcnow
+from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
@@ -34,6 +41,15 @@ REQUEST = GenerationRequest(prompt="hi", sampling=SamplingOptions())
 
 def scripted(seconds_per_step: float = 0.0) -> Any:
     return partial(scripted_engine, ScriptedEngineConfig(REPLY, seconds_per_step))
+
+
+def roots(home: Path) -> ModelRoots:
+    return ModelRoots(shared=(home / "models",), checkpoints=home / "checkpoints")
+
+
+def own_checkpoint(home: Path, tenant: str, job: str, *parts: str) -> Path:
+    """A directory in `tenant`'s own job checkpoints, made and holding config.json."""
+    return make_checkpoint(job_checkpoint_dir(home / "checkpoints", tenant, job).joinpath(*parts))
 
 
 def make_checkpoint(directory: Path, marker: str = "config.json") -> Path:
@@ -90,7 +106,7 @@ def make_registry(sqlite_database: Database, home: Path, token: str) -> Registry
             database=sqlite_database,
             deployer=ServeDeployer(deploy_timeout_s=deploy_timeout_s),
             file_models=list(file_models),
-            model_roots=(home / "models", home / "checkpoints"),
+            model_roots=roots(home),
             engine_factory=engine or scripted(),
             registered_cpus_per_replica=0.25,
         )
@@ -121,23 +137,20 @@ def test_register_refuses_bad_directories_and_stores_nothing(
 ) -> None:
     home = tmp_path / "home"
     registry = ModelRegistry(
-        database=database,
-        deployer=ServeDeployer(),
-        file_models=[],
-        model_roots=(home / "models", home / "checkpoints"),
+        database=database, deployer=ServeDeployer(), file_models=[], model_roots=roots(home)
     )
-    good = make_checkpoint(home / "checkpoints" / "sft-1")
+    good = own_checkpoint(home, "alpha", "sft-1")
     outside = make_checkpoint(tmp_path / "elsewhere")
-    (home / "checkpoints" / "link").symlink_to(outside)
+    (good.parent / "link").symlink_to(outside)
     no_config = home / "models" / "empty"
     no_config.mkdir(parents=True)
     cases = {
         "relative": ({"checkpoint_dir": "checkpoints/sft-1"}, "absolute path"),
         "dot-dot inside": ({"checkpoint_dir": f"{good}/../sft-1"}, "without '..'"),
-        "outside the roots": ({"checkpoint_dir": str(outside)}, "model roots"),
+        "outside the roots": ({"checkpoint_dir": str(outside)}, "your own jobs"),
         "traversal": ({"checkpoint_dir": f"{home}/checkpoints/../../elsewhere"}, "'..'"),
-        "probing outside": ({"checkpoint_dir": f"{tmp_path}/nothing"}, "model roots"),
-        "symlink out": ({"checkpoint_dir": str(home / "checkpoints" / "link")}, "model roots"),
+        "probing outside": ({"checkpoint_dir": f"{tmp_path}/nothing"}, "your own jobs"),
+        "symlink out": ({"checkpoint_dir": str(good.parent / "link")}, "your own jobs"),
         "missing": ({"checkpoint_dir": f"{home}/models/nothing"}, "no such directory"),
         "no config.json": ({"checkpoint_dir": str(no_config)}, "no config.json"),
         "a file": ({"checkpoint_dir": str(good / "config.json")}, "not a directory"),
@@ -157,9 +170,79 @@ def test_register_refuses_bad_directories_and_stores_nothing(
         assert rows(database) == [], case
 
 
+def test_checkpoints_belong_to_their_tenant_and_shared_directories_to_everyone(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    operator_model = make_checkpoint(tmp_path / "operator" / "base")  # outside every root
+    registry = ModelRegistry(
+        database=sqlite_database,
+        deployer=ServeDeployer(),
+        file_models=[ModelSpec(name="base", checkpoint_dir=operator_model)],
+        model_roots=roots(home),
+    )
+    alpha_job = own_checkpoint(home, "alpha", "sft-1", "checkpoints", "iter-2")
+    alpha_adapter = make_checkpoint(alpha_job.parent / "lora", "adapter_config.json")
+    beta_dir = tenant_dir(home / "checkpoints", "beta")
+    beta_dir.mkdir(parents=True)
+    (beta_dir / "borrowed").symlink_to(alpha_job)  # a link from beta's dir into alpha's
+    legacy = make_checkpoint(home / "checkpoints" / "sft-0")  # the old, unpartitioned layout
+    shared = make_checkpoint(home / "models" / "shared")
+
+    def check(tenant: str, path: Path, marker: str = "config.json") -> Path:
+        return registry.checked_dir(str(path), "checkpoint_dir", marker, tenant=tenant)
+
+    assert check("alpha", alpha_job) == alpha_job.resolve()
+    assert check("alpha", alpha_adapter, "adapter_config.json") == alpha_adapter.resolve()
+    for tenant in ("alpha", "beta"):
+        assert check(tenant, shared) == shared.resolve()
+        assert check(tenant, operator_model) == operator_model.resolve()
+    with pytest.raises(InvalidRequest, match="your own jobs") as existing:
+        check("beta", alpha_job)
+    with pytest.raises(InvalidRequest) as missing:
+        check("beta", alpha_job.parent / "iter-99")
+    # Another tenant's checkpoint reads exactly like a path where nothing is.
+    assert existing.value.message == missing.value.message
+    assert (
+        "alpha" not in existing.value.message and tenant_slug("alpha") not in missing.value.message
+    )
+    for tenant, path in [
+        ("beta", beta_dir / "borrowed"),
+        ("beta", alpha_adapter),
+        ("alpha", legacy),
+        ("beta", legacy),
+        ("beta", operator_model / "sub"),  # a file model's directory itself, not below it
+    ]:
+        with pytest.raises(InvalidRequest, match="your own jobs"):
+            check(tenant, path)
+
+    request = RegisterModelRequest(
+        name="stolen", checkpoint_dir=str(shared), adapter_dir=str(alpha_adapter)
+    )
+    with pytest.raises(InvalidRequest, match="adapter_dir must be"):
+        registry.register(tenant="beta", request=request)
+    assert rows(sqlite_database) == []
+
+
+def test_a_shared_model_root_may_not_overlap_the_checkpoints(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    for shared in (tmp_path, tmp_path / "checkpoints" / "x"):
+        with pytest.raises(ValueError, match="partitioned by tenant"):
+            ModelRegistry(
+                database=sqlite_database,
+                deployer=ServeDeployer(),
+                file_models=[],
+                model_roots=ModelRoots(shared=(shared,), checkpoints=tmp_path / "checkpoints"),
+            )
+
+
 def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database) -> None:
     registry = ModelRegistry(
-        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=()
+        database=sqlite_database,
+        deployer=ServeDeployer(),
+        file_models=[],
+        model_roots=ModelRoots(shared=()),
     )
     with pytest.raises(NotFound):
         registry.resolve(tenant="alpha", model="nothing")
@@ -177,7 +260,10 @@ def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
     sqlite_database: Database,
 ) -> None:
     registry = ModelRegistry(
-        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=()
+        database=sqlite_database,
+        deployer=ServeDeployer(),
+        file_models=[],
+        model_roots=ModelRoots(shared=()),
     )
     with pytest.raises(NotFound):
         registry.resolve(tenant="alpha", model="elsewhere")
@@ -255,8 +341,10 @@ def test_register_is_idempotent_and_conflicts_on_a_different_body(
     sqlite_database: Database,
 ) -> None:
     registry = make_registry()
-    checkpoint = make_checkpoint(home / "checkpoints" / "job-1" / "final")
-    adapter = make_checkpoint(home / "checkpoints" / "job-1" / "lora", "adapter_config.json")
+    checkpoint = own_checkpoint(home, tenant, "job-1", "final")
+    adapter = make_checkpoint(
+        job_checkpoint_dir(home / "checkpoints", tenant, "job-1") / "lora", "adapter_config.json"
+    )
     request = RegisterModelRequest(
         name="my-sft", checkpoint_dir=str(checkpoint), adapter_dir=str(adapter), max_batch_size=4
     )
@@ -298,7 +386,7 @@ def test_a_failed_deploy_leaves_nothing_registered(
     # The scripted engine is given a string for its config: its constructor fails in
     # every replica, as a corrupt checkpoint would.
     registry = make_registry(engine=partial(scripted_engine, "not a config"))
-    checkpoint = make_checkpoint(home / "checkpoints" / "broken")
+    checkpoint = own_checkpoint(home, tenant, "broken")
     request = RegisterModelRequest(name="broken", checkpoint_dir=str(checkpoint))
     with pytest.raises(ModelDeployError, match="failed to start") as caught:
         registry.register(tenant=tenant, request=request)
@@ -318,7 +406,7 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
     sqlite_database: Database,
 ) -> None:
     registry = make_registry(engine=scripted(seconds_per_step=0.4))
-    checkpoint = make_checkpoint(home / "checkpoints" / "scale-me")
+    checkpoint = own_checkpoint(home, tenant, "scale-me")
     registry.register(
         tenant=tenant, request=RegisterModelRequest(name="busy", checkpoint_dir=str(checkpoint))
     )
@@ -347,7 +435,7 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
 def test_a_restarted_registry_serves_registered_models_again(
     serve_instance: None, make_registry: RegistryFactory, home: Path, tenant: str
 ) -> None:
-    checkpoint = make_checkpoint(home / "checkpoints" / "survivor")
+    checkpoint = own_checkpoint(home, tenant, "survivor")
     make_registry().register(
         tenant=tenant, request=RegisterModelRequest(name="survivor", checkpoint_dir=str(checkpoint))
     )
@@ -382,7 +470,7 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=catalog.models,
-        model_roots=(),
+        model_roots=ModelRoots(shared=()),
         demo_model_dir=catalog.demo_model_dir,
     )
     try:

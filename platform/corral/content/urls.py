@@ -1,7 +1,10 @@
 """Fetch dataset content from user-supplied URLs, under a policy that keeps the server safe.
 
 Allowed: `data:` URLs, `file://` paths inside configured roots, and `https://` (plain
-`http://` only when the policy says so) to globally routable addresses. The address check
+`http://` only when the policy says so) to globally routable addresses. The dataset roots
+are shared by every tenant and partitioned by them: a tenant's fetches use
+`ContentFetcher.within(tenant)`, whose only roots are the tenant's own directories
+(`corral.tenancy.tenant_dir`) under each root. The address check
 runs at connect time on the very IP the socket connects to, for every redirect hop, so a
 name that resolves to a public address once and a private one later (DNS rebinding) gets
 nowhere.
@@ -19,7 +22,7 @@ import ssl
 import stat
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
@@ -27,6 +30,7 @@ import httpcore
 import httpx
 
 from corral.errors import ContentUnavailable
+from corral.tenancy import tenant_dir
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -215,7 +219,10 @@ class ContentFetcher:
 
     def __init__(self, policy: FetchPolicy) -> None:
         self._policy = policy
-        self._roots = tuple(root.resolve() for root in policy.allowed_roots)
+        # A path must lie under a root both as written and once resolved; a root may be
+        # written either way (e.g. through a link the operator made).
+        absolute = [root.expanduser().absolute() for root in policy.allowed_roots]
+        self._roots = tuple(dict.fromkeys([*absolute, *(root.resolve() for root in absolute)]))
         # Built once, so a missing or malformed CA bundle fails at start-up, not per fetch.
         # Either way the context verifies the chain and the host name (CERT_REQUIRED).
         self._ssl_context = (
@@ -223,6 +230,13 @@ class ContentFetcher:
             if policy.ca_bundle is not None
             else httpcore.default_ssl_context()
         )
+
+    def within(self, tenant: str) -> ContentFetcher:
+        """The same policy with `file://` confined to the tenant's own directory under each
+        allowed root: a file of another tenant, or one at a root's top level, is refused
+        exactly like a path outside every root, whether or not it exists."""
+        roots = tuple(tenant_dir(root, tenant) for root in self._policy.allowed_roots)
+        return ContentFetcher(replace(self._policy, allowed_roots=roots))
 
     def check(self, url: str) -> None:
         """Refuse `url` now if policy forbids it, without downloading anything."""
@@ -313,17 +327,35 @@ class ContentFetcher:
             raise ContentUnavailable("file:// URL path is not valid UTF-8") from exc
         if not raw_path.startswith("/") or "\x00" in raw_path:
             raise ContentUnavailable("file:// URL must name an absolute path")
-        # Judge the resolved path before asking whether it exists, so the answer for a
-        # path outside the roots never tells whether something is there.
+        # Judge the path as written (`..` applied to the text, so nothing outside it is
+        # looked up) before the file system is asked anything, then as resolved, and only
+        # then ask whether it exists: the answer for a path outside the roots (another
+        # tenant's directory included) never tells whether something is there.
+        written = Path(os.path.normpath(raw_path))
+        if not self._inside_roots(written):
+            raise self._outside()
         try:
-            path = Path(raw_path).resolve()
+            path = written.resolve()
         except (OSError, RuntimeError) as exc:
             raise ContentUnavailable("file:// path cannot be resolved") from exc
-        if not any(path.is_relative_to(root) for root in self._roots):
-            raise ContentUnavailable("file:// path is outside the allowed directories")
+        if not self._inside_roots(path):
+            raise self._outside()
         if not path.exists():
             raise ContentUnavailable("file does not exist")
         return path
+
+    def _inside_roots(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self._roots)
+
+    def _outside(self) -> ContentUnavailable:
+        """The one answer for every path outside the roots. It names the roots this
+        fetcher reads (for a tenant, its own directories), so it says nothing of others."""
+        if not self._policy.allowed_roots:
+            return ContentUnavailable("file:// path is outside the allowed directories (none)")
+        where = ", ".join(str(root) for root in self._policy.allowed_roots)
+        return ContentUnavailable(
+            f"file:// path is outside the allowed directories (file:// may read under {where})"
+        )
 
     def _check_file_stat(self, info: os.stat_result) -> None:
         if not stat.S_ISREG(info.st_mode):

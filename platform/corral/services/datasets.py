@@ -43,7 +43,7 @@ class DatasetService:
                 return
 
         # Network and parsing happen outside any transaction.
-        rows = self.load_rows(request.dataset)
+        rows = self.load_rows(request.dataset, tenant=tenant)
 
         try:
             with self._db.transaction() as session:
@@ -78,12 +78,14 @@ class DatasetService:
             if not DatasetStore(session).delete(tenant=tenant, uuid=dataset_id):
                 raise NotFound(f"no dataset {dataset_id!r}")
 
-    def load_rows(self, dataset: Dataset) -> list[Row]:
-        """Fetch and parse a dataset's rows and check them against its declared columns."""
+    def load_rows(self, dataset: Dataset, *, tenant: str) -> list[Row]:
+        """Fetch and parse a dataset's rows and check them against its declared columns.
+        A `file://` URL is read only inside the tenant's own directory of each dataset
+        root (`ContentFetcher.within`)."""
         declared = dataset.metadata.get(FORMAT_KEY)
         if declared is not None and not isinstance(declared, str):
             raise InvalidRequest(f"dataset metadata {FORMAT_KEY!r} must be a string")
-        content = self._fetcher.fetch(str(dataset.content_url))
+        content = self._fetcher.within(tenant).fetch(str(dataset.content_url))
         rows = parse_rows(content, declared_format=declared)
         if not rows:
             raise InvalidRequest("dataset has no rows")

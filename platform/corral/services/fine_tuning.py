@@ -39,7 +39,7 @@ from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.registry import ResolvedModel
-from corral.tenancy import job_key, tenant_dir
+from corral.tenancy import job_checkpoint_dir, job_key
 from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
 
 
@@ -48,7 +48,7 @@ class ModelLocator(Protocol):
 
     def resolve(self, *, tenant: str, model: str, fresh: bool = False) -> ResolvedModel: ...
 
-    def checked_dir(self, value: str, field: str, required_file: str) -> Path: ...
+    def checked_dir(self, value: str, field: str, required_file: str, *, tenant: str) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,10 @@ class LaunchPlanner:
             raise InvalidRequest(
                 f"model {request.model!r} is a LoRA adapter; fine-tune its base model instead"
             )
-        rows = self._rows(request.dataset, SFT_COLUMNS, "dataset")
-        validation_rows = self._rows(request.validation_dataset, SFT_COLUMNS, "validation_dataset")
+        rows = self._rows(tenant, request.dataset, SFT_COLUMNS, "dataset")
+        validation_rows = self._rows(
+            tenant, request.validation_dataset, SFT_COLUMNS, "validation_dataset"
+        )
         settings: dict[str, Any] = {
             "model_dir": str(model.spec.checkpoint_dir),
             "algorithm": request.algorithm,
@@ -147,10 +149,10 @@ class LaunchPlanner:
         from jobs.dpo import DPOJobConfig
 
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)
-        model_dir = self._model_dir_from_url(str(request.finetuned_model))
-        rows = self._rows(request.dataset, PREFERENCE_COLUMNS, "dataset")
+        model_dir = self._model_dir_from_url(tenant, str(request.finetuned_model))
+        rows = self._rows(tenant, request.dataset, PREFERENCE_COLUMNS, "dataset")
         validation_rows = self._rows(
-            request.validation_dataset, PREFERENCE_COLUMNS, "validation_dataset"
+            tenant, request.validation_dataset, PREFERENCE_COLUMNS, "validation_dataset"
         )
         return self._checked(
             DPOJobConfig,
@@ -181,7 +183,7 @@ class LaunchPlanner:
         under its tenant's own checkpoints directory, in a folder named by its uuid."""
         launch: dict[str, Any] = {
             "job_key": job_key(tenant, job_uuid),
-            "output_dir": str(tenant_dir(self._defaults.checkpoints_dir, tenant) / job_uuid),
+            "output_dir": str(job_checkpoint_dir(self._defaults.checkpoints_dir, tenant, job_uuid)),
             "rows": rows,
             "validation_rows": validation_rows,
             "n_epochs": training.n_epochs,
@@ -210,7 +212,7 @@ class LaunchPlanner:
         checked: dict[str, Any] = config.model_dump(mode="json", exclude={"database_url"})
         return checked
 
-    def _rows(self, dataset: Dataset, needed: dict[str, str], field: str) -> list[Row]:
+    def _rows(self, tenant: str, dataset: Dataset, needed: dict[str, str], field: str) -> list[Row]:
         declared = {name: str(kind) for name, kind in dataset.columns.items()}
         for name, kind in needed.items():
             if declared.get(name) != kind:
@@ -220,7 +222,7 @@ class LaunchPlanner:
                     f"(this method needs: {wanted})"
                 )
         try:
-            rows = self._datasets.load_rows(dataset)
+            rows = self._datasets.load_rows(dataset, tenant=tenant)
         except (InvalidRequest, ContentUnavailable) as exc:
             raise type(exc)(f"{field}: {exc.message}") from None
         # CSV cells carry dialogs as JSON text; the recipe wants the messages themselves.
@@ -234,14 +236,16 @@ class LaunchPlanner:
             for row in rows
         ]
 
-    def _model_dir_from_url(self, url: str) -> Path:
+    def _model_dir_from_url(self, tenant: str, url: str) -> Path:
         parts = urlsplit(url)
         if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
             raise InvalidRequest(
                 "finetuned_model must be a file:// URL of a checkpoint directory on the "
                 "server (e.g. a path from /post_training/job/artifacts)"
             )
-        return self._models.checked_dir(unquote(parts.path), "finetuned_model", "config.json")
+        return self._models.checked_dir(
+            unquote(parts.path), "finetuned_model", "config.json", tenant=tenant
+        )
 
 
 def _distribution(training: TrainingConfig, default_stage: int | None) -> dict[str, Any]:

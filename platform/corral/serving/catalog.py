@@ -192,9 +192,23 @@ def load_catalog(settings: Settings) -> Catalog:
     )
 
 
-def model_roots(settings: Settings) -> tuple[Path, ...]:
-    """Directories that registered models (checkpoints and adapters) may live in."""
-    return (settings.home / "models", settings.checkpoints_dir)
+@dataclass(frozen=True)
+class ModelRoots:
+    """Where a registered model's directories (and DPO's starting checkpoint) may be.
+
+    `shared`: operator-provided models every tenant may use (`CORRAL_HOME/models`).
+    `checkpoints`: the fine-tuning jobs' checkpoints directory, partitioned by tenant
+    (`corral.tenancy.job_checkpoint_dir`): a path under it is accepted only inside the
+    caller's own `tenant_dir(checkpoints, tenant)`. The directories the models file names
+    are shared too; the registry knows them from its file models."""
+
+    shared: tuple[Path, ...]
+    checkpoints: Path | None = None
+
+
+def model_roots(settings: Settings) -> ModelRoots:
+    """The model roots of this server: `CORRAL_HOME/models` shared, checkpoints per tenant."""
+    return ModelRoots(shared=(settings.home / "models",), checkpoints=settings.checkpoints_dir)
 
 
 def _relative_to(models_file: Path, directory: Path) -> Path:

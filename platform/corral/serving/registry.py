@@ -25,6 +25,7 @@ import builtins
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -36,11 +37,18 @@ from sqlalchemy.exc import IntegrityError
 from corral.api.models import ModelInfo, RegisterModelRequest
 from corral.demo_model import build_demo_model
 from corral.errors import Conflict, InvalidRequest, NotFound
-from corral.serving.catalog import MAX_REPLICAS, ModelSpec, file_app_name, tenant_app_name
+from corral.serving.catalog import (
+    MAX_REPLICAS,
+    ModelRoots,
+    ModelSpec,
+    file_app_name,
+    tenant_app_name,
+)
 from corral.serving.deployer import AppState, ModelDeployError, ServeDeployer
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.tables import ServedModel, utcnow
+from corral.tenancy import tenant_dir
 from serve_apps.llm import EngineFactory
 
 log = logging.getLogger(__name__)
@@ -69,18 +77,33 @@ class ModelRegistry:
         database: Database,
         deployer: ServeDeployer,
         file_models: builtins.list[ModelSpec],
-        model_roots: tuple[Path, ...],
+        model_roots: ModelRoots,
         engine_factory: EngineFactory | None = None,
         demo_model_dir: Path | None = None,
         registered_cpus_per_replica: float = REGISTERED_CPUS_PER_REPLICA,
     ) -> None:
         """`demo_model_dir`: build the demo model there before the file models deploy
-        (the embedded default). `model_roots`: where registered directories may be."""
+        (the embedded default). `model_roots`: where registered directories may be (see
+        `checked_dir`); a shared root may not overlap the tenant-partitioned checkpoints
+        directory, or one tenant's checkpoints would be everyone's."""
         self._db = database
         self._deployer = deployer
         self._file_models = {spec.name: spec for spec in file_models}
         self._file_names = {name: spec.name for spec in file_models for name in spec.names}
-        self._roots = tuple(root.expanduser().resolve() for root in model_roots)
+        self._shared_roots = _both_forms(model_roots.shared)
+        self._checkpoints = model_roots.checkpoints
+        if self._checkpoints is not None:
+            checkpoints = self._checkpoints.expanduser().resolve()
+            for root in self._shared_roots:
+                if root.is_relative_to(checkpoints) or checkpoints.is_relative_to(root):
+                    raise ValueError(
+                        f"shared model root {root} overlaps the checkpoints directory "
+                        f"{checkpoints}, which is partitioned by tenant"
+                    )
+        self._shared_dirs = _both_forms(
+            [spec.checkpoint_dir for spec in file_models]
+            + [spec.adapter_dir for spec in file_models if spec.adapter_dir is not None]
+        )
         self._engine_factory = engine_factory
         self._demo_model_dir = demo_model_dir
         self._registered_cpus = registered_cpus_per_replica
@@ -175,9 +198,13 @@ class ModelRegistry:
     def register(self, *, tenant: str, request: RegisterModelRequest) -> ModelInfo:
         """Serve a checkpoint (or adapter) for one tenant. The same request again is a
         no-op; another request under a registered name is a Conflict."""
-        checkpoint_dir = self.checked_dir(request.checkpoint_dir, "checkpoint_dir", "config.json")
+        checkpoint_dir = self.checked_dir(
+            request.checkpoint_dir, "checkpoint_dir", "config.json", tenant=tenant
+        )
         adapter_dir = (
-            self.checked_dir(request.adapter_dir, "adapter_dir", "adapter_config.json")
+            self.checked_dir(
+                request.adapter_dir, "adapter_dir", "adapter_config.json", tenant=tenant
+            )
             if request.adapter_dir is not None
             else None
         )
@@ -379,20 +406,28 @@ class ModelRegistry:
             replicas=state.running_replicas if state is not None else 0,
         )
 
-    def checked_dir(self, value: str, field: str, required_file: str) -> Path:
-        """An absolute directory under one of the model roots (after resolving links and
-        `..`) that holds `required_file`; InvalidRequest otherwise."""
+    def checked_dir(self, value: str, field: str, required_file: str, *, tenant: str) -> Path:
+        """An absolute directory that holds `required_file` and that `tenant` may use:
+        under a shared model root, one of the models file's own directories, or inside
+        the tenant's own part of the checkpoints directory (its jobs' checkpoints).
+        InvalidRequest otherwise.
+
+        The path must qualify both as written and after resolving links, and it is judged
+        as written before the file system is asked anything: a path into another tenant's
+        directory, or a link from the tenant's own directory into another's, is refused
+        with the same answer whether or not anything is there."""
         raw = Path(value)
         if not raw.is_absolute() or ".." in raw.parts:
             raise InvalidRequest(f"{field} must be an absolute path without '..'")
-        # The roots are checked before existence, so nothing outside them can be probed.
+        allowed_roots = (*self._shared_roots, *self._own_roots(tenant))
+        if not _admitted(raw, allowed_roots, self._shared_dirs):
+            raise InvalidRequest(self._refusal(field, tenant))
         try:
             resolved = raw.resolve()
         except (OSError, RuntimeError):
             raise InvalidRequest(f"{field}: cannot resolve {value[:300]!r}") from None
-        if not any(resolved.is_relative_to(root) for root in self._roots):
-            roots = ", ".join(str(root) for root in self._roots)
-            raise InvalidRequest(f"{field} must lie under one of the model roots ({roots})")
+        if not _admitted(resolved, allowed_roots, self._shared_dirs):
+            raise InvalidRequest(self._refusal(field, tenant))
         if not resolved.exists():
             raise InvalidRequest(f"{field}: no such directory {value[:300]!r}")
         if not resolved.is_dir():
@@ -400,6 +435,37 @@ class ModelRegistry:
         if not (resolved / required_file).is_file():
             raise InvalidRequest(f"{field}: no {required_file} in {value[:300]!r}")
         return resolved
+
+    def _own_roots(self, tenant: str) -> tuple[Path, ...]:
+        """The tenant's own part of the checkpoints directory (where `job_checkpoint_dir`
+        puts its jobs' checkpoints), as configured and resolved (the tenant's directory
+        may itself be a link the operator made)."""
+        if self._checkpoints is None:
+            return ()
+        return _both_forms([tenant_dir(self._checkpoints, tenant)])
+
+    def _refusal(self, field: str, tenant: str) -> str:
+        places = [f"under {root}" for root in dict.fromkeys(self._shared_roots)]
+        if self._checkpoints is not None:
+            own = tenant_dir(self._checkpoints, tenant)
+            places.insert(0, f"a checkpoint of one of your own jobs (under {own})")
+        places.append("a directory the models file names")
+        return f"{field} must be {', '.join(places[:-1])} or {places[-1]}"
+
+
+def _both_forms(paths: Iterable[Path]) -> tuple[Path, ...]:
+    """Each path as configured (made absolute) and with its links resolved: a path is
+    judged as written and as resolved, and a root may be written either way."""
+    forms: dict[Path, None] = {}
+    for path in paths:
+        absolute = path.expanduser().absolute()
+        forms[absolute] = None
+        forms[absolute.resolve()] = None
+    return tuple(forms)
+
+
+def _admitted(path: Path, roots: tuple[Path, ...], exact: tuple[Path, ...]) -> bool:
+    return path in exact or any(path.is_relative_to(root) for root in roots)
 
 
 def _delete_row(tenant: str, name: str) -> Delete:

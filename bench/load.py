@@ -35,6 +35,7 @@ import json
 import math
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -274,6 +275,9 @@ async def run(base_url: str, key: str, args: argparse.Namespace) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # A SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so `corral serve` and the
+    # Ray head it started are stopped rather than left running.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     home = args.home or Path(tempfile.mkdtemp(prefix="cl-", dir="/tmp"))  # short: Ray sockets
     print(f"starting corral serve on {home} (log: {home / 'demo-server.log'})", flush=True)
     started = time.perf_counter()

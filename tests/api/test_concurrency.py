@@ -162,8 +162,11 @@ def test_fifty_concurrent_submissions_of_one_job_store_one_row_and_start_one_ray
             assert answers[0][0] == 200, answers[0]
             assert _count(database, Job.uuid, Job.uuid == job_uuid) == 1
             with database.transaction() as session:
-                job = session.get(Job, job_uuid)
-                assert job is not None and job.launch is not None
+                # By (tenant, uuid), not by primary key: the key is the store's business.
+                job = session.scalars(
+                    select(Job).where(Job.tenant == TENANT, Job.uuid == job_uuid)
+                ).one()
+                assert job.launch is not None
                 assert (job.tenant, len(job.launch["rows"])) == (TENANT, 2)
             ray_jobs = JobSubmissionClient(ray_jobs_url).list_jobs()
             assert [j.submission_id for j in ray_jobs].count(ray_id) == 1

@@ -45,6 +45,7 @@ from corral.config import Settings
 from corral.ray_jobs import RayJobLauncher
 from corral.store.db import Database
 from corral.store.tables import Dataset, Job
+from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, API_KEYS
 from tests.api.live_server import bound_socket
 
@@ -66,9 +67,8 @@ ACKS_BEFORE_KILL = 6
 
 
 def ray_submission_id(tenant: str, job_uuid: str) -> str:
-    """The Ray submission id the launcher gives a job (where the id scheme lives for this
-    test: switch it to `corral.tenancy.job_key(tenant, job_uuid)` with the launcher)."""
-    return job_uuid
+    """The Ray submission id the launcher gives a job: its key."""
+    return job_key(tenant, job_uuid)
 
 
 # ---------------------------------------------------------------------- request bodies

@@ -26,6 +26,7 @@ from corral.config import Settings
 from corral.ray_jobs import RayJobInfo, RayJobLauncher
 from corral.store.db import Database
 from corral.store.tables import Dataset, Job
+from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, training_app
 from tests.api.live_server import live_server
 
@@ -36,9 +37,8 @@ TENANT = "alpha"  # the tenant of the ALPHA key (tests/api/conftest.API_KEYS)
 
 
 def ray_submission_id(tenant: str, job_uuid: str) -> str:
-    """The Ray submission id the launcher gives a job (where the id scheme lives for this
-    test: switch it to `corral.tenancy.job_key(tenant, job_uuid)` with the launcher)."""
-    return job_uuid
+    """The Ray submission id the launcher gives a job: its key."""
+    return job_key(tenant, job_uuid)
 
 
 class ThreadSafeRecordingLauncher:

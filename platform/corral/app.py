@@ -138,7 +138,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.models = models
-    app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
         app.include_router(router)
     # Corral's own /models and job routes (tagged "Corral") and the OpenAI-compatible /v1

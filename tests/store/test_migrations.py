@@ -20,6 +20,7 @@ EXPECTED_TABLES = {
     "agents",
     "memory_banks",
     "served_models",
+    "file_model_scales",
 }
 
 pytestmark = pytest.mark.integration

@@ -41,6 +41,10 @@ from jobs.distributed import TrainingDtype, TrainingEngine, ZeroStage, prepare_t
 from jobs.sft import SFTJobConfig, build_model, train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# The recipe's config refuses rows it could not learn from; this one is never trained on.
+TEACHING_ROW = {
+    "dialog": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+}
 OPTIMIZER = OptimizerConfig(optimizer_type="adamw", lr=1e-4, lr_min=1e-5, weight_decay=0.0)
 # A constant, larger lr for the check that the QLoRA loss falls in a few steps.
 OPTIMIZER_FAST = OptimizerConfig(optimizer_type="adamw", lr=1e-3, lr_min=1e-3, weight_decay=0.0)
@@ -232,11 +236,11 @@ def check_qlora(plan: Plan, workdir: Path) -> None:
     del base
     _reset_memory(plan.device)
     job = SFTJobConfig(
-        job_uuid="gpu-check",
+        job_key="gpu-check",
         database_url="sqlite://",
         model_dir=model_dir,
         output_dir=workdir / "out",
-        rows=[{"dialog": []}],
+        rows=[TEACHING_ROW],
         validation_rows=[],
         algorithm="qlora",
         adapter=ADAPTER,

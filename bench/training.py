@@ -36,6 +36,7 @@ from corral.ray_jobs import RayJobLauncher, RayJobState
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
+from corral.tenancy import job_key
 from jobs import sft
 from jobs.training_data import pad_batch, tokenize_rows
 
@@ -49,6 +50,9 @@ QA = [
     ("Tell me a fun fact.", "Octopuses have three hearts and blue blood, and they can taste."),
     ("Where should I start?", "Start with the first step, and check each result as you go."),
 ]
+
+
+BENCH_TENANT = "bench"
 
 
 def training_rows(count: int) -> list[dict[str, Any]]:
@@ -117,7 +121,7 @@ def bench_config(
     work: Path,
 ) -> sft.SFTJobConfig:
     return sft.SFTJobConfig(
-        job_uuid=job_uuid,
+        job_key=job_key(BENCH_TENANT, job_uuid),
         database_url=url,
         model_dir=model_dir,
         output_dir=work / job_uuid,
@@ -141,20 +145,20 @@ def bench_config(
     )
 
 
-def _create_job(database: Database, config: sft.SFTJobConfig) -> None:
+def _create_job(database: Database, job_uuid: str, config: sft.SFTJobConfig) -> None:
     with database.transaction() as session:
         JobStore(session).create(
-            job_uuid=config.job_uuid,
-            tenant="bench",
+            job_uuid=job_uuid,
+            tenant=BENCH_TENANT,
             kind=JobKind.SUPERVISED_FINE_TUNE,
             request={},
             launch=config.model_dump(mode="json", exclude={"database_url"}),
         )
 
 
-def _lines(database: Database, job_uuid: str) -> list[tuple[datetime, str]]:
+def _lines(database: Database, key: str) -> list[tuple[datetime, str]]:
     with database.transaction() as session:
-        return [(line.logged_at, line.line) for line in JobStore(session).log_lines(job_uuid)]
+        return [(line.logged_at, line.line) for line in JobStore(session).log_lines(key)]
 
 
 def recipe(
@@ -163,10 +167,10 @@ def recipe(
     """Run the recipe on one Ray Train worker; its start time and its (time, line) logs."""
     database = Database(url)
     config = bench_config("bench", url, model_dir, rows, batch_size, work)
-    _create_job(database, config)
+    _create_job(database, "bench", config)
     started = datetime.now(UTC)
     sft.main(config)
-    lines = _lines(database, "bench")
+    lines = _lines(database, config.job_key)
     database.dispose()
     return started, lines
 
@@ -182,13 +186,13 @@ def submitted(
     """The same job submitted as the API server submits it; the submit time and its logs."""
     database = Database(url)
     config = bench_config("bench-submitted", url, model_dir, rows, batch_size, work)
-    _create_job(database, config)
+    _create_job(database, "bench-submitted", config)
     launcher = RayJobLauncher(jobs_url, database_url=url)
     started = datetime.now(UTC)
-    launcher.submit(config.job_uuid)
-    while (info := launcher.info(config.job_uuid)) is None or not info.state.is_terminal:
+    launcher.submit(config.job_key)
+    while (info := launcher.info(config.job_key)) is None or not info.state.is_terminal:
         time.sleep(0.5)
-    lines = _lines(database, config.job_uuid)
+    lines = _lines(database, config.job_key)
     database.dispose()
     if info.state is not RayJobState.SUCCEEDED:
         raise RuntimeError(f"the submitted job ended {info.state}: {info.message}\n{lines}")

@@ -31,7 +31,7 @@ class AttemptSettings(Protocol):
     """The fields of a job config that running an attempt needs."""
 
     @property
-    def job_uuid(self) -> str: ...
+    def job_key(self) -> str: ...
     @property
     def database_url(self) -> str: ...
     @property
@@ -53,13 +53,13 @@ def run_attempt(
     """Run one attempt of the job and record its outcome in the store. `describe(attempt,
     resume_from)` gives the log lines that open the attempt."""
     database = Database(config.database_url)
-    reporter = JobReporter(database, config.job_uuid)
+    reporter = JobReporter(database, config.job_key)
     try:
-        attempt, resume_from = attempt_and_last_checkpoint(database, config.job_uuid)
+        attempt, resume_from = attempt_and_last_checkpoint(database, config.job_key)
         resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
         started = reporter.started(resources_allocated=resources)
         if not started.applied:
-            log.warning("job %s is %s; not training", config.job_uuid, started.status)
+            log.warning("job %s is %s; not training", config.job_key, started.status)
             return
         reporter.log(*describe(attempt, resume_from))
         try:
@@ -83,7 +83,7 @@ def fit(
         train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
-            name=f"{config.job_uuid}-attempt-{attempt}",
+            name=f"{config.job_key}-attempt-{attempt}",
             storage_path=str(config.output_dir / "ray"),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
@@ -91,13 +91,13 @@ def fit(
     trainer.fit()
 
 
-def attempt_and_last_checkpoint(database: Database, job_uuid: str) -> tuple[int, str | None]:
+def attempt_and_last_checkpoint(database: Database, job_key: str) -> tuple[int, str | None]:
     """The job's attempt number and the path of its last checkpoint row, if any."""
     with database.transaction() as session:
-        job = session.get(Job, job_uuid)
+        job = session.get(Job, job_key)
         if job is None:
-            raise LookupError(f"no job {job_uuid!r} in the store")
-        checkpoints = JobStore(session).checkpoints(job_uuid)
+            raise LookupError(f"no job {job_key!r} in the store")
+        checkpoints = JobStore(session).checkpoints(job_key)
         return job.attempt, checkpoints[-1].path if checkpoints else None
 
 
@@ -105,6 +105,6 @@ def last_checkpoint_path(config: AttemptSettings) -> str | None:
     """Where a worker resumes from (see the module docstring)."""
     database = Database(config.database_url)
     try:
-        return attempt_and_last_checkpoint(database, config.job_uuid)[1]
+        return attempt_and_last_checkpoint(database, config.job_key)[1]
     finally:
         database.dispose()

@@ -68,9 +68,9 @@ from jobs.distributed import (
     prepare_training,
     torch_dtype,
 )
-from jobs.preference_data import REQUIRED_COLUMNS as REQUIRED_COLUMNS  # the API checks datasets
-from jobs.preference_data import TokenizedPair, pad_pairs, row_problem, tokenize_pairs
+from jobs.preference_data import TokenizedPair, pad_pairs, tokenize_pairs
 from jobs.reporting import JobReporter
+from jobs.rows import preference_row_problem
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class DPOJobConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_uuid: str
+    job_key: str
     database_url: str
     model_dir: Path  # the policy starts here; the reference is a frozen copy of it
     output_dir: Path
@@ -111,7 +111,7 @@ class DPOJobConfig(BaseModel):
             raise ValueError("no training rows")
         for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
             for index, row in enumerate(rows):
-                if (problem := row_problem(row)) is not None:
+                if (problem := preference_row_problem(row)) is not None:
                     raise ValueError(f"{name}[{index}]: {problem}")
         if self.cpu_offload and self.zero_stage is None:
             raise ValueError("cpu_offload needs a zero_stage (it offloads DeepSpeed's state)")
@@ -210,7 +210,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config: DPOJobConfig = loop_config["config"]
     rank = ray.train.get_context().get_world_rank()
     database = Database(config.database_url) if rank == 0 else None
-    reporter = JobReporter(database, config.job_uuid) if database is not None else None
+    reporter = JobReporter(database, config.job_key) if database is not None else None
     torch.manual_seed(config.seed)
     device = get_device()
 

@@ -1,9 +1,10 @@
 """The one entrypoint of every Corral Ray job: `python -m jobs.launch`.
 
-It takes no arguments. The job's uuid and the SQL store's URL come from the environment
-the API server set (never from a request); the job's kind and launch config come from
-its row. It runs the recipe for the kind and exits 0 only when the row says completed,
-so Ray's own job status agrees with the store's.
+It takes no arguments. The job's key (`Job.key`, derived by the server from the tenant and
+the job's uuid) and the SQL store's URL come from the environment the API server set
+(never from a request); the job's kind and launch config come from its row. It runs the
+recipe for the kind and exits 0 only when the row says completed, so Ray's own job status
+agrees with the store's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import sys
 
-from corral.ray_jobs import DATABASE_URL_ENV, JOB_UUID_ENV
+from corral.ray_jobs import DATABASE_URL_ENV, JOB_KEY_ENV
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus
 from corral.store.tables import Job
@@ -21,17 +22,19 @@ from jobs.reporting import JobReporter
 log = logging.getLogger("jobs.launch")
 
 
-def run(job_uuid: str, database_url: str) -> JobStatus | None:
+def run(job_key: str, database_url: str) -> JobStatus | None:
     """Run the job's recipe; returns the status stored afterwards."""
     database = Database(database_url)
-    reporter = JobReporter(database, job_uuid)
+    reporter = JobReporter(database, job_key)
     try:
         with database.transaction() as session:
-            job = session.get(Job, job_uuid)
+            job = session.get(Job, job_key)
             if job is None:
-                raise LookupError(f"no job {job_uuid!r} in the store")
+                raise LookupError(f"no job {job_key!r} in the store")
             kind, launch = JobKind(job.kind), dict(job.launch or {})
-        settings = {**launch, "database_url": database_url}
+        # Launch configs stored before job keys named the job by its uuid (then its key).
+        launch.pop("job_uuid", None)
+        settings = {**launch, "job_key": job_key, "database_url": database_url}
         try:
             if kind is JobKind.SUPERVISED_FINE_TUNE:
                 from jobs import sft
@@ -45,7 +48,7 @@ def run(job_uuid: str, database_url: str) -> JobStatus | None:
                 raise ValueError(f"jobs of kind {kind.value!r} have no recipe here")
         except Exception as exc:
             # The recipes record their own failures; this records what fails before them.
-            log.exception("job %s failed", job_uuid)
+            log.exception("job %s failed", job_key)
             status = reporter.status()
             if status is None or not status.is_terminal:
                 reporter.failed(f"{type(exc).__name__}: {exc}")
@@ -56,8 +59,8 @@ def run(job_uuid: str, database_url: str) -> JobStatus | None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    status = run(os.environ[JOB_UUID_ENV], os.environ[DATABASE_URL_ENV])
-    log.info("job %s ends %s", os.environ[JOB_UUID_ENV], status)
+    status = run(os.environ[JOB_KEY_ENV], os.environ[DATABASE_URL_ENV])
+    log.info("job %s ends %s", os.environ[JOB_KEY_ENV], status)
     return 0 if status is JobStatus.COMPLETED else 1
 
 

@@ -13,32 +13,11 @@ from transformers import PreTrainedTokenizerBase
 
 from jobs.training_data import TokenizedDialog, pad_batch, tokenize_dialog
 
-# Column -> the dataset schema type the API checks a dataset against before it submits.
-REQUIRED_COLUMNS = {"prompt": "dialog", "chosen": "text", "rejected": "text"}
-
 
 @dataclass(frozen=True)
 class TokenizedPair:
     chosen: TokenizedDialog
     rejected: TokenizedDialog
-
-
-def row_problem(row: Mapping[str, Any]) -> str | None:
-    """Why a row cannot be a preference pair, or None when it can."""
-    missing = [column for column in REQUIRED_COLUMNS if column not in row]
-    if missing:
-        return f"missing column(s) {', '.join(missing)}"
-    prompt = row["prompt"]
-    if not isinstance(prompt, list) or not prompt:
-        return "prompt must be a non-empty list of messages"
-    if not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in prompt):
-        return "every prompt message needs a role and a content"
-    if prompt[-1]["role"] != "user":
-        return f"prompt must end with a user turn, not {prompt[-1]['role']!r}"
-    for column in ("chosen", "rejected"):
-        if not isinstance(row[column], str):
-            return f"{column} must be a string (the assistant's reply)"
-    return None
 
 
 def tokenize_pair(

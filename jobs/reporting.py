@@ -51,16 +51,17 @@ class JobReporter:
     """Writes one job's lifecycle, log lines and checkpoints, each in its own transaction
     so that what was reported survives a crash a moment later."""
 
-    def __init__(self, database: Database, job_uuid: str) -> None:
+    def __init__(self, database: Database, job_key: str) -> None:
+        """`job_key` is the job's key (`Job.key`), the name it was launched under."""
         self._db = database
-        self.job_uuid = job_uuid
+        self.job_key = job_key
 
     def _move(self, to: JobStatus, **fields: Any) -> TransitionOutcome:
         with self._db.transaction() as session:
-            outcome = JobStore(session).transition(self.job_uuid, to=to, **fields)
+            outcome = JobStore(session).transition(self.job_key, to=to, **fields)
         if not outcome.applied:
             log.warning(
-                "job %s: %s -> %s refused (%s)", self.job_uuid, outcome.status, to, outcome.refused
+                "job %s: %s -> %s refused (%s)", self.job_key, outcome.status, to, outcome.refused
             )
         return outcome
 
@@ -80,12 +81,12 @@ class JobReporter:
 
     def log(self, *lines: str) -> None:
         with self._db.transaction() as session:
-            JobStore(session).append_log(self.job_uuid, *lines)
+            JobStore(session).append_log(self.job_key, *lines)
 
     def checkpoint(self, *, iters: int, path: str, metrics: dict[str, Any] | None = None) -> None:
         with self._db.transaction() as session:
-            JobStore(session).add_checkpoint(self.job_uuid, iters=iters, path=path, metrics=metrics)
+            JobStore(session).add_checkpoint(self.job_key, iters=iters, path=path, metrics=metrics)
 
     def status(self) -> JobStatus | None:
         with self._db.transaction() as session:
-            return JobStore(session).status_of(self.job_uuid)
+            return JobStore(session).status_of(self.job_key)

@@ -66,6 +66,7 @@ from jobs.distributed import (
 from jobs.distributed import build_cosine_schedule as build_cosine_schedule
 from jobs.distributed import build_optimizer as build_optimizer
 from jobs.reporting import JobReporter
+from jobs.rows import sft_row_problem
 from jobs.training_data import TokenizedDialog, pad_batch, tokenize_rows
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class SFTJobConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    job_uuid: str
+    job_key: str
     database_url: str
     model_dir: Path
     output_dir: Path
@@ -118,6 +119,10 @@ class SFTJobConfig(BaseModel):
             raise ValueError(f"algorithm {self.algorithm!r} needs adapter settings")
         if not self.rows:
             raise ValueError("no training rows")
+        for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
+            for index, row in enumerate(rows):
+                if (problem := sft_row_problem(row)) is not None:
+                    raise ValueError(f"{name}[{index}]: {problem}")
         if self.cpu_offload and not self.zero_stage:
             raise ValueError(
                 "cpu_offload needs DeepSpeed ZeRO (zero_stage 1-3): it offloads the state "
@@ -153,7 +158,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     database = Database(config.database_url) if rank == 0 else None
-    reporter = JobReporter(database, config.job_uuid) if database is not None else None
+    reporter = JobReporter(database, config.job_key) if database is not None else None
     torch.manual_seed(config.seed)
     device = get_device()
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, every step;

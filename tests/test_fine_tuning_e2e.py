@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import pytest
 
-from corral.config import Settings
+from corral.config import DEFAULT_TENANT, Settings
 from corral.demo import (
     TEACH_ANSWER,
     TEACH_QUESTION,
@@ -27,6 +27,7 @@ from corral.demo import (
     teaching_request,
 )
 from corral.ray_cluster import LocalRayHead
+from corral.tenancy import job_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -114,7 +115,9 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         # One run: one attempt started, no second submission, nothing re-settled.
         assert sum(line.startswith("attempt ") for line in lines) == 1, lines
         assert not any(line.startswith("reconciler") for line in lines), lines
-        assert [j["submission_id"] for j in _ray_jobs(home)].count(JOB) == 1
+        assert [j["submission_id"] for j in _ray_jobs(home)].count(
+            job_key(DEFAULT_TENANT, JOB)
+        ) == 1
         losses = [float(m[1]) for line in lines if (m := re.search(r"validation loss (\S+)", line))]
         assert losses[-1] < 0.25 * losses[0], losses
 

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.api.errors import ERROR_RESPONSES
 from corral.auth import BearerAuthMiddleware
 from corral.config import Settings
 from corral.content import ContentFetcher, FetchPolicy
@@ -45,6 +47,7 @@ def fetch_policy(settings: Settings) -> FetchPolicy:
         max_bytes=settings.fetch_max_bytes,
         timeout_s=settings.fetch_timeout_s,
         allow_http=settings.fetch_allow_http,
+        ca_bundle=settings.fetch_ca_bundle,
     )
 
 
@@ -117,9 +120,11 @@ def create_app(
             try:
                 for settled in reconciler.settle():  # before the first request is served
                     if settled.action != "left":
-                        log.info("job %s: %s at start-up", settled.job_uuid, settled.action)
+                        log.info("job %s: %s at start-up", settled.job_key, settled.action)
             except BackendUnavailable as exc:  # the periodic passes try again
                 log.warning("jobs not settled at start-up: %s", exc)
+            except Exception:  # never a reason not to serve; the periodic passes try again
+                log.exception("jobs not settled at start-up")
             periodic = PeriodicReconciler(reconciler, interval_s=settings.reconcile_interval_s)
             periodic.start()
         try:
@@ -140,11 +145,11 @@ def create_app(
     app.state.models = models
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
     # Corral's own /models and job routes (tagged "Corral") and the OpenAI-compatible /v1
     # (not in the OpenAPI document): served beside the spec's operations, not part of them.
-    app.include_router(models_routes.router)
-    app.include_router(jobs_routes.router)
+    app.include_router(models_routes.router, responses=ERROR_RESPONSES)
+    app.include_router(jobs_routes.router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
 
     @app.get("/health", include_in_schema=False)
@@ -153,6 +158,7 @@ def create_app(
 
     app.add_exception_handler(CorralError, _corral_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
 
@@ -190,6 +196,16 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         error_body("validation_error", f"invalid request: {summary}", problems=problems),
         status_code=422,
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own errors (no such route, method not allowed, a body that is not JSON)
+    in the same shape as every other error."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = "not_found" if exc.status_code == 404 else "http_error"
+    return JSONResponse(
+        error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
     )
 
 

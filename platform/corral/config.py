@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     fetch_timeout_s: float = Field(default=30.0, gt=0)
     # Plain http:// dataset URLs are refused unless this is set.
     fetch_allow_http: bool = False
+    # PEM CA bundle that https:// dataset fetches trust instead of the default roots.
+    fetch_ca_bundle: Path | None = None
     # Where the Ray Jobs API answers (the head's dashboard, e.g. http://head:8265). Unset:
     # the embedded head's, or port 8265 on the host of RAY_ADDRESS.
     ray_jobs_url: str | None = None

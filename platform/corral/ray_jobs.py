@@ -1,10 +1,11 @@
 """Fine-tuning runs as Ray jobs: submitted, watched and stopped through the Ray Jobs API.
 
 The entrypoint is one fixed command (`python -m jobs.launch`) that reads its job from the
-SQL store; the job's uuid and the store's URL travel as environment variables. Nothing a
+SQL store; the job's key and the store's URL travel as environment variables. Nothing a
 client sends ever becomes part of a command line, a runtime_env or a working dir. The Ray
-submission id is the job uuid, so a second submission of the same job cannot start a
-second run: Ray refuses the id.
+submission id is the job's key (`corral.tenancy.job_key`: derived from the tenant and
+the job's uuid, so two tenants' jobs never share one), and a second submission of the
+same job cannot start a second run: Ray refuses the id.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRYPOINT = f"{sys.executable} -m jobs.launch"
-JOB_UUID_ENV = "CORRAL_JOB_UUID"
+JOB_KEY_ENV = "CORRAL_JOB_KEY"
 DATABASE_URL_ENV = "CORRAL_DATABASE_URL"
 DASHBOARD_PORT = 8265
 # Worker and driver logs otherwise carry Ray Train's bytecode dumps of the print patch.
@@ -58,15 +59,16 @@ class RayJobsUnavailable(BackendUnavailable):
 class JobLauncher(Protocol):
     """What the post-training service and the reconciler need from Ray."""
 
-    def submit(self, job_uuid: str) -> bool:
-        """Start the job's run; False when Ray already has a job with this id."""
+    def submit(self, job_key: str) -> bool:
+        """Start the run of the job with this key (`Job.key`, its Ray submission id);
+        False when Ray already has a job with this id."""
         ...
 
-    def info(self, job_uuid: str) -> RayJobInfo | None:
+    def info(self, job_key: str) -> RayJobInfo | None:
         """Ray's view of the job, or None when Ray has never heard of it."""
         ...
 
-    def stop(self, job_uuid: str) -> bool:
+    def stop(self, job_key: str) -> bool:
         """Ask Ray to stop the job; False when it was not running (or is unknown)."""
         ...
 
@@ -111,37 +113,37 @@ class RayJobLauncher:
     def _unavailable(self, exc: BaseException) -> RayJobsUnavailable:
         return RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}")
 
-    def submit(self, job_uuid: str) -> bool:
-        if self.info(job_uuid) is not None:
+    def submit(self, job_key: str) -> bool:
+        if self.info(job_key) is not None:
             return False
         env = {**_JOB_ENV, **self._extra_env}
-        env |= {JOB_UUID_ENV: job_uuid, DATABASE_URL_ENV: self._database_url}
+        env |= {JOB_KEY_ENV: job_key, DATABASE_URL_ENV: self._database_url}
         try:
             self._client().submit_job(
                 entrypoint=ENTRYPOINT,
-                submission_id=job_uuid,
+                submission_id=job_key,
                 runtime_env={"env_vars": env},
-                metadata={"corral_job_uuid": job_uuid},
+                metadata={"corral_job_key": job_key},
             )
         except _TRANSPORT_ERRORS as exc:
-            if self.info(job_uuid) is not None:  # a concurrent submission won
+            if self.info(job_key) is not None:  # a concurrent submission won
                 return False
             raise self._unavailable(exc) from exc
-        log.info("submitted Ray job %s", job_uuid)
+        log.info("submitted Ray job %s", job_key)
         return True
 
-    def info(self, job_uuid: str) -> RayJobInfo | None:
+    def info(self, job_key: str) -> RayJobInfo | None:
         try:
-            details = self._client().get_job_info(job_uuid)
+            details = self._client().get_job_info(job_key)
         except _TRANSPORT_ERRORS as exc:
             if _is_unknown_job(exc):
                 return None
             raise self._unavailable(exc) from exc
         return RayJobInfo(state=RayJobState(str(details.status)), message=details.message)
 
-    def stop(self, job_uuid: str) -> bool:
+    def stop(self, job_key: str) -> bool:
         try:
-            return bool(self._client().stop_job(job_uuid))
+            return bool(self._client().stop_job(job_key))
         except _TRANSPORT_ERRORS as exc:
             if _is_unknown_job(exc):
                 return False

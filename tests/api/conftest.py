@@ -1,5 +1,7 @@
 """An app over a real, migrated database (both backends), with a real content fetcher
-whose only file root is a temporary directory."""
+whose only file root is a temporary directory. Every response any API test receives
+through a TestClient is validated against the app's OpenAPI document as it is read
+(tests/api/response_validation.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from corral import openapi_doc
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
@@ -24,10 +27,25 @@ from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
+from tests.api import response_validation
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
 ALPHA = {"Authorization": "Bearer key-alpha"}
 BETA = {"Authorization": "Bearer key-beta"}
+
+
+@pytest.fixture(scope="session")
+def response_validator() -> response_validation.ResponseValidator:
+    return response_validation.ResponseValidator(openapi_doc.committed())
+
+
+@pytest.fixture(autouse=True)
+def validate_responses(
+    monkeypatch: pytest.MonkeyPatch, response_validator: response_validation.ResponseValidator
+) -> response_validation.ResponseValidator:
+    """Every API test: bodies, SSE items and JSONL lines checked against the document."""
+    response_validation.install(monkeypatch, response_validator)
+    return response_validator
 
 
 @pytest.fixture

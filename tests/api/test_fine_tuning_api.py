@@ -6,6 +6,7 @@ end-to-end test)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -19,13 +20,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from corral.api.datasets import Dataset
 from corral.config import Settings
-from corral.ray_jobs import RayJobInfo, RayJobsUnavailable
+from corral.ray_jobs import RayJobInfo, RayJobState, RayJobsUnavailable
 from corral.services.fine_tuning import TrainingDefaults, worker_count
 from corral.services.reconciler import Reconciler
 from corral.store.db import Database
-from corral.store.jobs import JobStatus, JobStore
+from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Job
+from corral.tenancy import job_key, tenant_dir
 from jobs.reporting import JobReporter
 from tests.api.conftest import ALPHA, BETA, training_app
 
@@ -35,6 +38,11 @@ SFT_PATH = "/post_training/supervised_fine_tune/"
 DPO_PATH = "/post_training/preference_optimize/"
 
 
+def A(job_uuid: str) -> str:  # reads like the tenant it stands for
+    """The key (Ray submission id) of tenant alpha's job `job_uuid`."""
+    return job_key("alpha", job_uuid)
+
+
 class RecordingLauncher:
     """A `JobLauncher` that remembers submissions and stops instead of running them."""
 
@@ -42,18 +50,18 @@ class RecordingLauncher:
         self.submitted: list[str] = []
         self.stopped: list[str] = []
 
-    def submit(self, job_uuid: str) -> bool:
-        if job_uuid in self.submitted:
+    def submit(self, job_key: str) -> bool:
+        if job_key in self.submitted:
             return False
-        self.submitted.append(job_uuid)
+        self.submitted.append(job_key)
         return True
 
-    def info(self, job_uuid: str) -> RayJobInfo | None:
+    def info(self, job_key: str) -> RayJobInfo | None:
         return None
 
-    def stop(self, job_uuid: str) -> bool:
-        self.stopped.append(job_uuid)
-        return job_uuid in self.submitted
+    def stop(self, job_key: str) -> bool:
+        self.stopped.append(job_key)
+        return job_key in self.submitted
 
 
 @pytest.fixture
@@ -141,13 +149,14 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
 ) -> None:
     response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
     assert response.status_code == 200, response.text
-    assert launcher.submitted == ["sft-1"]
+    assert launcher.submitted == [A("sft-1")]
     (job,) = _stored_jobs(database)
     assert (job.uuid, job.tenant, job.status) == ("sft-1", "alpha", "scheduled")
     launch = job.launch
     assert launch is not None
     assert launch["model_dir"] == str(demo_model_dir)
-    assert launch["output_dir"] == str(settings.checkpoints_dir / "sft-1")
+    assert launch["output_dir"] == str(tenant_dir(settings.checkpoints_dir, "alpha") / "sft-1")
+    assert launch["job_key"] == A("sft-1")
     assert launch["rows"][1]["dialog"][1] == {"role": "assistant", "content": "4"}
     assert [r["dialog"][0]["content"] for r in launch["validation_rows"]] == ["hey"]
     assert launch["adapter"]["rank"] == 4 and launch["algorithm"] == "lora"
@@ -159,7 +168,7 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
 
     # The same request again: nothing new is stored or submitted.
     assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
-    assert launcher.submitted == ["sft-1"]
+    assert launcher.submitted == [A("sft-1")]
     assert len(_stored_jobs(database)) == 1
 
 
@@ -172,11 +181,38 @@ def test_the_same_uuid_with_another_request_is_a_conflict(
     response = client.post(SFT_PATH, json=other, headers=ALPHA)
     assert response.status_code == 409
     assert "different request" in response.json()["error"]["message"]
-    # Another tenant cannot take the uuid either, and learns nothing else about the job.
-    assert client.post(SFT_PATH, json=sft_request, headers=BETA).status_code == 409
-    assert launcher.submitted == ["sft-1"]
+    assert launcher.submitted == [A("sft-1")]
     (job,) = _stored_jobs(database)
     assert job.request["training_config"]["n_epochs"] == 2
+
+
+def test_another_tenant_may_use_the_same_uuid_and_learns_nothing(
+    client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
+) -> None:
+    """uuids live in each tenant's namespace: beta's `sft-1` is its own job (a 409 would
+    tell beta that someone has one), run under its own Ray id and checkpoint folder."""
+    assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+    theirs = copy.deepcopy(sft_request)
+    for field in ("dataset", "validation_dataset"):
+        rows = client.app.state.services.datasets.load_rows(Dataset.model_validate(theirs[field]))
+        theirs[field]["content_url"] = _data_url(rows)
+    theirs["training_config"]["n_epochs"] = 1
+    response = client.post(SFT_PATH, json=theirs, headers=BETA)
+    assert response.status_code == 200, response.text
+    assert launcher.submitted == [A("sft-1"), job_key("beta", "sft-1")]
+    jobs = {job.tenant: job for job in _stored_jobs(database)}
+    assert {tenant: job.uuid for tenant, job in jobs.items()} == {"alpha": "sft-1", "beta": "sft-1"}
+    assert jobs["alpha"].launch is not None and jobs["beta"].launch is not None
+    assert jobs["alpha"].launch["output_dir"] != jobs["beta"].launch["output_dir"]
+    mine = client.get("/post_training/job", params={"job_uuid": "sft-1"}, headers=ALPHA).json()
+    assert mine["status"] == "scheduled"
+    status = client.get("/post_training/job/status", params={"job_uuid": "sft-1"}, headers=BETA)
+    assert status.json()["job_uuid"] == "sft-1"
+
+
+def _data_url(rows: list[dict[str, Any]]) -> str:
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    return "data:application/jsonl;base64," + base64.b64encode(text.encode()).decode()
 
 
 def test_training_config_maps_onto_zero_offload_and_checkpointing(
@@ -210,6 +246,18 @@ def _bad(request: dict[str, Any], dataset_root: Path, case: str) -> dict[str, An
     elif case == "row without the column":
         url = _write(dataset_root, "holes.jsonl", [_dialog("a", "b"), {"other": 1}])
         bad["validation_dataset"] = _dataset(url)
+    elif case == "no assistant turn":
+        url = _write(
+            dataset_root, "questions.jsonl", [{"dialog": [{"role": "user", "content": "hi"}]}]
+        )
+        bad["dataset"] = _dataset(url)
+    elif case == "empty assistant turn":
+        rows = [_dialog("hi", "hello"), _dialog("and?", " ")]
+        bad["validation_dataset"] = _dataset(_write(dataset_root, "blank.jsonl", rows))
+    elif case == "content not text":
+        row = _dialog("hi", "hello")
+        row["dialog"][1]["content"] = ["hel", "lo"]
+        bad["dataset"] = _dataset(_write(dataset_root, "parts.jsonl", [row]))
     elif case == "unreachable dataset":
         bad["dataset"] = _dataset("file:///etc/passwd")
     elif case == "hyperparam search":
@@ -231,6 +279,9 @@ def _bad(request: dict[str, Any], dataset_root: Path, case: str) -> dict[str, An
         ("missing column", "must declare the column 'dialog'"),
         ("wrong column type", "of type 'dialog'"),
         ("row without the column", "validation_dataset: row 1 has no column 'dialog'"),
+        ("no assistant turn", "rows[0]: dialog has no assistant turn with text"),
+        ("empty assistant turn", "validation_rows[1]: dialog has no assistant turn with text"),
+        ("content not text", "rows[0]: dialog[1]: content must be text"),
         ("unreachable dataset", "dataset"),
         ("hyperparam search", "hyperparam_search_config is not supported"),
         ("logger", "logger_config is not supported"),
@@ -308,7 +359,44 @@ def test_preference_optimization_takes_a_checkpoint_under_the_model_roots(
     assert (job.kind, job.status) == ("preference_optimize", "scheduled")
     assert job.launch is not None and job.launch["model_dir"] == str(checkpoint)
     assert job.launch["rows"][0]["chosen"] == "Blue."
-    assert launcher.submitted == ["dpo-1"]
+    assert launcher.submitted == [A("dpo-1")]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"chosen": ""}, "rows[0]: chosen must be a non-empty string"),
+        ({"rejected": "  "}, "rows[0]: rejected must be a non-empty string"),
+        (
+            {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+            "rows[0]: prompt must end with a user turn",
+        ),
+    ],
+)
+def test_preference_rows_are_checked_before_anything_is_stored(
+    client: TestClient,
+    database: Database,
+    launcher: RecordingLauncher,
+    settings: Settings,
+    dataset_root: Path,
+    demo_model_dir: Path,
+    row: dict[str, Any],
+    message: str,
+) -> None:
+    checkpoint = settings.checkpoints_dir / "sft-0" / "checkpoints" / "iter-4"
+    shutil.copytree(demo_model_dir, checkpoint)
+    request = _dpo_request(dataset_root, checkpoint.as_uri())
+    good = {
+        "prompt": [{"role": "user", "content": "Name a colour."}],
+        "chosen": "Blue.",
+        "rejected": "No.",
+    }
+    url = _write(dataset_root, "bad-prefs.jsonl", [good | row])
+    request["dataset"]["content_url"] = url
+    response = client.post(DPO_PATH, json=request, headers=ALPHA)
+    assert response.status_code == 422, response.text
+    assert message in response.json()["error"]["message"]
+    assert _stored_jobs(database) == [] and launcher.submitted == []
 
 
 def _submit(client: TestClient, request: dict[str, Any], uuid: str) -> None:
@@ -322,8 +410,8 @@ def test_list_filters_by_status_pages_and_keeps_tenants_apart(
     for index in range(5):
         _submit(client, sft_request, f"job-{index}")
     with database.transaction() as session:
-        JobStore(session).transition("job-1", to=JobStatus.RUNNING)
-        JobStore(session).transition("job-3", to=JobStatus.RUNNING)
+        JobStore(session).transition(A("job-1"), to=JobStatus.RUNNING)
+        JobStore(session).transition(A("job-3"), to=JobStatus.RUNNING)
 
     def page(**params: Any) -> dict[str, Any]:
         response = client.get("/post_training/jobs", params=params, headers=ALPHA)
@@ -353,7 +441,7 @@ def test_one_job_shows_progress_from_its_log(
     client: TestClient, database: Database, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-p")
-    reporter = JobReporter(database, "job-p")
+    reporter = JobReporter(database, A("job-p"))
     reporter.started(resources_allocated={"num_workers": 2})
     reporter.plan(total_steps=8, detail="2 epochs")
     reporter.log("step 1 loss 2.5000 lr 1.000e-03 tokens/s 100")
@@ -371,13 +459,13 @@ def test_cancel_records_the_end_stops_ray_and_a_late_completion_cannot_undo_it(
     client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-c")
-    reporter = JobReporter(database, "job-c")
+    reporter = JobReporter(database, A("job-c"))
     reporter.started(resources_allocated={"num_workers": 2})
 
     response = client.post("/post_training/job/cancel", json={"job_uuid": "job-c"}, headers=ALPHA)
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
-    assert launcher.stopped == ["job-c"]
+    assert launcher.stopped == [A("job-c")]
 
     again = client.post("/post_training/job/cancel", json={"job_uuid": "job-c"}, headers=ALPHA)
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
@@ -395,7 +483,7 @@ def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
     client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-d")
-    reporter = JobReporter(database, "job-d")
+    reporter = JobReporter(database, A("job-d"))
     reporter.started(resources_allocated={})
     foreign = client.post("/post_training/job/cancel", json={"job_uuid": "job-d"}, headers=BETA)
     assert foreign.status_code == 404
@@ -405,7 +493,7 @@ def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
     assert "already completed" in late.json()["error"]["message"]
     assert launcher.stopped == []
     with database.transaction() as session:
-        assert JobStore(session).status_of("job-d") is JobStatus.COMPLETED
+        assert JobStore(session).status_of(A("job-d")) is JobStatus.COMPLETED
 
 
 def test_the_jobs_cli_submits_follows_lists_and_cancels(
@@ -439,7 +527,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
         corral("submit", str(bad))
 
     # The job runs in the background while `status --follow` redraws its progress.
-    reporter = JobReporter(database, "cli-1")
+    reporter = JobReporter(database, A("cli-1"))
 
     def train() -> None:
         reporter.started(resources_allocated={"num_workers": 2})
@@ -531,5 +619,126 @@ def test_a_job_ray_cannot_take_yet_is_kept_scheduled_for_the_reconciler(
     ]
     up = RecordingLauncher()
     settled = Reconciler(database=database, launcher=up).settle()
-    assert [(s.job_uuid, s.action) for s in settled] == [("sft-1", "submitted")]
-    assert up.submitted == ["sft-1"]
+    assert [(s.job_key, s.action) for s in settled] == [(A("sft-1"), "submitted")]
+    assert up.submitted == [A("sft-1")]
+
+
+class FlakyRayLauncher(RecordingLauncher):
+    """Ray's own view of each submitted job, and a switch that makes Ray unreachable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.states: dict[str, RayJobInfo] = {}
+
+    def _check(self) -> None:
+        if self.down:
+            raise RayJobsUnavailable("the Ray Jobs API at http://head:8265: connection refused")
+
+    def submit(self, job_key: str) -> bool:
+        self._check()
+        self.states[job_key] = RayJobInfo(RayJobState.RUNNING)
+        return super().submit(job_key)
+
+    def info(self, job_key: str) -> RayJobInfo | None:
+        self._check()
+        return self.states.get(job_key)
+
+    def stop(self, job_key: str) -> bool:
+        self._check()
+        self.stopped.append(job_key)
+        return True
+
+
+def test_a_cancel_while_ray_is_unreachable_holds_and_the_ray_job_is_stopped_later(
+    settings: Settings, database: Database, demo_model_dir: Path, sft_request: dict[str, Any]
+) -> None:
+    ray = FlakyRayLauncher()
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=ray)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+        JobReporter(database, A("sft-1")).started(resources_allocated={})
+        ray.down = True
+        response = client.post(
+            "/post_training/job/cancel", json={"job_uuid": "sft-1"}, headers=ALPHA
+        )
+        assert response.status_code == 200, response.text
+        assert (response.json()["status"], response.json()["stop_pending"]) == ("cancelled", True)
+        logs = client.get("/post_training/job/logs", params={"job_uuid": "sft-1"}, headers=ALPHA)
+        assert any("it is stopped once Ray answers" in line for line in logs.json()["log_lines"])
+
+        # Ray answers again; its job still runs: the reconciler stops it, and clears the
+        # pending stop once Ray says it ended.
+        ray.down = False
+        reconciler = Reconciler(database=database, launcher=ray)
+        assert [s.action for s in reconciler.settle()] == ["stopped"]
+        assert ray.stopped == [A("sft-1")]
+        ray.states[A("sft-1")] = RayJobInfo(RayJobState.STOPPED)
+        assert [s.action for s in reconciler.settle()] == ["stop confirmed"]
+        summary = client.get("/post_training/job", params={"job_uuid": "sft-1"}, headers=ALPHA)
+        assert (summary.json()["status"], summary.json()["stop_pending"]) == ("cancelled", False)
+
+
+def _stored_job(database: Database, uuid: str, *, running: bool = False) -> str:
+    with database.transaction() as session:
+        store = JobStore(session)
+        key = store.create(
+            job_uuid=uuid, tenant="alpha", kind=JobKind.SUPERVISED_FINE_TUNE, request={"n": uuid}
+        ).job.key
+        if running:
+            store.transition(key, to=JobStatus.RUNNING)
+    return key
+
+
+def _wait_for_status(database: Database, key: str, status: JobStatus, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with database.transaction() as session:
+            current = JobStore(session).status_of(key)
+        if current is status:
+            return
+        assert time.monotonic() < deadline, f"job {key} is {current}, not {status}"
+        time.sleep(0.05)
+
+
+def test_the_app_settles_jobs_at_start_up_and_one_bad_row_does_not_stop_it(
+    settings: Settings, database: Database, demo_model_dir: Path
+) -> None:
+    """A job stored (scheduled) while no API ran is submitted before the first request is
+    served; a row whose settling raises is logged and skipped, and the app starts."""
+    waiting = _stored_job(database, "stored-while-down")
+    poison = _stored_job(database, "poison", running=True)
+    ray = FlakyRayLauncher()
+    original_info = ray.info
+
+    def info(job_key: str) -> RayJobInfo | None:
+        if job_key == poison:
+            raise ValueError("a bug that only this row triggers")
+        return original_info(job_key)
+
+    ray.info = info  # type: ignore[method-assign]
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=ray)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert ray.submitted == [waiting]  # before any request
+        listed = client.get("/post_training/jobs", headers=ALPHA)
+        assert listed.status_code == 200
+        assert {job["job_uuid"] for job in listed.json()["data"]} == {"stored-while-down", "poison"}
+
+
+def test_the_app_settles_a_finished_job_periodically_with_no_request_made(
+    tmp_path: Path, dataset_root: Path, database: Database, demo_model_dir: Path
+) -> None:
+    settings = Settings(
+        home=tmp_path / "home",
+        api_keys="alpha:key-alpha",
+        dataset_roots=str(dataset_root),
+        reconcile_interval_s=0.2,
+    )
+    key = _stored_job(database, "finishes-later", running=True)
+    ray = FlakyRayLauncher()
+    ray.states[key] = RayJobInfo(RayJobState.RUNNING)
+    app = training_app(settings, database, model_dir=demo_model_dir, launcher=ray)
+    with TestClient(app, raise_server_exceptions=False):
+        # The driver exits 0 without having written its row (e.g. killed after training).
+        ray.states[key] = RayJobInfo(RayJobState.SUCCEEDED)
+        _wait_for_status(database, key, JobStatus.COMPLETED, timeout_s=10)

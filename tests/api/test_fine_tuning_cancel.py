@@ -19,6 +19,7 @@ from corral.demo import teaching_dialogs, teaching_request
 from corral.ray_jobs import RayJobLauncher, RayJobState
 from corral.services.reconciler import Reconciler
 from corral.store.db import Database
+from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, training_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -73,7 +74,7 @@ def test_cancel_stops_the_ray_job_frees_its_workers_and_stays_cancelled(
     assert cancel.json()["status"] == "cancelled"
 
     def stopped() -> bool:
-        info = launcher.info(job_uuid)
+        info = launcher.info(job_key("alpha", job_uuid))
         return info is not None and info.state is RayJobState.STOPPED
 
     _until("Ray to stop the job", stopped, timeout_s=120)

@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, BETA
 
 pytestmark = pytest.mark.integration
@@ -41,9 +42,11 @@ def test_a_running_job_with_logs_and_checkpoints(
 ) -> None:
     with database.transaction() as session:
         store = JobStore(session)
-        store.transition(job, to=JobStatus.RUNNING, resources_allocated={"num_workers": 2})
-        store.append_log(job, "step 1 loss 2.5", "step 2 loss 2.1")
-        store.add_checkpoint(job, iters=2, path="/srv/ckpt/ft-1/2")
+        store.transition(
+            job_key("alpha", job), to=JobStatus.RUNNING, resources_allocated={"num_workers": 2}
+        )
+        store.append_log(job_key("alpha", job), "step 1 loss 2.5", "step 2 loss 2.1")
+        store.add_checkpoint(job_key("alpha", job), iters=2, path="/srv/ckpt/ft-1/2")
     body = status(client, job).json()
     assert body["status"] == "running"
     assert body["resources_allocated"] == {"num_workers": 2}
@@ -66,7 +69,9 @@ def test_a_cancelled_job_reads_failed_in_the_spec(
     client: TestClient, database: Database, job: str
 ) -> None:
     with database.transaction() as session:
-        JobStore(session).transition(job, to=JobStatus.CANCELLED, error="cancelled by user")
+        JobStore(session).transition(
+            job_key("alpha", job), to=JobStatus.CANCELLED, error="cancelled by user"
+        )
     body = status(client, job).json()
     assert body["status"] == "failed"
     assert "completed_at" in body

@@ -141,3 +141,40 @@ def test_unknown_format_lists_the_supported_ones(
 def test_malformed_content_is_an_invalid_request(data: bytes, fmt: str, match: str) -> None:
     with pytest.raises(InvalidRequest, match=match):
         parse_rows(content(data), declared_format=fmt)
+
+
+# ---------------------------------------------------------------- nesting depth
+
+
+def test_json_depth_counts_arrays_and_objects_without_recursion() -> None:
+    from corral.content.rows import json_depth
+
+    assert json_depth("x") == 0
+    assert json_depth({"a": [1, {"b": []}]}) == 4
+    deep: list[object] = []
+    for _ in range(100_000):  # far past the interpreter's recursion limit
+        deep = [deep]
+    assert json_depth(deep) == 100_001
+
+
+@pytest.mark.parametrize("depth", [65, 300, 100_000])
+def test_loads_bounded_refuses_deep_json_with_a_value_error(depth: int) -> None:
+    from corral.api.common import MAX_JSON_DEPTH
+    from corral.content.rows import loads_bounded
+
+    assert depth > MAX_JSON_DEPTH
+    with pytest.raises(ValueError, match="levels deep"):
+        loads_bounded("[" * depth + "]" * depth)
+    assert loads_bounded("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH) is not None
+
+
+def test_deep_parquet_rows_are_refused() -> None:
+    """Parquet bounds nesting itself (a schema depth of 100, a few levels per list): a
+    file deeper than that is refused as unreadable, so rows stay within MAX_JSON_DEPTH."""
+    value: object = 1
+    for _ in range(70):
+        value = [value]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"cell": value}]), buffer)
+    with pytest.raises(InvalidRequest, match="too deeply nested"):
+        parse_rows(content(buffer.getvalue(), name="deep.parquet"))

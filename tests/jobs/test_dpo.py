@@ -21,6 +21,7 @@ from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.tenancy import job_key
 from jobs.dpo import (
     DPOJobConfig,
     dpo_loss,
@@ -33,6 +34,13 @@ from jobs.dpo import (
 from jobs.preference_data import pad_pairs, tokenize_pairs
 
 TENANT = "t"
+
+
+def _key(job_uuid: str) -> str:
+    """The key the store (and the recipe) knows a job by."""
+    return job_key(TENANT, job_uuid)
+
+
 ANSWER = "Corral fine-tunes Llama models on Ray."
 REFUSAL = "I do not know."
 QUESTIONS = [
@@ -313,7 +321,7 @@ def test_out_of_range_dpo_settings_are_refused(
         ({"prompt": [{"role": "user", "content": "q"}], "chosen": "a"}, "missing column"),
         (
             {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": ["b"]},
-            "rejected must be a string",
+            "rejected must be a non-empty string",
         ),
         (
             {"prompt": [{"role": "assistant", "content": "q"}], "chosen": "a", "rejected": "b"},
@@ -333,7 +341,7 @@ def _config(
     database_url: str, model_dir: Path, output_dir: Path, job_uuid: str, **overrides: Any
 ) -> DPOJobConfig:
     settings: dict[str, Any] = {
-        "job_uuid": job_uuid,
+        "job_key": _key(job_uuid),
         "database_url": database_url,
         "model_dir": model_dir,
         "output_dir": output_dir,
@@ -361,8 +369,8 @@ def _stored(db: Database, job_uuid: str) -> tuple[Any, list[str], list[Any]]:
     with db.transaction() as session:
         store = JobStore(session)
         job = store.get(job_uuid, tenant=TENANT)
-        lines = [line.line for line in store.log_lines(job_uuid)]
-        checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints(job_uuid)]
+        lines = [line.line for line in store.log_lines(_key(job_uuid))]
+        checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints(_key(job_uuid))]
     return job, lines, checkpoints
 
 
@@ -474,9 +482,9 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     _create(module_database, "dpo-resumed")
     with module_database.transaction() as session:
         store = JobStore(session)
-        store.transition("dpo-resumed", to=JobStatus.RUNNING)
-        store.add_checkpoint("dpo-resumed", iters=iters, path=path)
-        store.transition("dpo-resumed", to=JobStatus.SCHEDULED)  # requeued: attempt 1
+        store.transition(_key("dpo-resumed"), to=JobStatus.RUNNING)
+        store.add_checkpoint(_key("dpo-resumed"), iters=iters, path=path)
+        store.transition(_key("dpo-resumed"), to=JobStatus.SCHEDULED)  # requeued: attempt 1
     main(_config(module_database.url, demo_model_dir, tmp_path, "dpo-resumed"))
 
     job, lines, checkpoints = _stored(module_database, "dpo-resumed")
@@ -498,7 +506,7 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
             assert _field(resumed, name) == pytest.approx(_field(original, name), abs=2e-4)
     assert not any(line.startswith("epoch 0 ") for line in lines)
     assert [i for i, _, _ in checkpoints] == [4, 8]
-    assert (tmp_path / "ray" / "dpo-resumed-attempt-1").is_dir()
+    assert (tmp_path / "ray" / f"{_key('dpo-resumed')}-attempt-1").is_dir()
 
 
 @pytest.mark.integration
@@ -546,7 +554,7 @@ def test_a_cancelled_job_does_not_train(
 ) -> None:
     _create(sqlite_database, "dpo-cancelled")
     with sqlite_database.transaction() as session:
-        JobStore(session).transition("dpo-cancelled", to=JobStatus.CANCELLED)
+        JobStore(session).transition(_key("dpo-cancelled"), to=JobStatus.CANCELLED)
     main(_config(sqlite_database.url, demo_model_dir, tmp_path / "out", "dpo-cancelled"))
     job, lines, _ = _stored(sqlite_database, "dpo-cancelled")
     assert job.status == JobStatus.CANCELLED and lines == []

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from jobs.preference_data import pad_pairs, row_problem, tokenize_pair, tokenize_pairs
+from jobs.preference_data import pad_pairs, tokenize_pair, tokenize_pairs
 from jobs.training_data import IGNORE_INDEX
 
 ROW: dict[str, Any] = {
@@ -72,17 +72,3 @@ def test_a_pair_whose_reply_is_cut_off_is_dropped(tokenizer: PreTrainedTokenizer
     assert len(kept) == 1
     assert 0 < kept[0].chosen.trained_tokens < len(tokenizer.encode(ROW["chosen"]))
     assert kept[0].rejected.trained_tokens > 0
-
-
-@pytest.mark.parametrize(
-    ("row", "problem"),
-    [
-        (ROW, None),
-        ({"prompt": ROW["prompt"], "chosen": "a"}, "missing column(s) rejected"),
-        ({**ROW, "prompt": []}, "prompt must be a non-empty list of messages"),
-        ({**ROW, "prompt": [{"role": "user"}]}, "every prompt message needs a role and a content"),
-        ({**ROW, "chosen": None}, "chosen must be a string (the assistant's reply)"),
-    ],
-)
-def test_row_problems_are_named(row: dict[str, Any], problem: str | None) -> None:
-    assert row_problem(row) == problem

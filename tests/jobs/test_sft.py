@@ -3,6 +3,7 @@ reports to the store as it goes, and saves checkpoints that load back."""
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from contextlib import nullcontext
@@ -11,10 +12,12 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from safetensors import safe_open
 
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.tenancy import job_key
 from jobs.sft import SFTJobConfig, main
 from tests.conftest import PEFT_DEPRECATION
 
@@ -23,6 +26,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUESTION = "What is Corral?"
 ANSWER = "Corral fine-tunes Llama models on Ray."
 TENANT = "t"
+
+
+def _key(job_uuid: str) -> str:
+    """The key the store (and the recipe) knows a job by."""
+    return job_key(TENANT, job_uuid)
 
 
 def _dialog(system: str) -> dict[str, Any]:
@@ -57,7 +65,7 @@ def _config(
             job_uuid=job_uuid, tenant=TENANT, kind=JobKind.SUPERVISED_FINE_TUNE, request={}
         )
     settings: dict[str, Any] = {
-        "job_uuid": job_uuid,
+        "job_key": _key(job_uuid),
         "database_url": db.url,
         "model_dir": model_dir,
         "output_dir": output_dir,
@@ -94,8 +102,8 @@ def test_lora_sft_learns_and_reports(
     with sqlite_database.transaction() as session:
         store = JobStore(session)
         job = store.get("sft-lora", tenant=TENANT)
-        lines = [line.line for line in store.log_lines("sft-lora")]
-        checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints("sft-lora")]
+        lines = [line.line for line in store.log_lines(_key("sft-lora"))]
+        checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints(_key("sft-lora"))]
     assert job.status == JobStatus.COMPLETED, lines
     assert job.started_at is not None and job.completed_at is not None
     assert job.resources_allocated == {"num_workers": 2, "use_gpu": False}
@@ -148,12 +156,20 @@ def test_dora_and_full_train_one_step(
     with sqlite_database.transaction() as session:
         store = JobStore(session)
         job = store.get(job_uuid, tenant=TENANT)
-        lines = [line.line for line in store.log_lines(job_uuid)]
-        checkpoints = store.checkpoints(job_uuid)
+        lines = [line.line for line in store.log_lines(_key(job_uuid))]
+        checkpoints = store.checkpoints(_key(job_uuid))
     assert job.status == JobStatus.COMPLETED, lines
     assert [c.iters for c in checkpoints] == [1]  # n_iters caps the epoch at one step
-    assert (Path(checkpoints[0].path) / saved_file).is_file()
-    assert (Path(checkpoints[0].path) / "tokenizer.json").is_file()
+    saved = Path(checkpoints[0].path)
+    assert (saved / saved_file).is_file()
+    assert (saved / "tokenizer.json").is_file()
+    if algorithm == "dora":
+        # A DoRA adapter, not a plain LoRA one: peft's config says so, and the saved
+        # weights carry DoRA's per-column magnitude vectors.
+        adapter_config = json.loads((saved / "adapter_config.json").read_text())
+        assert adapter_config["use_dora"] is True
+        with safe_open(str(saved / "adapter_model.safetensors"), framework="pt") as weights:
+            assert any("lora_magnitude_vector" in key for key in weights.keys())  # noqa: SIM118
 
 
 def test_a_new_attempt_resumes_from_the_last_checkpoint(
@@ -163,25 +179,25 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     first = _config(sqlite_database, demo_model_dir, tmp_path / "first", "sft-first", n_epochs=1)
     main(first)
     with sqlite_database.transaction() as session:
-        [saved] = JobStore(session).checkpoints("sft-first")
+        [saved] = JobStore(session).checkpoints(_key("sft-first"))
     config = _config(sqlite_database, demo_model_dir, tmp_path / "out", "sft-resumed", n_epochs=2)
     with sqlite_database.transaction() as session:
         store = JobStore(session)
-        store.transition("sft-resumed", to=JobStatus.RUNNING)
-        store.add_checkpoint("sft-resumed", iters=saved.iters, path=saved.path)
-        store.transition("sft-resumed", to=JobStatus.SCHEDULED)  # requeued: attempt 1
+        store.transition(_key("sft-resumed"), to=JobStatus.RUNNING)
+        store.add_checkpoint(_key("sft-resumed"), iters=saved.iters, path=saved.path)
+        store.transition(_key("sft-resumed"), to=JobStatus.SCHEDULED)  # requeued: attempt 1
     main(config)
     with sqlite_database.transaction() as session:
         store = JobStore(session)
         job = store.get("sft-resumed", tenant=TENANT)
-        lines = [line.line for line in store.log_lines("sft-resumed")]
-        iters = [c.iters for c in store.checkpoints("sft-resumed")]
+        lines = [line.line for line in store.log_lines(_key("sft-resumed"))]
+        iters = [c.iters for c in store.checkpoints(_key("sft-resumed"))]
     assert job.status == JobStatus.COMPLETED, lines
     assert lines[0].startswith("attempt 1: lora on 2 workers, resuming from ")
     assert [line.split()[1] for line in lines if line.startswith("step ")] == ["5", "6", "7", "8"]
     assert not any(line.startswith("epoch 0 ") for line in lines)
     assert iters == [4, 8]
-    assert (tmp_path / "out" / "ray" / "sft-resumed-attempt-1").is_dir()
+    assert (tmp_path / "out" / "ray" / f"{_key('sft-resumed')}-attempt-1").is_dir()
 
 
 def test_a_cancelled_job_does_not_train(
@@ -189,12 +205,12 @@ def test_a_cancelled_job_does_not_train(
 ) -> None:
     config = _config(sqlite_database, demo_model_dir, tmp_path / "out", "sft-cancelled")
     with sqlite_database.transaction() as session:
-        JobStore(session).transition("sft-cancelled", to=JobStatus.CANCELLED)
+        JobStore(session).transition(_key("sft-cancelled"), to=JobStatus.CANCELLED)
     main(config)  # returns without starting a trainer
     with sqlite_database.transaction() as session:
         store = JobStore(session)
-        assert store.status_of("sft-cancelled") == JobStatus.CANCELLED
-        assert store.log_lines("sft-cancelled") == []
+        assert store.status_of(_key("sft-cancelled")) == JobStatus.CANCELLED
+        assert store.log_lines(_key("sft-cancelled")) == []
     assert not (tmp_path / "out").exists()
 
 
@@ -202,9 +218,9 @@ def _finished(db: Database, job_uuid: str) -> tuple[list[str], list[Any]]:
     """The job's log lines and checkpoint rows, after checking that it completed."""
     with db.transaction() as session:
         store = JobStore(session)
-        status = store.status_of(job_uuid)
-        lines = [line.line for line in store.log_lines(job_uuid)]
-        checkpoints = store.checkpoints(job_uuid)
+        status = store.status_of(_key(job_uuid))
+        lines = [line.line for line in store.log_lines(_key(job_uuid))]
+        checkpoints = store.checkpoints(_key(job_uuid))
     assert status == JobStatus.COMPLETED, lines
     return lines, checkpoints
 
@@ -275,9 +291,9 @@ def test_zero2_lora_with_activation_checkpointing_exports_and_resumes(
     )
     with sqlite_database.transaction() as session:
         store = JobStore(session)
-        store.transition("sft-z2-resumed", to=JobStatus.RUNNING)
-        store.add_checkpoint("sft-z2-resumed", iters=saved.iters, path=saved.path)
-        store.transition("sft-z2-resumed", to=JobStatus.SCHEDULED)  # requeued: attempt 1
+        store.transition(_key("sft-z2-resumed"), to=JobStatus.RUNNING)
+        store.add_checkpoint(_key("sft-z2-resumed"), iters=saved.iters, path=saved.path)
+        store.transition(_key("sft-z2-resumed"), to=JobStatus.SCHEDULED)  # requeued: attempt 1
     main(resumed)
     lines, checkpoints = _finished(sqlite_database, "sft-z2-resumed")
     steps = [line.split() for line in lines if line.startswith("step ")]

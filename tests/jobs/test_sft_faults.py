@@ -16,6 +16,7 @@ import pytest
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.tenancy import job_key
 from jobs.sft import SFTJobConfig, main
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -93,10 +94,10 @@ class WorkerKiller:
     def _ready(self) -> bool:
         with self.db.transaction() as session:
             store = JobStore(session)
-            if not store.checkpoints(JOB):
+            if not store.checkpoints(job_key("t", JOB)):
                 return False
             wanted = f"step {self.kill_after_step} "
-            return any(line.line.startswith(wanted) for line in store.log_lines(JOB))
+            return any(line.line.startswith(wanted) for line in store.log_lines(job_key("t", JOB)))
 
     def _kill_rank_zero(self) -> None:
         [rank_zero] = [w for w in _train_workers() if _holds_open(w, self.database_file)]
@@ -120,7 +121,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
             job_uuid=JOB, tenant="t", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
         )
     config = SFTJobConfig(
-        job_uuid=JOB,
+        job_key=job_key("t", JOB),
         database_url=sqlite_database.url,
         model_dir=demo_model_dir,
         output_dir=tmp_path / "out",
@@ -151,9 +152,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
 
     with sqlite_database.transaction() as session:
         store = JobStore(session)
-        status = store.status_of(JOB)
-        lines = [line.line for line in store.log_lines(JOB)]
-        checkpoints = [(c.iters, c.metrics) for c in store.checkpoints(JOB)]
+        status = store.status_of(job_key("t", JOB))
+        lines = [line.line for line in store.log_lines(job_key("t", JOB))]
+        checkpoints = [(c.iters, c.metrics) for c in store.checkpoints(job_key("t", JOB))]
     assert status == JobStatus.COMPLETED, lines
 
     last_step = 2 * STEPS_PER_EPOCH

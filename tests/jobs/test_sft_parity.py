@@ -16,6 +16,7 @@ import torch
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.tenancy import job_key
 from jobs.sft import SFTJobConfig, main
 from tests.conftest import PEFT_DEPRECATION
 
@@ -167,7 +168,7 @@ def _recipe_losses(
             job_uuid=job_uuid, tenant="t", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
         )
     config = SFTJobConfig(
-        job_uuid=job_uuid,
+        job_key=job_key("t", job_uuid),
         database_url=db.url,
         model_dir=model_dir,
         output_dir=output_dir,
@@ -192,8 +193,8 @@ def _recipe_losses(
     main(config)
     with db.transaction() as session:
         store = JobStore(session)
-        status = store.status_of(job_uuid)
-        lines = [line.line for line in store.log_lines(job_uuid)]
+        status = store.status_of(job_key("t", job_uuid))
+        lines = [line.line for line in store.log_lines(job_key("t", job_uuid))]
     assert status == JobStatus.COMPLETED, lines
     steps = [re.match(r"step (\d+) loss (\S+) lr (\S+) ", line) for line in lines]
     found = [match for match in steps if match is not None]

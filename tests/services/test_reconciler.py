@@ -4,6 +4,7 @@ and the Ray Jobs launcher it talks to, against a real local cluster."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -18,45 +19,67 @@ pytestmark = pytest.mark.integration
 
 
 class ScriptedLauncher:
-    """A `JobLauncher` whose Ray answers are set by the test."""
+    """A `JobLauncher` whose Ray answers are set by the test. `before_info`, if set, runs
+    before each answer (to change the store behind the reconciler's back)."""
 
     def __init__(self, states: dict[str, RayJobInfo]) -> None:
         self.states = states
         self.submitted: list[str] = []
+        self.stopped: list[str] = []
+        self.before_info: Callable[[str], None] | None = None
 
-    def submit(self, job_uuid: str) -> bool:
-        self.submitted.append(job_uuid)
-        self.states[job_uuid] = RayJobInfo(RayJobState.PENDING)
+    def submit(self, job_key: str) -> bool:
+        self.submitted.append(job_key)
+        self.states[job_key] = RayJobInfo(RayJobState.PENDING)
         return True
 
-    def info(self, job_uuid: str) -> RayJobInfo | None:
-        return self.states.get(job_uuid)
+    def info(self, job_key: str) -> RayJobInfo | None:
+        if self.before_info is not None:
+            self.before_info(job_key)
+        return self.states.get(job_key)
 
-    def stop(self, job_uuid: str) -> bool:
-        return False
+    def stop(self, job_key: str) -> bool:
+        self.stopped.append(job_key)
+        return job_key in self.states and not self.states[job_key].state.is_terminal
 
 
-def _job(database: Database, uuid: str, status: JobStatus, launch: dict[str, object]) -> None:
+def _job(
+    database: Database,
+    uuid: str,
+    status: JobStatus,
+    launch: dict[str, object],
+    *,
+    tenant: str = "t",
+) -> str:
+    """Store a job in `status`; returns its key."""
     with database.transaction() as session:
         store = JobStore(session)
-        store.create(
+        key = store.create(
             job_uuid=uuid,
-            tenant="t",
+            tenant=tenant,
             kind=JobKind.SUPERVISED_FINE_TUNE,
             request={"uuid": uuid},
             launch=launch,
-        )
+        ).job.key
         if status is not JobStatus.SCHEDULED:
-            store.transition(uuid, to=JobStatus.RUNNING)
+            store.transition(key, to=JobStatus.RUNNING)
         if status.is_terminal:
-            store.transition(uuid, to=status)
+            store.transition(key, to=status)
+        return key
 
 
-def _row(database: Database, uuid: str) -> tuple[JobStatus, str | None]:
+def _row(database: Database, key: str) -> tuple[JobStatus, str | None]:
     with database.transaction() as session:
-        job = session.get(Job, uuid)
+        job = session.get(Job, key)
         assert job is not None
         return JobStatus(job.status), job.error
+
+
+def _stop_pending(database: Database, key: str) -> bool:
+    with database.transaction() as session:
+        job = session.get(Job, key)
+        assert job is not None
+        return job.stop_pending
 
 
 CASES = [
@@ -71,32 +94,132 @@ CASES = [
     (JobStatus.RUNNING, RayJobState.STOPPED, JobStatus.CANCELLED, "cancelled"),
     (JobStatus.COMPLETED, RayJobState.FAILED, JobStatus.COMPLETED, None),  # terminal: untouched
     (JobStatus.CANCELLED, RayJobState.RUNNING, JobStatus.CANCELLED, None),
+    # Finished between the store snapshot and the Ray query: settled through running.
+    (JobStatus.SCHEDULED, RayJobState.SUCCEEDED, JobStatus.COMPLETED, "completed"),
+    (JobStatus.SCHEDULED, RayJobState.STOPPED, JobStatus.CANCELLED, "cancelled"),
 ]
 
 
 def test_every_unfinished_job_gets_what_ray_says(database: Database) -> None:
     states: dict[str, RayJobInfo] = {}
+    keys = []
     for index, (row, ray_state, _, _) in enumerate(CASES):
-        _job(database, f"job-{index}", row, {})
+        keys.append(_job(database, f"job-{index}", row, {}))
         if ray_state is not None:
-            states[f"job-{index}"] = RayJobInfo(ray_state, message="driver exited with code 1")
+            states[keys[-1]] = RayJobInfo(ray_state, message="driver exited with code 1")
     launcher = ScriptedLauncher(states)
 
     settled = {
-        s.job_uuid: s.action for s in Reconciler(database=database, launcher=launcher).settle()
+        s.job_key: s.action for s in Reconciler(database=database, launcher=launcher).settle()
     }
 
-    for index, (_, _, after, action) in enumerate(CASES):
-        uuid = f"job-{index}"
-        assert settled.get(uuid) == action, uuid
-        assert _row(database, uuid)[0] is after, uuid
-    assert launcher.submitted == ["job-0"]
-    assert _row(database, "job-1") == (JobStatus.FAILED, VANISHED)
-    assert _row(database, "job-5")[1] == "the Ray job failed: driver exited with code 1"
+    for key, (_, _, after, action) in zip(keys, CASES, strict=True):
+        assert settled.get(key) == action, key
+        assert _row(database, key)[0] is after, key
+    assert launcher.submitted == [keys[0]]
+    assert launcher.stopped == []  # a cancelled row without a pending stop is left alone
+    assert _row(database, keys[1]) == (JobStatus.FAILED, VANISHED)
+    assert _row(database, keys[5])[1] == "the Ray job failed: driver exited with code 1"
     # A second pass finds nothing new to do: the one it submitted is now pending in Ray.
     again = Reconciler(database=database, launcher=launcher).settle()
     assert {s.action for s in again} == {"left"}
-    assert launcher.submitted == ["job-0"]
+    assert launcher.submitted == [keys[0]]
+
+
+def test_jobs_are_submitted_under_their_key_so_tenants_may_share_a_uuid(
+    database: Database,
+) -> None:
+    alpha = _job(database, "same", JobStatus.SCHEDULED, {}, tenant="alpha")
+    beta = _job(database, "same", JobStatus.SCHEDULED, {}, tenant="beta")
+    assert alpha != beta
+    launcher = ScriptedLauncher({})
+    Reconciler(database=database, launcher=launcher).settle()
+    assert sorted(launcher.submitted) == sorted([alpha, beta])
+
+
+def test_a_job_that_reports_between_snapshot_and_ray_query_is_stale_not_an_error(
+    database: Database,
+) -> None:
+    """The row is read as scheduled; before Ray is asked, the job runs to completion and
+    writes so itself. The reconciler's move is refused as stale and nothing is raised."""
+    key = _job(database, "racer", JobStatus.SCHEDULED, {})
+    other = _job(database, "bystander", JobStatus.RUNNING, {})
+    launcher = ScriptedLauncher(
+        {
+            key: RayJobInfo(RayJobState.SUCCEEDED),
+            other: RayJobInfo(RayJobState.FAILED, message="oom"),
+        }
+    )
+
+    def job_reports(asked: str) -> None:
+        if asked == key and _row(database, key)[0] is JobStatus.SCHEDULED:
+            with database.transaction() as session:
+                JobStore(session).transition(key, to=JobStatus.RUNNING)
+                JobStore(session).transition(key, to=JobStatus.COMPLETED)
+
+    launcher.before_info = job_reports
+    settled = {
+        s.job_key: s.action for s in Reconciler(database=database, launcher=launcher).settle()
+    }
+    assert settled == {key: "stale", other: "failed"}
+    assert _row(database, key) == (JobStatus.COMPLETED, None)
+
+
+def test_one_row_that_cannot_be_settled_does_not_stop_the_others(database: Database) -> None:
+    broken = _job(database, "broken", JobStatus.RUNNING, {})
+    fine = _job(database, "fine", JobStatus.RUNNING, {})
+    launcher = ScriptedLauncher({fine: RayJobInfo(RayJobState.SUCCEEDED)})
+
+    def fail_for_broken(asked: str) -> None:
+        if asked == broken:
+            raise ValueError("a bug in reading this row")
+
+    launcher.before_info = fail_for_broken
+    settled = {
+        s.job_key: s.action for s in Reconciler(database=database, launcher=launcher).settle()
+    }
+    assert settled == {broken: "error: ValueError", fine: "completed"}
+    assert _row(database, broken)[0] is JobStatus.RUNNING
+
+
+def test_ray_unreachable_ends_the_pass_with_a_backend_error(database: Database) -> None:
+    _job(database, "waiting", JobStatus.SCHEDULED, {})
+    launcher = ScriptedLauncher({})
+
+    def unreachable(_: str) -> None:
+        raise RayJobsUnavailable("the Ray Jobs API at http://127.0.0.1:9: refused")
+
+    launcher.before_info = unreachable
+    with pytest.raises(RayJobsUnavailable):
+        Reconciler(database=database, launcher=launcher).settle()
+
+
+def test_a_pending_stop_is_retried_until_ray_says_the_job_ended(database: Database) -> None:
+    """Cancelled while Ray was unreachable: the row says cancelled with a pending stop. The
+    reconciler stops the Ray job while it is alive, and clears the stop once it ended.
+    A job that completed itself (still shutting down in Ray) is never stopped."""
+    cancelled = _job(database, "cancelled", JobStatus.CANCELLED, {})
+    completed = _job(database, "completed", JobStatus.COMPLETED, {})
+    with database.transaction() as session:
+        JobStore(session).set_stop_pending(cancelled, True)
+    launcher = ScriptedLauncher(
+        {
+            cancelled: RayJobInfo(RayJobState.RUNNING),
+            completed: RayJobInfo(RayJobState.RUNNING),
+        }
+    )
+    reconciler = Reconciler(database=database, launcher=launcher)
+
+    assert [(s.job_key, s.action) for s in reconciler.settle()] == [(cancelled, "stopped")]
+    assert launcher.stopped == [cancelled]
+    assert _stop_pending(database, cancelled)  # until Ray confirms
+
+    launcher.states[cancelled] = RayJobInfo(RayJobState.STOPPED)
+    assert [(s.job_key, s.action) for s in reconciler.settle()] == [(cancelled, "stop confirmed")]
+    assert not _stop_pending(database, cancelled)
+    assert reconciler.settle() == []
+    assert launcher.stopped == [cancelled]
+    assert _row(database, cancelled)[0] is JobStatus.CANCELLED
 
 
 @pytest.mark.slow
@@ -106,24 +229,23 @@ def test_the_ray_launcher_runs_the_fixed_entrypoint_which_reports_to_the_store(
     """A job whose launch config cannot run: the real entrypoint starts under Ray, records
     the failure in the store and exits non-zero, so Ray's view agrees with the row."""
     launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
-    uuid = f"broken-{time.monotonic_ns()}"
-    _job(database, uuid, JobStatus.SCHEDULED, {"n_epochs": 0})
-    assert launcher.info(uuid) is None
+    key = _job(database, f"broken-{time.monotonic_ns()}", JobStatus.SCHEDULED, {"n_epochs": 0})
+    assert launcher.info(key) is None
 
-    # Nothing in Ray yet: the reconciler submits it, under the job's own uuid.
+    # Nothing in Ray yet: the reconciler submits it, under the job's own key.
     reconciler = Reconciler(database=database, launcher=launcher)
-    assert [s.action for s in reconciler.settle() if s.job_uuid == uuid] == ["submitted"]
-    assert launcher.submit(uuid) is False  # Ray refuses a second run of the same job
+    assert [s.action for s in reconciler.settle() if s.job_key == key] == ["submitted"]
+    assert launcher.submit(key) is False  # Ray refuses a second run of the same job
 
     deadline = time.monotonic() + 180
-    while (info := launcher.info(uuid)) is None or not info.state.is_terminal:
-        assert time.monotonic() < deadline, f"Ray job {uuid} did not finish: {info}"
+    while (info := launcher.info(key)) is None or not info.state.is_terminal:
+        assert time.monotonic() < deadline, f"Ray job {key} did not finish: {info}"
         time.sleep(1)
     assert info.state is RayJobState.FAILED
-    status, error = _row(database, uuid)
+    status, error = _row(database, key)
     assert status is JobStatus.FAILED
     assert error is not None and "ValidationError" in error
-    assert launcher.stop(uuid) is False  # already over: stopping is harmless
+    assert launcher.stop(key) is False  # already over: stopping is harmless
 
 
 @pytest.mark.slow
@@ -131,9 +253,9 @@ def test_a_running_job_ray_never_heard_of_is_failed_as_vanished(
     database: Database, ray_jobs_url: str
 ) -> None:
     launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
-    _job(database, "lost-1", JobStatus.RUNNING, {})
+    key = _job(database, f"lost-{time.monotonic_ns()}", JobStatus.RUNNING, {})
     Reconciler(database=database, launcher=launcher).settle()
-    assert _row(database, "lost-1") == (JobStatus.FAILED, VANISHED)
+    assert _row(database, key) == (JobStatus.FAILED, VANISHED)
 
 
 def test_an_unreachable_jobs_api_is_a_clear_503_error() -> None:

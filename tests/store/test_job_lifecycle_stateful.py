@@ -29,6 +29,7 @@ from corral.store.jobs import (
     JobStore,
     TransitionOutcome,
 )
+from corral.tenancy import job_key
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,7 +68,7 @@ class JobLifecycle(RuleBasedStateMachine):
         self, job_uuid: str, to: JobStatus, expected: JobStatus | None = None
     ) -> TransitionOutcome:
         with self.database.transaction() as session:
-            return JobStore(session).transition(job_uuid, to=to, expected=expected)
+            return JobStore(session).transition(job_key("t", job_uuid), to=to, expected=expected)
 
     @initialize(target=jobs)
     def first_job(self) -> str:
@@ -119,7 +120,7 @@ class JobLifecycle(RuleBasedStateMachine):
         outcomes = list(self.pool.map(attempt, targets))
         applied = [to for to, o in zip(targets, outcomes, strict=True) if o.applied]
         with self.database.transaction() as session:
-            stored = JobStore(session).status_of(job)
+            stored = JobStore(session).status_of(job_key("t", job))
         assert stored is not None
         if cas:
             assert len(applied) == 1, (start, targets, outcomes)

@@ -17,10 +17,16 @@ from corral.store.jobs import (
     JobStatus,
     JobStore,
 )
+from corral.tenancy import job_key
 
 pytestmark = pytest.mark.integration
 SFT = JobKind.SUPERVISED_FINE_TUNE
 REQUEST = {"model": "llama3_8b", "algorithm": "lora", "training_config": {"n_epochs": 1}}
+
+
+def _key(job_uuid: str, tenant: str = "t1") -> str:
+    """The key the store knows a job by (what the tests' transitions and logs take)."""
+    return job_key(tenant, job_uuid)
 
 
 def _create(db: Database, job_uuid: str = "job-1", **overrides: object) -> None:
@@ -31,7 +37,7 @@ def _create(db: Database, job_uuid: str = "job-1", **overrides: object) -> None:
 
 def _status(db: Database, job_uuid: str = "job-1") -> JobStatus | None:
     with db.transaction() as session:
-        return JobStore(session).status_of(job_uuid)
+        return JobStore(session).status_of(_key(job_uuid))
 
 
 def test_terminal_flags_and_spec_values() -> None:
@@ -62,10 +68,9 @@ def test_create_is_idempotent_by_uuid(database: Database) -> None:
     "overrides",
     [
         {"request": {**REQUEST, "algorithm": "full"}},
-        {"tenant": "t2"},
         {"kind": JobKind.PREFERENCE_OPTIMIZE},
     ],
-    ids=["other-body", "other-tenant", "other-kind"],
+    ids=["other-body", "other-kind"],
 )
 def test_same_uuid_with_other_request_conflicts(
     database: Database, overrides: dict[str, object]
@@ -75,6 +80,20 @@ def test_same_uuid_with_other_request_conflicts(
         _create(database, **overrides)
     with database.transaction() as session:
         assert JobStore(session).get("job-1", tenant="t1").request == REQUEST
+
+
+def test_uuids_live_in_each_tenants_namespace(database: Database) -> None:
+    """Another tenant's job under the same uuid is its own job, not a conflict: a 409 would
+    tell that tenant the uuid is taken."""
+    _create(database)
+    _create(database, tenant="t2", request={**REQUEST, "algorithm": "full"})
+    with database.transaction() as session:
+        store = JobStore(session)
+        mine, theirs = store.get("job-1", tenant="t1"), store.get("job-1", tenant="t2")
+        assert mine.key != theirs.key
+        assert (mine.request, theirs.request["algorithm"]) == (REQUEST, "full")
+        store.append_log(theirs.key, "only theirs")
+        assert store.log_lines(mine.key) == []
 
 
 def test_concurrent_creates_make_one_job(database: Database) -> None:
@@ -104,11 +123,11 @@ def test_lifecycle_sets_times_and_attempts(database: Database) -> None:
     _create(database)
     with database.transaction() as session:
         store = JobStore(session)
-        assert store.transition("job-1", to=JobStatus.RUNNING).applied
-        assert store.transition("job-1", to=JobStatus.SCHEDULED).applied  # requeue
-        assert store.transition("job-1", to=JobStatus.RUNNING).applied
+        assert store.transition(_key("job-1"), to=JobStatus.RUNNING).applied
+        assert store.transition(_key("job-1"), to=JobStatus.SCHEDULED).applied  # requeue
+        assert store.transition(_key("job-1"), to=JobStatus.RUNNING).applied
         done = store.transition(
-            "job-1", to=JobStatus.COMPLETED, resources_allocated={"num_workers": 2}
+            _key("job-1"), to=JobStatus.COMPLETED, resources_allocated={"num_workers": 2}
         )
         assert done.applied
         job = store.get("job-1", tenant="t1")
@@ -122,9 +141,9 @@ def test_terminal_status_never_changes(database: Database) -> None:
     _create(database)
     with database.transaction() as session:
         store = JobStore(session)
-        store.transition("job-1", to=JobStatus.CANCELLED, error="cancelled by user")
+        store.transition(_key("job-1"), to=JobStatus.CANCELLED, error="cancelled by user")
         for to in JobStatus:
-            outcome = store.transition("job-1", to=to)
+            outcome = store.transition(_key("job-1"), to=to)
             assert not outcome.applied
             assert outcome.status is JobStatus.CANCELLED
             assert outcome.refused == "illegal"
@@ -134,10 +153,10 @@ def test_terminal_status_never_changes(database: Database) -> None:
 def test_stale_expectation_is_reported_not_applied(database: Database) -> None:
     _create(database)
     with database.transaction() as session:
-        JobStore(session).transition("job-1", to=JobStatus.RUNNING)
+        JobStore(session).transition(_key("job-1"), to=JobStatus.RUNNING)
     with database.transaction() as session:
         outcome = JobStore(session).transition(
-            "job-1", to=JobStatus.FAILED, expected=JobStatus.SCHEDULED
+            _key("job-1"), to=JobStatus.FAILED, expected=JobStatus.SCHEDULED
         )
     assert outcome.applied is False
     assert outcome.refused == "stale"
@@ -148,25 +167,27 @@ def test_stale_expectation_is_reported_not_applied(database: Database) -> None:
 def test_never_legal_move_is_a_programming_error(database: Database) -> None:
     _create(database)
     with database.transaction() as session, pytest.raises(IllegalTransition):
-        JobStore(session).transition("job-1", to=JobStatus.RUNNING, expected=JobStatus.COMPLETED)
+        JobStore(session).transition(
+            _key("job-1"), to=JobStatus.RUNNING, expected=JobStatus.COMPLETED
+        )
 
 
 def test_unknown_job(database: Database) -> None:
     with database.transaction() as session, pytest.raises(NotFound):
-        JobStore(session).transition("nope", to=JobStatus.RUNNING)
+        JobStore(session).transition(_key("nope"), to=JobStatus.RUNNING)
 
 
 def test_late_completion_cannot_overwrite_cancel(database: Database) -> None:
     """Two writers race from RUNNING: cancel and complete. Exactly one wins."""
     _create(database)
     with database.transaction() as session:
-        JobStore(session).transition("job-1", to=JobStatus.RUNNING)
+        JobStore(session).transition(_key("job-1"), to=JobStatus.RUNNING)
     barrier = threading.Barrier(2)
 
     def move(to: JobStatus) -> bool:
         barrier.wait()
         with database.transaction() as session:
-            return JobStore(session).transition("job-1", to=to).applied
+            return JobStore(session).transition(_key("job-1"), to=to).applied
 
     with ThreadPoolExecutor(2) as pool:
         results = dict(
@@ -185,20 +206,20 @@ def test_logs_and_checkpoints(database: Database) -> None:
     _create(database)
     with database.transaction() as session:
         store = JobStore(session)
-        store.append_log("job-1", "step 1 loss 2.0", "step 2 loss 1.5")
-        store.add_checkpoint("job-1", iters=2, path="/ckpt/2", metrics={"loss": 1.5})
-        store.add_checkpoint("job-1", iters=1, path="/ckpt/1")
+        store.append_log(_key("job-1"), "step 1 loss 2.0", "step 2 loss 1.5")
+        store.add_checkpoint(_key("job-1"), iters=2, path="/ckpt/2", metrics={"loss": 1.5})
+        store.add_checkpoint(_key("job-1"), iters=1, path="/ckpt/1")
     with database.transaction() as session:
         store = JobStore(session)
-        assert [line.line for line in store.log_lines("job-1")] == [
+        assert [line.line for line in store.log_lines(_key("job-1"))] == [
             "step 1 loss 2.0",
             "step 2 loss 1.5",
         ]
-        first_id = store.log_lines("job-1")[0].id
-        assert [line.line for line in store.log_lines("job-1", after_id=first_id)] == [
+        first_id = store.log_lines(_key("job-1"))[0].id
+        assert [line.line for line in store.log_lines(_key("job-1"), after_id=first_id)] == [
             "step 2 loss 1.5"
         ]
-        checkpoints = store.checkpoints("job-1")
+        checkpoints = store.checkpoints(_key("job-1"))
         assert [(c.iters, c.path, c.tenant) for c in checkpoints] == [
             (1, "/ckpt/1", "t1"),
             (2, "/ckpt/2", "t1"),
@@ -211,8 +232,8 @@ def test_list_filters_and_paginates(database: Database) -> None:
     _create(database, "other-tenant-job", tenant="t2")
     with database.transaction() as session:
         store = JobStore(session)
-        store.transition("job-0", to=JobStatus.RUNNING)
-        store.transition("job-1", to=JobStatus.FAILED)
+        store.transition(_key("job-0"), to=JobStatus.RUNNING)
+        store.transition(_key("job-1"), to=JobStatus.FAILED)
     with database.transaction() as session:
         store = JobStore(session)
         assert [j.uuid for j in store.find(tenant="t1", statuses=[JobStatus.RUNNING])] == ["job-0"]

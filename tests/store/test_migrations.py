@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from corral.store import migrate
-from corral.store.db import make_engine
-from corral.store.tables import Base
+from corral.store.db import Database, make_engine
+from corral.store.jobs import JobStore
+from corral.store.tables import Base, ServedModel
 
 EXPECTED_TABLES = {
     "jobs",
@@ -71,3 +72,82 @@ def test_every_model_table_is_expected() -> None:
 def test_upgrade_is_idempotent(database_url: str) -> None:
     migrate.upgrade(database_url)
     assert migrate.current_revision(database_url) == migrate.head_revision()
+
+
+def test_job_keys_migration_keeps_existing_jobs_their_logs_and_checkpoints(
+    empty_database_url: str,
+) -> None:
+    """Rows from before job keys keep their uuid as their key (the id their Ray job and
+    checkpoint folder have), with every log line, checkpoint and registered model; and
+    the way back restores them."""
+    url = empty_database_url
+    migrate.upgrade(url, "0002")
+    now = "2026-11-30 12:00:00+00:00"
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (uuid, tenant, kind, status, request, request_digest,"
+                    " scheduled_at, updated_at, attempt) VALUES"
+                    " ('old-job', 'alpha', 'supervised_fine_tune', 'completed', '{}', 'd',"
+                    " :now, :now, 0)"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO job_log_lines (job_uuid, logged_at, line)"
+                    " VALUES ('old-job', :now, 'step 1 loss 2.0')"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO checkpoints (job_uuid, tenant, iters, path, created_at)"
+                    " VALUES ('old-job', 'alpha', 4, '/ckpt/old-job/iter-4', :now)"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO served_models (tenant, name, checkpoint_dir, engine,"
+                    " gpus_per_replica, min_replicas, max_replicas, target_ongoing_requests,"
+                    " max_batch_size, source_job_uuid, created_at, updated_at) VALUES"
+                    " ('alpha', 'mine', '/ckpt/old-job/iter-4', 'transformers', 0, 1, 1, 2, 8,"
+                    " 'old-job', :now, :now)"
+                ),
+                {"now": now},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            store = JobStore(session)
+            job = store.get("old-job", tenant="alpha")
+            assert (job.key, job.status, job.stop_pending) == ("old-job", "completed", False)
+            assert [line.line for line in store.log_lines(job.key)] == ["step 1 loss 2.0"]
+            assert [c.path for c in store.checkpoints(job.key)] == ["/ckpt/old-job/iter-4"]
+            model = session.get(ServedModel, ("alpha", "mine"))
+            assert model is not None and model.source_job_uuid == "old-job"
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "0002")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT job_uuid, line FROM job_log_lines")).all() == [
+                ("old-job", "step 1 loss 2.0")
+            ]
+            assert conn.execute(text("SELECT job_uuid, iters FROM checkpoints")).all() == [
+                ("old-job", 4)
+            ]
+            assert conn.execute(text("SELECT source_job_uuid FROM served_models")).all() == [
+                ("old-job",)
+            ]
+    finally:
+        engine.dispose()

@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Discriminator, Field, Tag, field_validator
 
 from corral.api.common import (
+    Id,
     InstructModel,
     JsonObject,
     Message,
@@ -46,7 +47,7 @@ class ModelInferenceStep(_ExecutionStep):
     step_type: StepType = Field(
         description=_STEP_TYPE_DOC, json_schema_extra=spec_default("model_inference")
     )
-    uuid: str
+    uuid: Id
     text: str
     logprobs: JsonObject | None = None
 
@@ -56,7 +57,7 @@ class ToolExecutionStep(_ExecutionStep):
     step_type: StepType = Field(
         description=_STEP_TYPE_DOC, json_schema_extra=spec_default("tool_execution")
     )
-    uuid: str
+    uuid: Id
     tool_calls: list[ToolCall]
     tool_responses: list[ToolResponse]
 
@@ -72,7 +73,7 @@ class SafetyFilteringStep(_ExecutionStep):
     step_type: StepType = Field(
         description=_STEP_TYPE_DOC, json_schema_extra=spec_default("safety_filtering")
     )
-    uuid: str
+    uuid: Id
     violation: SafetyViolation | None = None
 
 
@@ -81,7 +82,7 @@ class MemoryRetrievalStep(_ExecutionStep):
     step_type: StepType = Field(
         description=_STEP_TYPE_DOC, json_schema_extra=spec_default("memory_retrieval")
     )
-    uuid: str
+    uuid: Id
     documents: list[MemoryBankDocument]
     scores: list[float]
 
@@ -112,7 +113,7 @@ class AgenticSystemTurn(SpecModel):
 
 
 class AgenticSystemCreateRequest(SpecModel):
-    uuid: str
+    uuid: Id
     instructions: str
     model: InstructModel
     available_tools: list[ToolDefinition]
@@ -120,7 +121,7 @@ class AgenticSystemCreateRequest(SpecModel):
         json_schema_extra={"uniqueItems": True},
         description="Tool names, each at most once (a list, to keep the caller's order).",
     )
-    memory_bank_uuids: list[str]
+    memory_bank_uuids: list[Id]
     input_shields: list[ShieldConfig]
     output_shields: list[ShieldConfig]
 
@@ -138,7 +139,7 @@ class AgenticSystemCreateResponse(SpecModel):
 
 
 class AgenticSystemExecuteRequest(SpecModel):
-    agent_uuid: str
+    agent_uuid: Id
     messages: list[Message]
     turn_history: list[AgenticSystemTurn]
     stream: bool = Field(json_schema_extra=spec_default(False))

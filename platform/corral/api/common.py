@@ -8,9 +8,17 @@ default is only shown in the JSON schema: the spec's `required` list is the cont
 from __future__ import annotations
 
 import math
+import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 from typing_extensions import TypeAliasType
 
 # The spec's "any JSON value" (`oneOf: null | boolean | number | string | array | object`).
@@ -27,9 +35,17 @@ _JSON_VALUE_SCHEMA: dict[str, Any] = {
 }
 
 
+# How deeply arrays and objects may nest in a JSON value the API accepts (request fields
+# and dataset cells alike). Real configs and dialogs nest a handful of levels; without a
+# bound, deep values reach recursive code (pydantic's serializer stops at 255 levels,
+# `json` at the interpreter's recursion limit) and fail as server errors.
+MAX_JSON_DEPTH = 64
+
+
 def _json_only(value: Any) -> Any:
     """Refuse what JSON cannot spell (a set, a datetime, NaN, a cycle) anywhere inside
-    `value`: parsed JSON always passes, values built in Python may not."""
+    `value`, and values nested deeper than MAX_JSON_DEPTH: parsed JSON passes unless it is
+    that deep, values built in Python may not."""
     # Depth-first without recursion; `open_containers` holds the path to the current item.
     stack: list[tuple[Any, bool]] = [(value, False)]
     open_containers: set[int] = set()
@@ -40,6 +56,8 @@ def _json_only(value: Any) -> Any:
         elif isinstance(item, dict | list):
             if id(item) in open_containers:
                 raise ValueError("a JSON value cannot contain itself")
+            if len(open_containers) >= MAX_JSON_DEPTH:
+                raise ValueError(f"JSON values may nest at most {MAX_JSON_DEPTH} levels deep")
             if isinstance(item, dict) and not all(isinstance(key, str) for key in item):
                 raise ValueError("JSON object keys must be strings")
             open_containers.add(id(item))
@@ -63,6 +81,35 @@ JsonValue = Annotated[
 ]
 JsonObject = dict[str, JsonValue]
 
+# Control characters (NUL included) and lone surrogates: PostgreSQL cannot store NUL in
+# text, a surrogate cannot be encoded as UTF-8, and neither belongs in an identifier.
+_UNPRINTABLE = frozenset({"Cc", "Cs"})
+
+
+def printable(value: str) -> str:
+    """Refuse control characters and lone surrogates (not spelled as a `pattern`: the
+    published schema stays the spec's)."""
+    for position, char in enumerate(value):
+        if unicodedata.category(char) in _UNPRINTABLE:
+            raise ValueError(
+                f"must not contain control characters or lone surrogates "
+                f"(U+{ord(char):04X} at position {position})"
+            )
+    return value
+
+
+# Longest identifier accepted anywhere: the width of the uuid columns.
+MAX_ID_LENGTH = 128
+# Every client-chosen identifier (dataset, job, agent, bank, session, turn, step, document
+# uuids; model names; query parameters and body fields alike): 1 to MAX_ID_LENGTH
+# printable characters, otherwise free-form. Where an id becomes a Ray id, a path or a
+# collection name, services/ids.check_id applies a stricter alphabet on top.
+Id = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH),
+    AfterValidator(printable),
+]
+
 URL_PATTERN = r"^(https?://|file://|data:)"
 # A named alias, so the OpenAPI document has the spec's `URL` component; in Python a str.
 URL = TypeAliasType(
@@ -70,6 +117,7 @@ URL = TypeAliasType(
     Annotated[
         str,
         Field(pattern=URL_PATTERN),
+        AfterValidator(printable),
         WithJsonSchema({"type": "string", "format": "uri", "pattern": URL_PATTERN}),
     ],
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from corral.api.common import URL, JsonObject, SpecModel
+from corral.api.common import URL, Id, JsonObject, SpecModel
 
 ColumnType = Literal["dialog", "text", "media", "number", "json"]
 
@@ -20,5 +20,5 @@ class Dataset(SpecModel):
 class CreateDatasetRequest(SpecModel):
     """Request to create a dataset."""
 
-    uuid: str
+    uuid: Id
     dataset: Dataset

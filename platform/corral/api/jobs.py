@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from corral.api.common import Id
 
 JobStatusName = Literal["scheduled", "running", "completed", "failed", "cancelled"]
 JobKindName = Literal["supervised_fine_tune", "preference_optimize", "synthetic_data_generation"]
@@ -33,6 +35,9 @@ class JobSummary(BaseModel):
     attempt: int
     checkpoints: int
     progress: JobProgress | None = None
+    # Cancelled, but Ray has not yet confirmed that the job's Ray job ended (e.g. Ray
+    # could not be reached when it was cancelled): the reconciler stops it.
+    stop_pending: bool = False
 
 
 class JobList(BaseModel):
@@ -44,4 +49,4 @@ class JobList(BaseModel):
 class CancelJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    job_uuid: str = Field(min_length=1, max_length=128)
+    job_uuid: Id

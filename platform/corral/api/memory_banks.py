@@ -7,7 +7,7 @@ import binascii
 
 from pydantic import Field, field_validator
 
-from corral.api.common import JsonObject, SpecModel
+from corral.api.common import Id, JsonObject, SpecModel
 
 
 class MemoryBank(SpecModel):
@@ -16,7 +16,7 @@ class MemoryBank(SpecModel):
 
 
 class MemoryBankDocument(SpecModel):
-    uuid: str
+    uuid: Id
     content: str = Field(
         json_schema_extra={"contentEncoding": "base64"},
         description="The document's bytes, base64-encoded (checked to decode).",

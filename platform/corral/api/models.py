@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from corral.api.common import Id
 from corral.serving.catalog import MAX_REPLICAS, MODEL_NAME_PATTERN
 
 
@@ -26,7 +27,7 @@ class RegisterModelRequest(BaseModel):
     target_ongoing_requests: float = Field(default=2.0, gt=0, le=1024)
     max_batch_size: int = Field(default=8, ge=1, le=1024)
     # The fine-tuning job that produced the weights, if any.
-    source_job_uuid: str | None = Field(default=None, max_length=128)
+    source_job_uuid: Id | None = None
 
     @model_validator(mode="after")
     def _bounds(self) -> RegisterModelRequest:
@@ -41,7 +42,7 @@ class ScaleModelRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=256)
+    model: Id
     min_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
     max_replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
     replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)

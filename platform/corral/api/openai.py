@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from corral.api.common import JsonObject
+from corral.api.common import Id, JsonObject
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -61,7 +61,7 @@ class StreamOptions(OpenAIRequest):
 class SamplingFields(OpenAIRequest):
     """What completions and chat completions share. None means OpenAI's default."""
 
-    model: str = Field(min_length=1)
+    model: Id
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="Default 1.")
     top_p: float | None = Field(default=None, ge=0.0, le=1.0, description="Default 1.")
     n: Annotated[int, only(1)] = 1

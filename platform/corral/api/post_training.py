@@ -10,7 +10,7 @@ from typing import Literal, Self
 
 from pydantic import AwareDatetime, Field, model_validator
 
-from corral.api.common import URL, JsonObject, PretrainedModel, SpecModel
+from corral.api.common import URL, Id, JsonObject, PretrainedModel, SpecModel
 from corral.api.datasets import Dataset
 
 OptimizerType = Literal["adam", "adamw", "sgd"]
@@ -85,7 +85,7 @@ class DPOAlignmentConfig(SpecModel):
 class PostTrainingSFTRequest(SpecModel):
     """Request to finetune a model."""
 
-    job_uuid: str
+    job_uuid: Id
     model: PretrainedModel
     dataset: Dataset
     validation_dataset: Dataset
@@ -110,7 +110,7 @@ class PostTrainingSFTRequest(SpecModel):
 class PostTrainingRLHFRequest(SpecModel):
     """Request to finetune a model."""
 
-    job_uuid: str
+    job_uuid: Id
     finetuned_model: URL
     dataset: Dataset
     validation_dataset: Dataset

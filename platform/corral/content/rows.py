@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from corral.api.common import MAX_JSON_DEPTH
 from corral.content.urls import FetchedContent
 from corral.errors import InvalidRequest
 
@@ -71,16 +72,51 @@ def detect_format(content: FetchedContent, *, declared: str | None = None) -> Da
 
 
 def parse_rows(content: FetchedContent, *, declared_format: str | None = None) -> list[Row]:
-    """Every row of `content`, each a dict keyed by column name."""
+    """Every row of `content`, each a dict keyed by column name, none nested deeper than
+    MAX_JSON_DEPTH (the row itself counts as one level)."""
     fmt = detect_format(content, declared=declared_format)
     if fmt == "parquet":
-        return _parquet_rows(content.data)
-    text = _decode(content.data, fmt)
-    if fmt == "jsonl":
-        return _jsonl_rows(text)
-    if fmt == "json":
-        return _json_rows(text)
-    return _csv_rows(text)
+        rows = _parquet_rows(content.data)
+    else:
+        text = _decode(content.data, fmt)
+        if fmt == "jsonl":
+            rows = _jsonl_rows(text)
+        elif fmt == "json":
+            rows = _json_rows(text)
+        else:
+            rows = _csv_rows(text)
+    for index, row in enumerate(rows):
+        if json_depth(row) > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"row {index} nests more than {MAX_JSON_DEPTH} levels deep")
+    return rows
+
+
+def json_depth(value: object) -> int:
+    """How deeply arrays and objects nest in `value` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def loads_bounded(text: str) -> Any:
+    """`json.loads`, but a value nested deeper than MAX_JSON_DEPTH is a ValueError, as is
+    one so deep that the parser itself gives up (a RecursionError, a server error if it
+    escaped)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+    else:
+        if json_depth(value) <= MAX_JSON_DEPTH:
+            return value
+    raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 def _decode(data: bytes, fmt: DataFormat) -> str:
@@ -109,9 +145,11 @@ def _jsonl_rows(text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = loads_bounded(line)
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"jsonl line {number} is not valid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise InvalidRequest(f"jsonl line {number}: {exc}") from None
         if not isinstance(value, dict):
             raise InvalidRequest(
                 f"jsonl line {number} is a JSON {_kind(value)}, expected an object"
@@ -122,11 +160,13 @@ def _jsonl_rows(text: str) -> list[Row]:
 
 def _json_rows(text: str) -> list[Row]:
     try:
-        value = json.loads(text)
+        value = loads_bounded(text)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(
             f"json content is not valid JSON: {exc.msg} (line {exc.lineno})"
         ) from None
+    except ValueError as exc:
+        raise InvalidRequest(f"json content: {exc}") from None
     if not isinstance(value, list):
         raise InvalidRequest(f"json content is a JSON {_kind(value)}, expected an array of objects")
     for index, item in enumerate(value):

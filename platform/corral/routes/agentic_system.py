@@ -13,6 +13,7 @@ from corral.api.agentic_system import (
     AgenticSystemExecuteResponse,
     AgenticSystemExecuteResponseStreamChunk,
 )
+from corral.api.common import Id
 from corral.errors import CapabilityUnavailable
 from corral.routes.responses import OK
 
@@ -43,5 +44,5 @@ def execute_agentic_system(
 
 
 @router.delete("/agentic_system/delete", response_class=Response, response_description=OK)
-def delete_agentic_system(agent_id: str) -> Response:
+def delete_agentic_system(agent_id: Id) -> Response:
     raise _unavailable()

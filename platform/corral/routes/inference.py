@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from corral.api.errors import JSON_ERROR_RESPONSE
 from corral.api.inference import (
     BatchChatCompletionRequest,
     BatchCompletionRequest,
@@ -73,7 +74,10 @@ async def chat_completion(
 @router.post(
     "/inference/batch_completion",
     response_class=JSONLinesResponse,
-    responses={200: {"model": CompletionResponse, "description": OK}},
+    responses={
+        200: {"model": CompletionResponse, "description": OK},
+        "default": JSON_ERROR_RESPONSE,
+    },
 )
 async def batch_completion(
     body: BatchCompletionRequest, tenant: TenantDep, inference: InferenceServiceDep
@@ -84,7 +88,10 @@ async def batch_completion(
 @router.post(
     "/inference/batch_chat_completion",
     response_class=JSONLinesResponse,
-    responses={200: {"model": ChatCompletionResponse, "description": OK}},
+    responses={
+        200: {"model": ChatCompletionResponse, "description": OK},
+        "default": JSON_ERROR_RESPONSE,
+    },
 )
 async def batch_chat_completion(
     body: BatchChatCompletionRequest, tenant: TenantDep, inference: InferenceServiceDep

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from corral.api.common import Id
 from corral.api.jobs import CancelJobRequest, JobList, JobStatusName, JobSummary
 from corral.deps import PostTrainingServiceDep, TenantDep
 from corral.routes.responses import OK
@@ -32,7 +33,7 @@ def list_jobs(
 
 
 @router.get("/post_training/job", response_description=OK)
-def get_job(job_uuid: str, tenant: TenantDep, post_training: PostTrainingServiceDep) -> JobSummary:
+def get_job(job_uuid: Id, tenant: TenantDep, post_training: PostTrainingServiceDep) -> JobSummary:
     return post_training.job(tenant=tenant, job_uuid=job_uuid)
 
 

@@ -11,6 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 from fastapi.responses import Response
 
+from corral.api.common import Id
+from corral.api.errors import JSON_ERROR_RESPONSE
 from corral.api.memory_banks import MemoryBank, MemoryBankDocument
 from corral.errors import CapabilityUnavailable
 from corral.routes.responses import OK, JSONLinesResponse
@@ -18,7 +20,7 @@ from corral.routes.responses import OK, JSONLinesResponse
 router = APIRouter(tags=["MemoryBanks"])
 
 Documents = Annotated[list[MemoryBankDocument], Body()]
-DocumentIds = Annotated[list[str], Body()]
+DocumentIds = Annotated[list[Id], Body()]
 
 
 def _unavailable() -> CapabilityUnavailable:
@@ -28,43 +30,46 @@ def _unavailable() -> CapabilityUnavailable:
 
 
 @router.post("/memory_banks/create", response_class=Response, response_description=OK)
-def create_memory_bank(bank_uuid: str, bank_name: str, documents: Documents) -> Response:
+def create_memory_bank(bank_uuid: Id, bank_name: Id, documents: Documents) -> Response:
     raise _unavailable()
 
 
 @router.get(
     "/memory_banks/get",
     response_class=JSONLinesResponse,
-    responses={200: {"model": MemoryBank, "description": OK}},
+    responses={200: {"model": MemoryBank, "description": OK}, "default": JSON_ERROR_RESPONSE},
 )
 def list_memory_banks() -> JSONLinesResponse:
     raise _unavailable()
 
 
 @router.delete("/memory_banks/drop", response_class=Response, response_description=OK)
-def drop_memory_bank(bank_uuid: str) -> Response:
+def drop_memory_bank(bank_uuid: Id) -> Response:
     raise _unavailable()
 
 
 @router.post("/memory_bank/insert", response_class=Response, response_description=OK)
-def insert_documents(bank_uuid: str, documents: Documents) -> Response:
+def insert_documents(bank_uuid: Id, documents: Documents) -> Response:
     raise _unavailable()
 
 
 @router.post("/memory_bank/update", response_class=Response, response_description=OK)
-def update_documents(bank_uuid: str, documents: Documents) -> Response:
+def update_documents(bank_uuid: Id, documents: Documents) -> Response:
     raise _unavailable()
 
 
 @router.post("/memory_bank/delete", response_class=Response, response_description=OK)
-def delete_documents(bank_uuid: str, document_uuids: DocumentIds) -> Response:
+def delete_documents(bank_uuid: Id, document_uuids: DocumentIds) -> Response:
     raise _unavailable()
 
 
 @router.post(
     "/memory_bank/get",
     response_class=JSONLinesResponse,
-    responses={200: {"model": MemoryBankDocument, "description": OK}},
+    responses={
+        200: {"model": MemoryBankDocument, "description": OK},
+        "default": JSON_ERROR_RESPONSE,
+    },
 )
-def get_documents(bank_uuid: str, document_uuids: DocumentIds) -> JSONLinesResponse:
+def get_documents(bank_uuid: Id, document_uuids: DocumentIds) -> JSONLinesResponse:
     raise _unavailable()

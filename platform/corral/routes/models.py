@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from corral.api.common import Id
 from corral.api.models import (
     ModelInfo,
     ModelList,
@@ -86,7 +87,7 @@ def scale_model(
 
 @router.delete("/models/delete", response_class=Response, response_description=OK)
 def delete_model(
-    model: str, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
+    model: Id, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
 ) -> Response:
     models.unregister(tenant=tenant, model=model, operator=operator)
     return empty_ok()

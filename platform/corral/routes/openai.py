@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
+from corral.api.common import Id
 from corral.api.openai import (
     ChatCompletion,
     ChatCompletionCreate,
@@ -98,7 +99,7 @@ def list_models(tenant: TenantDep, openai: OpenAIServiceDep) -> ModelList:
 
 
 @router.get("/models/{model}")
-def retrieve_model(model: str, tenant: TenantDep, openai: OpenAIServiceDep) -> Model:
+def retrieve_model(model: Id, tenant: TenantDep, openai: OpenAIServiceDep) -> Model:
     return openai.model(tenant=tenant, model=model)
 
 

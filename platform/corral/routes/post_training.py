@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from corral.api.common import Id
 from corral.api.post_training import (
     PostTrainingJobArtifactsResponse,
     PostTrainingJobLogStream,
@@ -41,14 +42,14 @@ def preference_optimize(
 
 @router.get("/post_training/job/status", response_description=OK, response_model_exclude_none=True)
 def job_status(
-    job_uuid: str, tenant: TenantDep, post_training: PostTrainingServiceDep
+    job_uuid: Id, tenant: TenantDep, post_training: PostTrainingServiceDep
 ) -> PostTrainingJobStatusResponse:
     return post_training.status(tenant=tenant, job_uuid=job_uuid)
 
 
 @router.get("/post_training/job/logs", response_description=OK, response_model_exclude_none=True)
 def job_logs(
-    job_uuid: str, tenant: TenantDep, post_training: PostTrainingServiceDep
+    job_uuid: Id, tenant: TenantDep, post_training: PostTrainingServiceDep
 ) -> PostTrainingJobLogStream:
     return post_training.logs(tenant=tenant, job_uuid=job_uuid)
 
@@ -57,6 +58,6 @@ def job_logs(
     "/post_training/job/artifacts", response_description=OK, response_model_exclude_none=True
 )
 def job_artifacts(
-    job_uuid: str, tenant: TenantDep, post_training: PostTrainingServiceDep
+    job_uuid: Id, tenant: TenantDep, post_training: PostTrainingServiceDep
 ) -> PostTrainingJobArtifactsResponse:
     return post_training.artifacts(tenant=tenant, job_uuid=job_uuid)

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.api.datasets import CreateDatasetRequest, Dataset
 from corral.content import ContentFetcher, parse_rows
+from corral.content.rows import loads_bounded
 from corral.errors import Conflict, InvalidRequest, NotFound
 from corral.services.ids import check_id
 from corral.store.datasets import DatasetStore
@@ -123,16 +124,20 @@ def _type_problem(kind: str, value: Any) -> str | None:
     if kind == "json":
         if isinstance(value, str):
             try:
-                json.loads(value)
-            except ValueError:
+                loads_bounded(value)
+            except json.JSONDecodeError:
                 return "expected JSON"
+            except ValueError as exc:
+                return str(exc)
         return None
     if kind == "dialog":
         if isinstance(value, str):
             try:
-                value = json.loads(value)
-            except ValueError:
+                value = loads_bounded(value)
+            except json.JSONDecodeError:
                 return "expected a list of messages"
+            except ValueError as exc:
+                return str(exc)
         return _dialog_problem(value)
     return f"unknown column type {kind!r}"
 

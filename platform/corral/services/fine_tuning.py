@@ -39,8 +39,8 @@ from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.registry import ResolvedModel
-
-SFT_COLUMNS = {"dialog": "dialog"}
+from corral.tenancy import job_key, tenant_dir
+from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
 
 
 class ModelLocator(Protocol):
@@ -134,6 +134,7 @@ class LaunchPlanner:
         }
         return self._checked(
             SFTJobConfig,
+            tenant=tenant,
             job_uuid=request.job_uuid,
             rows=rows,
             validation_rows=validation_rows,
@@ -143,15 +144,17 @@ class LaunchPlanner:
         )
 
     def plan_dpo(self, *, tenant: str, request: PostTrainingRLHFRequest) -> dict[str, Any]:
-        from jobs.dpo import REQUIRED_COLUMNS as DPO_COLUMNS
         from jobs.dpo import DPOJobConfig
 
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)
         model_dir = self._model_dir_from_url(str(request.finetuned_model))
-        rows = self._rows(request.dataset, DPO_COLUMNS, "dataset")
-        validation_rows = self._rows(request.validation_dataset, DPO_COLUMNS, "validation_dataset")
+        rows = self._rows(request.dataset, PREFERENCE_COLUMNS, "dataset")
+        validation_rows = self._rows(
+            request.validation_dataset, PREFERENCE_COLUMNS, "validation_dataset"
+        )
         return self._checked(
             DPOJobConfig,
+            tenant=tenant,
             job_uuid=request.job_uuid,
             rows=rows,
             validation_rows=validation_rows,
@@ -167,16 +170,18 @@ class LaunchPlanner:
         self,
         config_class: type[BaseModel],
         *,
+        tenant: str,
         job_uuid: str,
         rows: list[Row],
         validation_rows: list[Row],
         training: TrainingConfig,
         **specific: Any,
     ) -> dict[str, Any]:
-        """The launch config, validated by the recipe's own config class."""
+        """The launch config, validated by the recipe's own config class. The job writes
+        under its tenant's own checkpoints directory, in a folder named by its uuid."""
         launch: dict[str, Any] = {
-            "job_uuid": job_uuid,
-            "output_dir": str(self._defaults.checkpoints_dir / job_uuid),
+            "job_key": job_key(tenant, job_uuid),
+            "output_dir": str(tenant_dir(self._defaults.checkpoints_dir, tenant) / job_uuid),
             "rows": rows,
             "validation_rows": validation_rows,
             "n_epochs": training.n_epochs,

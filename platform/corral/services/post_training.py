@@ -25,7 +25,6 @@ from corral.ray_jobs import JobLauncher
 from corral.services.fine_tuning import LaunchPlanner
 from corral.services.ids import check_id
 from corral.store.db import Database
-from corral.store.digest import request_digest
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Checkpoint, Job, JobLogLine
 from jobs.reporting import PLAN_PREFIX, STEP_PREFIX, read_progress
@@ -100,29 +99,26 @@ class PostTrainingService:
         _, launcher = self._runner(kind.value)
         check_id(job_uuid, what="job_uuid")
         with self._db.transaction() as session:
-            existing = session.get(Job, job_uuid)
-            if existing is not None:
-                if (existing.tenant, existing.kind, existing.request_digest) != (
-                    tenant,
-                    kind.value,
-                    request_digest(body),
-                ):
-                    raise Conflict(f"job {job_uuid!r} already exists with a different request")
-                return
+            found = JobStore(session).same_request(
+                tenant=tenant, job_uuid=job_uuid, kind=kind, request=body
+            )
+            if found is not None:
+                return  # the same request again: nothing to do
         launch = plan()  # datasets are fetched here, outside any transaction
         with self._db.transaction() as session:
             created = JobStore(session).create(
                 job_uuid=job_uuid, tenant=tenant, kind=kind, request=body, launch=launch
             )
+            key = created.job.key
         if not created.created:
             return  # a concurrent submission of the same request stored it first
         try:
-            launcher.submit(job_uuid)
+            launcher.submit(key)
         except BackendUnavailable as exc:
             # The row is stored and scheduled: the reconciler submits it once Ray answers.
-            log.warning("job %s stored but not yet submitted: %s", job_uuid, exc)
+            log.warning("job %s stored but not yet submitted: %s", key, exc)
             with self._db.transaction() as session:
-                JobStore(session).append_log(job_uuid, f"waiting for Ray: {exc.message}")
+                JobStore(session).append_log(key, f"waiting for Ray: {exc.message}")
 
     # ------------------------------------------------------------------ Corral's own
 
@@ -133,30 +129,43 @@ class PostTrainingService:
             jobs = JobStore(session).find(
                 tenant=tenant, statuses=statuses, limit=limit + 1, offset=offset
             )
-            counts = _checkpoint_counts(session, [job.uuid for job in jobs[:limit]])
-            summaries = [_summary(job, counts.get(job.uuid, 0)) for job in jobs[:limit]]
+            counts = _checkpoint_counts(session, [job.key for job in jobs[:limit]])
+            summaries = [_summary(job, counts.get(job.key, 0)) for job in jobs[:limit]]
         return JobList(data=summaries, next_offset=offset + limit if len(jobs) > limit else None)
 
     def job(self, *, tenant: str, job_uuid: str) -> JobSummary:
         with self._db.transaction() as session:
             job = JobStore(session).get(job_uuid, tenant=tenant)
-            counts = _checkpoint_counts(session, [job.uuid])
-            return _summary(job, counts.get(job.uuid, 0), progress=_progress(session, job.uuid))
+            counts = _checkpoint_counts(session, [job.key])
+            return _summary(job, counts.get(job.key, 0), progress=_progress(session, job.key))
 
     def cancel(self, *, tenant: str, job_uuid: str) -> JobSummary:
-        """Record the cancellation first (so a late completion cannot overwrite it), then
-        stop the Ray job, which frees its workers. Cancelling a cancelled job only asks
-        Ray to stop again; a job that already completed or failed is a Conflict."""
+        """Record the cancellation first (so a late completion cannot overwrite it), with a
+        pending stop, then stop the Ray job, which frees its workers. The cancellation
+        holds once recorded: if Ray cannot be reached now, the answer still says
+        `cancelled`, with `stop_pending` true, and the reconciler stops the Ray job when
+        Ray answers again. Cancelling a cancelled job only asks Ray to stop again; a job
+        that already completed or failed is a Conflict."""
         with self._db.transaction() as session:
             store = JobStore(session)
-            store.get(job_uuid, tenant=tenant)  # NotFound for another tenant's job
-            outcome = store.transition(job_uuid, to=JobStatus.CANCELLED, error="cancelled")
+            key = store.get(job_uuid, tenant=tenant).key  # NotFound for another tenant's
+            outcome = store.transition(key, to=JobStatus.CANCELLED, error="cancelled")
             if outcome.applied:
-                store.append_log(job_uuid, "cancelled on request")
+                store.set_stop_pending(key, True)
+                store.append_log(key, "cancelled on request")
         if not outcome.applied and outcome.status is not JobStatus.CANCELLED:
             raise Conflict(f"job {job_uuid!r} already {outcome.status.value}; nothing to cancel")
         if self._launcher is not None:
-            self._launcher.stop(job_uuid)
+            try:
+                self._launcher.stop(key)
+            except BackendUnavailable as exc:
+                log.warning("job %s cancelled; its Ray job is stopped later: %s", key, exc)
+                with self._db.transaction() as session:
+                    JobStore(session).append_log(
+                        key,
+                        f"Ray could not be reached to stop the job ({exc.message}); "
+                        "it is stopped once Ray answers",
+                    )
         return self.job(tenant=tenant, job_uuid=job_uuid)
 
     # ------------------------------------------------------------------ spec reads
@@ -169,7 +178,7 @@ class PostTrainingService:
                 "job_uuid": job.uuid,
                 "status": JobStatus(job.status).spec_value,
                 "scheduled_at": job.scheduled_at,
-                "checkpoints": _checkpoint_refs(store.checkpoints(job.uuid)),
+                "checkpoints": _checkpoint_refs(store.checkpoints(job.key)),
             }
             if job.started_at is not None:
                 body["started_at"] = job.started_at
@@ -183,7 +192,7 @@ class PostTrainingService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant)
-            lines = [line.line for line in store.log_lines(job.uuid)]
+            lines = [line.line for line in store.log_lines(job.key)]
             return PostTrainingJobLogStream(job_uuid=job.uuid, log_lines=lines)
 
     def artifacts(self, *, tenant: str, job_uuid: str) -> PostTrainingJobArtifactsResponse:
@@ -191,7 +200,7 @@ class PostTrainingService:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant)
             return PostTrainingJobArtifactsResponse.model_validate(
-                {"job_uuid": job.uuid, "checkpoints": _checkpoint_refs(store.checkpoints(job.uuid))}
+                {"job_uuid": job.uuid, "checkpoints": _checkpoint_refs(store.checkpoints(job.key))}
             )
 
 
@@ -206,37 +215,38 @@ def _summary(job: Job, checkpoints: int, *, progress: JobProgress | None = None)
             "completed_at": job.completed_at,
             "error": job.error,
             "attempt": job.attempt,
+            "stop_pending": job.stop_pending,
             "checkpoints": checkpoints,
             "progress": progress,
         }
     )
 
 
-def _checkpoint_counts(session: Session, job_uuids: list[str]) -> dict[str, int]:
-    if not job_uuids:
+def _checkpoint_counts(session: Session, job_keys: list[str]) -> dict[str, int]:
+    if not job_keys:
         return {}
     query = (
-        select(Checkpoint.job_uuid, func.count())
-        .where(Checkpoint.job_uuid.in_(job_uuids))
-        .group_by(Checkpoint.job_uuid)
+        select(Checkpoint.job_key, func.count())
+        .where(Checkpoint.job_key.in_(job_keys))
+        .group_by(Checkpoint.job_key)
     )
-    return {uuid: count for uuid, count in session.execute(query).tuples()}
+    return {key: count for key, count in session.execute(query).tuples()}
 
 
-def _last_line(session: Session, job_uuid: str, prefix: str) -> str | None:
+def _last_line(session: Session, job_key: str, prefix: str) -> str | None:
     query = (
         select(JobLogLine.line)
-        .where(JobLogLine.job_uuid == job_uuid, JobLogLine.line.startswith(prefix))
+        .where(JobLogLine.job_key == job_key, JobLogLine.line.startswith(prefix))
         .order_by(JobLogLine.id.desc())
         .limit(1)
     )
     return session.scalar(query)
 
 
-def _progress(session: Session, job_uuid: str) -> JobProgress | None:
+def _progress(session: Session, job_key: str) -> JobProgress | None:
     progress = read_progress(
-        plan_line=_last_line(session, job_uuid, PLAN_PREFIX),
-        step_line=_last_line(session, job_uuid, STEP_PREFIX),
+        plan_line=_last_line(session, job_key, PLAN_PREFIX),
+        step_line=_last_line(session, job_key, STEP_PREFIX),
     )
     if progress is None:
         return None

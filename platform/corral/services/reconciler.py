@@ -12,22 +12,35 @@ evidence for the cases the job process could not report itself:
 | any        | SUCCEEDED                | completed (the entrypoint exits 0 only then)     |
 | any        | FAILED                   | failed, with Ray's message                       |
 | any        | STOPPED                  | cancelled (someone stopped it in Ray)            |
+| cancelled, | PENDING / RUNNING        | stops the Ray job (it was cancelled while Ray    |
+| stop       |                          | could not be reached); the stop stays pending    |
+| pending    | ended, or never heard    | clears the pending stop                          |
 
 Every change goes through `JobStore.transition` with the status that was read as
-`expected`, so a job that reports in the meantime wins and nothing is overwritten.
-A job is only ever submitted under its own uuid, so none can run twice.
+`expected`, so a job that reports in the meantime wins and nothing is overwritten: the
+pass reports such a row as `stale`. A row read as `scheduled` whose Ray job has already
+ended ran meanwhile; it is moved through `running`, since `scheduled -> completed` is
+not a legal move. A job is only ever submitted under its own key, so none can run twice.
+
+Rows are settled one by one, each on its own: an error on one row is logged and reported
+for that row, and the pass goes on. Only Ray itself being unreachable ends a pass early
+(every other row would fail the same way); the next pass tries again.
+
+Only rows that are `cancelled` have their Ray job stopped: a job that wrote `completed`
+itself is still shutting down (its entrypoint has yet to exit) and must not be stopped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.errors import BackendUnavailable
 from corral.ray_jobs import JobLauncher, RayJobState
 from corral.store.db import Database
-from corral.store.jobs import JobStatus, JobStore
+from corral.store.jobs import LEGAL_MOVES, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +49,10 @@ VANISHED = "the Ray job vanished: Ray has no record of it (was the cluster resta
 
 @dataclass(frozen=True)
 class Settled:
-    job_uuid: str
-    action: str  # "submitted", "completed", "failed", "cancelled", "left"
+    job_key: str
+    # "submitted", "completed", "failed", "cancelled", "left", "stale", "stopped",
+    # "stop confirmed" or "error"
+    action: str
 
 
 class Reconciler:
@@ -46,43 +61,70 @@ class Reconciler:
         self._launcher = launcher
 
     def settle(self) -> list[Settled]:
-        """One pass over every unfinished job; returns what was done to each."""
-        with self._db.transaction() as session:
-            jobs = [(job.uuid, JobStatus(job.status)) for job in JobStore(session).unsettled()]
-        return [self._settle_one(uuid, status) for uuid, status in jobs]
-
-    def _settle_one(self, job_uuid: str, status: JobStatus) -> Settled:
-        info = self._launcher.info(job_uuid)
-        if info is None:
-            if status is JobStatus.SCHEDULED:
-                self._launcher.submit(job_uuid)
-                self._log(job_uuid, "submitted to Ray by the reconciler")
-                return Settled(job_uuid, "submitted")
-            return self._move(job_uuid, status, JobStatus.FAILED, VANISHED)
-        if not info.state.is_terminal:
-            return Settled(job_uuid, "left")
-        if info.state is RayJobState.SUCCEEDED:
-            return self._move(job_uuid, status, JobStatus.COMPLETED, None)
-        if info.state is RayJobState.STOPPED:
-            return self._move(job_uuid, status, JobStatus.CANCELLED, "stopped in Ray")
-        reason = f"the Ray job failed: {info.message or 'no message'}"
-        return self._move(job_uuid, status, JobStatus.FAILED, reason)
-
-    def _move(
-        self, job_uuid: str, expected: JobStatus, to: JobStatus, error: str | None
-    ) -> Settled:
+        """One pass over every unfinished job and every pending stop; returns what was done
+        to each. Raises BackendUnavailable only when Ray cannot be reached at all."""
         with self._db.transaction() as session:
             store = JobStore(session)
-            outcome = store.transition(job_uuid, to=to, expected=expected, error=error)
-            if outcome.applied:
-                store.append_log(
-                    job_uuid, f"reconciler: {to.value}" + (f": {error}" if error else "")
-                )
-        return Settled(job_uuid, to.value if outcome.applied else "left")
+            unsettled = [(job.key, JobStatus(job.status)) for job in store.unsettled()]
+            stops = [job.key for job in store.pending_stops()]
+        settled = [self._isolated(key, self._settle_one, key, status) for key, status in unsettled]
+        return settled + [self._isolated(key, self._stop_one, key) for key in stops]
 
-    def _log(self, job_uuid: str, line: str) -> None:
+    def _isolated(self, key: str, step: Callable[..., Settled], *args: object) -> Settled:
+        try:
+            return step(*args)
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("reconciler: job %s could not be settled", key)
+            return Settled(key, f"error: {type(exc).__name__}")
+
+    def _settle_one(self, key: str, status: JobStatus) -> Settled:
+        info = self._launcher.info(key)
+        if info is None:
+            if status is JobStatus.SCHEDULED:
+                self._launcher.submit(key)
+                self._log(key, "submitted to Ray by the reconciler")
+                return Settled(key, "submitted")
+            return self._move(key, status, JobStatus.FAILED, VANISHED)
+        if not info.state.is_terminal:
+            return Settled(key, "left")
+        if info.state is RayJobState.SUCCEEDED:
+            return self._move(key, status, JobStatus.COMPLETED, None)
+        if info.state is RayJobState.STOPPED:
+            return self._move(key, status, JobStatus.CANCELLED, "stopped in Ray")
+        reason = f"the Ray job failed: {info.message or 'no message'}"
+        return self._move(key, status, JobStatus.FAILED, reason)
+
+    def _stop_one(self, key: str) -> Settled:
+        info = self._launcher.info(key)
+        if info is None or info.state.is_terminal:
+            with self._db.transaction() as session:
+                JobStore(session).set_stop_pending(key, False)
+            return Settled(key, "stop confirmed")
+        self._launcher.stop(key)
+        self._log(key, "reconciler: asked Ray to stop the cancelled job")
+        return Settled(key, "stopped")
+
+    def _move(self, key: str, expected: JobStatus, to: JobStatus, error: str | None) -> Settled:
+        """`expected -> to`, through `running` where the direct move is not legal (a row
+        read as scheduled whose Ray job has ended: it ran in the meantime)."""
         with self._db.transaction() as session:
-            JobStore(session).append_log(job_uuid, line)
+            store = JobStore(session)
+            if to not in LEGAL_MOVES[expected]:
+                through = store.transition(key, to=JobStatus.RUNNING, expected=expected)
+                if not through.applied:
+                    return Settled(key, "stale")
+                expected = JobStatus.RUNNING
+            outcome = store.transition(key, to=to, expected=expected, error=error)
+            if not outcome.applied:
+                return Settled(key, "stale")
+            store.append_log(key, f"reconciler: {to.value}" + (f": {error}" if error else ""))
+        return Settled(key, to.value)
+
+    def _log(self, key: str, line: str) -> None:
+        with self._db.transaction() as session:
+            JobStore(session).append_log(key, line)
 
 
 class PeriodicReconciler:

@@ -48,7 +48,8 @@ from corral.serving.catalog import (
 )
 from corral.serving.deployer import AppState, ModelDeployError, ServeDeployer
 from corral.store.db import Database
-from corral.store.tables import FileModelScale, Job, ServedModel, utcnow
+from corral.store.jobs import JobStore
+from corral.store.tables import FileModelScale, ServedModel, utcnow
 from serve_apps.llm import EngineFactory
 
 log = logging.getLogger(__name__)
@@ -227,9 +228,12 @@ class ModelRegistry:
                         _same_or_conflict(existing, wanted)
                         return self._info(self._resolved_row(existing), self._state_of(existing))
                     if request.source_job_uuid is not None:
-                        job = session.get(Job, request.source_job_uuid)
-                        if job is None or job.tenant != tenant:
-                            raise InvalidRequest(f"no job {request.source_job_uuid!r}")
+                        try:
+                            JobStore(session).get(request.source_job_uuid, tenant=tenant)
+                        except NotFound:
+                            raise InvalidRequest(
+                                f"no job {request.source_job_uuid[:200]!r}"
+                            ) from None
                     now = utcnow()
                     row = ServedModel(
                         tenant=tenant, name=request.name, created_at=now, updated_at=now, **wanted

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from corral.errors import Conflict, NotFound
 from corral.store.digest import request_digest
 from corral.store.tables import Checkpoint, Job, JobLogLine, utcnow
+from corral.tenancy import job_key
 
 
 class JobStatus(enum.StrEnum):
@@ -83,8 +84,17 @@ class CreateOutcome:
     created: bool
 
 
+def _same_or_conflict(job: Job, *, kind: JobKind, digest: str) -> None:
+    if (job.kind, job.request_digest) != (kind.value, digest):
+        raise Conflict(f"job {job.uuid!r} already exists with a different request")
+
+
 class JobStore:
-    """Reads and writes jobs inside the caller's transaction; never commits on its own."""
+    """Reads and writes jobs inside the caller's transaction; never commits on its own.
+
+    Clients name a job by (tenant, uuid): `create` and `get` take those. Everything else
+    takes the job's key (`Job.key`, `corral.tenancy.job_key`), the name it has outside the
+    store, which the job process and the reconciler know it by."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
@@ -99,13 +109,15 @@ class JobStore:
         launch: dict[str, Any] | None = None,
     ) -> CreateOutcome:
         """Store a scheduled job, or return the stored one if the same request was sent
-        before. The same uuid with a different request (or tenant, or kind) is a Conflict.
-        `launch` is what the job process will run; it is not part of the comparison."""
+        before. The same uuid with a different request (or kind) is a Conflict; another
+        tenant's jobs are never compared against. `launch` is what the job process will
+        run; it is not part of the comparison."""
         digest = request_digest(request)
-        existing = self._session.get(Job, job_uuid)
+        existing = self.same_request(tenant=tenant, job_uuid=job_uuid, kind=kind, request=request)
         if existing is None:
             now = utcnow()
             job = Job(
+                key=job_key(tenant, job_uuid),
                 uuid=job_uuid,
                 tenant=tenant,
                 kind=kind.value,
@@ -122,27 +134,48 @@ class JobStore:
                     self._session.add(job)
             except IntegrityError:
                 # A concurrent create of the same uuid won; compare against its row.
-                existing = self._session.get(Job, job_uuid, populate_existing=True)
+                existing = self._find(tenant, job_uuid, fresh=True)
                 if existing is None:
                     raise
+                _same_or_conflict(existing, kind=kind, digest=digest)
             else:
                 return CreateOutcome(job=job, created=True)
-        if (existing.tenant, existing.kind, existing.request_digest) != (
-            tenant,
-            kind.value,
-            digest,
-        ):
-            raise Conflict(f"job {job_uuid!r} already exists with a different request")
         return CreateOutcome(job=existing, created=False)
 
+    def same_request(
+        self, *, tenant: str, job_uuid: str, kind: JobKind, request: dict[str, Any]
+    ) -> Job | None:
+        """The tenant's job `job_uuid` if it exists and was made by this same request;
+        None if there is none; Conflict if another request made it. Lets a service answer a
+        repeated submission before doing the work a new one needs."""
+        existing = self._find(tenant, job_uuid)
+        if existing is not None:
+            _same_or_conflict(existing, kind=kind, digest=request_digest(request))
+        return existing
+
+    def _find(self, tenant: str, job_uuid: str, *, fresh: bool = False) -> Job | None:
+        # By (tenant, uuid), not by the derived key: jobs stored before keys existed were
+        # given their uuid as their key.
+        query = select(Job).where(Job.tenant == tenant, Job.uuid == job_uuid)
+        if fresh:
+            query = query.execution_options(populate_existing=True)
+        return self._session.scalars(query).one_or_none()
+
     def get(self, job_uuid: str, *, tenant: str) -> Job:
-        job = self._session.get(Job, job_uuid)
-        if job is None or job.tenant != tenant:
-            raise NotFound(f"no job {job_uuid!r}")
+        """The tenant's job `job_uuid`; NotFound for any other tenant's."""
+        job = self._find(tenant, job_uuid)
+        if job is None:
+            raise NotFound(f"no job {job_uuid[:200]!r}")
         return job
 
-    def status_of(self, job_uuid: str) -> JobStatus | None:
-        status = self._session.scalar(select(Job.status).where(Job.uuid == job_uuid))
+    def by_key(self, key: str) -> Job:
+        job = self._session.get(Job, key)
+        if job is None:
+            raise NotFound(f"no job with key {key[:200]!r}")
+        return job
+
+    def status_of(self, key: str) -> JobStatus | None:
+        status = self._session.scalar(select(Job.status).where(Job.key == key))
         return JobStatus(status) if status is not None else None
 
     def find(
@@ -159,7 +192,7 @@ class JobStore:
             query = query.where(Job.status.in_([s.value for s in statuses]))
         if kind is not None:
             query = query.where(Job.kind == kind.value)
-        query = query.order_by(Job.scheduled_at.desc(), Job.uuid).limit(limit).offset(offset)
+        query = query.order_by(Job.scheduled_at.desc(), Job.key).limit(limit).offset(offset)
         return list(self._session.scalars(query))
 
     def unsettled(self, *, limit: int = 1000) -> list[Job]:
@@ -169,14 +202,32 @@ class JobStore:
         query = (
             select(Job)
             .where(Job.status.in_(open_statuses))
-            .order_by(Job.scheduled_at, Job.uuid)
+            .order_by(Job.scheduled_at, Job.key)
             .limit(limit)
         )
         return list(self._session.scalars(query))
 
+    def pending_stops(self, *, limit: int = 1000) -> list[Job]:
+        """Cancelled jobs whose Ray job has not been seen to end yet, oldest first."""
+        query = (
+            select(Job)
+            .where(Job.status == JobStatus.CANCELLED.value, Job.stop_pending.is_(True))
+            .order_by(Job.scheduled_at, Job.key)
+            .limit(limit)
+        )
+        return list(self._session.scalars(query))
+
+    def set_stop_pending(self, key: str, pending: bool) -> None:
+        self._session.execute(
+            update(Job)
+            .where(Job.key == key)
+            .values(stop_pending=pending)
+            .execution_options(synchronize_session=False)
+        )
+
     def transition(
         self,
-        job_uuid: str,
+        key: str,
         *,
         to: JobStatus,
         expected: JobStatus | None = None,
@@ -209,34 +260,34 @@ class JobStore:
             values["resources_allocated"] = resources_allocated
         result = self._session.execute(
             update(Job)
-            .where(Job.uuid == job_uuid, Job.status.in_([s.value for s in sources]))
+            .where(Job.key == key, Job.status.in_([s.value for s in sources]))
             .values(**values)
             .execution_options(synchronize_session=False)
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             self._session.expire_all()
             return TransitionOutcome(applied=True, status=to)
-        current = self.status_of(job_uuid)
+        current = self.status_of(key)
         if current is None:
-            raise NotFound(f"no job {job_uuid!r}")
+            raise NotFound(f"no job with key {key[:200]!r}")
         # A caller whose expectation no longer holds lost a race, whatever it asked for.
         refused: Literal["illegal", "stale"] = (
             "stale" if expected is not None and current is not expected else "illegal"
         )
         return TransitionOutcome(applied=False, status=current, refused=refused)
 
-    def append_log(self, job_uuid: str, *lines: str, at: datetime | None = None) -> None:
+    def append_log(self, key: str, *lines: str, at: datetime | None = None) -> None:
         logged_at = at or utcnow()
         self._session.add_all(
-            JobLogLine(job_uuid=job_uuid, logged_at=logged_at, line=line) for line in lines
+            JobLogLine(job_key=key, logged_at=logged_at, line=line) for line in lines
         )
 
     def log_lines(
-        self, job_uuid: str, *, after_id: int = 0, limit: int | None = None
+        self, key: str, *, after_id: int = 0, limit: int | None = None
     ) -> list[JobLogLine]:
         query = (
             select(JobLogLine)
-            .where(JobLogLine.job_uuid == job_uuid, JobLogLine.id > after_id)
+            .where(JobLogLine.job_key == key, JobLogLine.id > after_id)
             .order_by(JobLogLine.id)
         )
         if limit is not None:
@@ -244,13 +295,11 @@ class JobStore:
         return list(self._session.scalars(query))
 
     def add_checkpoint(
-        self, job_uuid: str, *, iters: int, path: str, metrics: dict[str, Any] | None = None
+        self, key: str, *, iters: int, path: str, metrics: dict[str, Any] | None = None
     ) -> Checkpoint:
-        job = self._session.get(Job, job_uuid)
-        if job is None:
-            raise NotFound(f"no job {job_uuid!r}")
+        job = self.by_key(key)
         checkpoint = Checkpoint(
-            job_uuid=job_uuid,
+            job_key=key,
             tenant=job.tenant,
             iters=iters,
             path=path,
@@ -261,6 +310,6 @@ class JobStore:
         self._session.flush()
         return checkpoint
 
-    def checkpoints(self, job_uuid: str) -> list[Checkpoint]:
-        query = select(Checkpoint).where(Checkpoint.job_uuid == job_uuid).order_by(Checkpoint.iters)
+    def checkpoints(self, key: str) -> list[Checkpoint]:
+        query = select(Checkpoint).where(Checkpoint.job_key == key).order_by(Checkpoint.iters)
         return list(self._session.scalars(query))

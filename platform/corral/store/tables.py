@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -33,6 +35,8 @@ NAMING_CONVENTION = {
 
 UUID_LENGTH = 128
 TENANT_LENGTH = 64
+# `corral.tenancy.job_key`: a tenant slug (at most 41 characters), "_" and the uuid.
+JOB_KEY_LENGTH = 192
 JOB_STATUSES = ("scheduled", "running", "completed", "failed", "cancelled")
 JOB_KINDS = ("supervised_fine_tune", "preference_optimize", "synthetic_data_generation")
 
@@ -73,16 +77,21 @@ class Base(DeclarativeBase):
 
 
 class Job(Base):
-    """One fine-tuning, preference-optimization or synthetic-data job; the row is the truth."""
+    """One fine-tuning, preference-optimization or synthetic-data job; the row is the truth.
+
+    Clients name jobs by `uuid` within their tenant; everything outside the store (the Ray
+    submission id, the run name, log lines and checkpoints here) names it by `key`."""
 
     __tablename__ = "jobs"
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
         CheckConstraint(f"kind IN {JOB_KINDS!r}", name="kind"),
         Index("ix_jobs_tenant_status", "tenant", "status"),
+        UniqueConstraint("tenant", "uuid"),
     )
 
-    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    key: Mapped[str] = mapped_column(String(JOB_KEY_LENGTH), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH))
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH))
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
@@ -99,15 +108,18 @@ class Job(Base):
     # What the job process runs: the request resolved by the API (model directory,
     # dataset rows, recipe settings). Never sent back to clients.
     launch: Mapped[dict[str, Any] | None]
+    # Cancelled while its Ray job may still run: the reconciler stops that Ray job and
+    # clears this once Ray says it has ended.
+    stop_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class JobLogLine(Base):
     __tablename__ = "job_log_lines"
-    __table_args__ = (Index("ix_job_log_lines_job_uuid_id", "job_uuid", "id"),)
+    __table_args__ = (Index("ix_job_log_lines_job_key_id", "job_key", "id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_uuid: Mapped[str] = mapped_column(
-        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="CASCADE")
+    job_key: Mapped[str] = mapped_column(
+        String(JOB_KEY_LENGTH), ForeignKey("jobs.key", ondelete="CASCADE")
     )
     logged_at: Mapped[datetime]
     line: Mapped[str] = mapped_column(Text)
@@ -115,11 +127,11 @@ class JobLogLine(Base):
 
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
-    __table_args__ = (UniqueConstraint("job_uuid", "iters"),)
+    __table_args__ = (UniqueConstraint("job_key", "iters"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_uuid: Mapped[str] = mapped_column(
-        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="CASCADE")
+    job_key: Mapped[str] = mapped_column(
+        String(JOB_KEY_LENGTH), ForeignKey("jobs.key", ondelete="CASCADE")
     )
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH))
     iters: Mapped[int] = mapped_column(Integer)
@@ -181,9 +193,8 @@ class ServedModel(Base):
     max_replicas: Mapped[int] = mapped_column(Integer)
     target_ongoing_requests: Mapped[float]
     max_batch_size: Mapped[int] = mapped_column(Integer)
-    source_job_uuid: Mapped[str | None] = mapped_column(
-        String(UUID_LENGTH), ForeignKey("jobs.uuid", ondelete="SET NULL")
-    )
+    # The uuid (in this tenant's namespace) of the job whose checkpoint this is.
+    source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

@@ -45,3 +45,24 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
 def test_malformed_keys_are_refused(tmp_path: Path, entry: str) -> None:
     with pytest.raises(ValueError, match="malformed"):
         Settings(home=tmp_path, api_keys=entry)
+
+
+def test_operator_keys_are_parsed_like_api_keys_and_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_API_KEYS", "acme:k1")
+    monkeypatch.setenv("CORRAL_OPERATOR_KEYS", "ops:k2, bare-op")
+    settings = Settings(home=tmp_path)
+    assert settings.parsed_api_keys == (ApiKey("acme", "k1"),)
+    assert settings.parsed_operator_keys == (
+        ApiKey("ops", "k2", operator=True),
+        ApiKey(DEFAULT_TENANT, "bare-op", operator=True),
+    )
+    assert settings.bearer_keys == settings.parsed_api_keys + settings.parsed_operator_keys
+
+
+def test_a_key_cannot_be_both_a_tenants_and_an_operators(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="both CORRAL_API_KEYS and CORRAL_OPERATOR_KEYS"):
+        Settings(home=tmp_path, api_keys="acme:same", operator_keys="ops:same")
+    with pytest.raises(ValueError, match="malformed CORRAL_OPERATOR_KEYS"):
+        Settings(home=tmp_path, operator_keys="ops:")

@@ -143,7 +143,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.models = models
-    app.add_middleware(BearerAuthMiddleware, keys=settings.parsed_api_keys)
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
     # Corral's own /models and job routes (tagged "Corral") and the OpenAI-compatible /v1

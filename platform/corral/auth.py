@@ -1,5 +1,11 @@
-"""Bearer-key authentication: an ASGI middleware that puts the caller's tenant on the
-request scope, so every route — spec, docs and future mounts alike — is covered."""
+"""Bearer-key authentication: an ASGI middleware that puts the caller's tenant, and
+whether the caller is an operator, on the request scope, so every route — spec, docs and
+future mounts alike — is covered.
+
+An operator key acts as its own tenant (`tenant:key` in CORRAL_OPERATOR_KEYS, a bare key
+is the default tenant) on every route; operator actions (scaling a shared model, the
+cluster-wide model list) also need `operator`. Without any keys configured (the local,
+single-user default) the caller is the default tenant and an operator."""
 
 from __future__ import annotations
 
@@ -14,19 +20,25 @@ from corral.config import DEFAULT_TENANT, ApiKey
 OPEN_PATHS = frozenset({"/health"})
 
 
-def tenant_for(keys: tuple[ApiKey, ...], authorization: str | None) -> str | None:
-    """The tenant whose key is in an `Authorization: Bearer` header, or None."""
+def key_for(keys: tuple[ApiKey, ...], authorization: str | None) -> ApiKey | None:
+    """The key in an `Authorization: Bearer` header, or None."""
     if not authorization:
         return None
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     token_bytes = token.strip().encode()
-    tenant = None
+    found = None
     for key in keys:  # compare against every key so timing does not reveal which matched
         if hmac.compare_digest(key.key.encode(), token_bytes):
-            tenant = key.tenant
-    return tenant
+            found = key
+    return found
+
+
+def tenant_for(keys: tuple[ApiKey, ...], authorization: str | None) -> str | None:
+    """The tenant whose key is in an `Authorization: Bearer` header, or None."""
+    key = key_for(keys, authorization)
+    return key.tenant if key is not None else None
 
 
 class BearerAuthMiddleware:
@@ -40,19 +52,20 @@ class BearerAuthMiddleware:
             return
         state = scope.setdefault("state", {})
         if not self.keys:
-            state["tenant"] = DEFAULT_TENANT
+            state["tenant"], state["operator"] = DEFAULT_TENANT, True
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
         raw = headers.get(b"authorization")
-        tenant = tenant_for(self.keys, raw.decode("latin-1") if raw else None)
-        if tenant is None and scope.get("path") not in OPEN_PATHS:
+        key = key_for(self.keys, raw.decode("latin-1") if raw else None)
+        if key is None and scope.get("path") not in OPEN_PATHS:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
             else:
                 await _unauthorized(send)
             return
-        state["tenant"] = tenant
+        state["tenant"] = key.tenant if key is not None else None
+        state["operator"] = key is not None and key.operator
         await self.app(scope, receive, send)
 
 

@@ -61,7 +61,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from corral.store import migrate
     from corral.store.db import Database
 
-    if not settings.parsed_api_keys and not is_loopback_host(args.host):
+    if not settings.bearer_keys and not is_loopback_host(args.host):
         raise CliError(
             f"refusing to serve on {args.host} without API keys: set CORRAL_API_KEYS "
             "(e.g. 'mytenant:SECRET') or bind a loopback address"

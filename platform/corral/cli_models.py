@@ -135,7 +135,9 @@ def add_models_commands(models: argparse._SubParsersAction[argparse.ArgumentPars
     listing.set_defaults(handler=cmd_models_list)
 
     scale = models.add_parser(
-        "scale", help="change a model's replica bounds in place (requests in flight finish)"
+        "scale",
+        help="change a model's replica bounds in place (requests in flight finish); a "
+        f"shared model needs an operator key in {API_KEY_ENV}",
     )
     scale.add_argument("name", help="model name or alias")
     scale.add_argument("--min", type=_count(0), help="minimum replicas")

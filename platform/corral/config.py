@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TENANT = "default"
@@ -15,10 +15,13 @@ DEFAULT_TENANT = "default"
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A bearer key and the tenant whose objects it may see."""
+    """A bearer key and the tenant whose objects it may see. An operator key
+    (`CORRAL_OPERATOR_KEYS`) also may scale the shared models and see cluster-wide views;
+    on every other route it acts as its tenant."""
 
     tenant: str
     key: str
+    operator: bool = False
 
 
 class Settings(BaseSettings):
@@ -34,6 +37,9 @@ class Settings(BaseSettings):
     )
     # "tenant:key,tenant:key" or bare "key" (tenant "default"); empty means no auth.
     api_keys: str = ""
+    # The same format: keys of operators, who also scale the shared (file) models and see
+    # every tenant's models. With neither variable set, the one local caller is both.
+    operator_keys: str = ""
     models_file: Path | None = None
     # Directories that `file://` dataset URLs may point into, os.pathsep-separated.
     dataset_roots: str = ""
@@ -91,13 +97,39 @@ class Settings(BaseSettings):
         parse_api_keys(value)
         return value
 
+    @field_validator("operator_keys")
+    @classmethod
+    def _check_operator_keys(cls, value: str) -> str:
+        parse_api_keys(value, operator=True)
+        return value
+
+    @model_validator(mode="after")
+    def _keys_are_distinct(self) -> Settings:
+        tenant_keys = {key.key for key in self.parsed_api_keys}
+        if any(key.key in tenant_keys for key in self.parsed_operator_keys):
+            # One key, two meanings: which one was meant cannot be guessed.
+            raise ValueError("a key is in both CORRAL_API_KEYS and CORRAL_OPERATOR_KEYS")
+        return self
+
     @property
     def parsed_api_keys(self) -> tuple[ApiKey, ...]:
+        """The tenants' keys (CORRAL_API_KEYS)."""
         return parse_api_keys(self.api_keys)
 
+    @property
+    def parsed_operator_keys(self) -> tuple[ApiKey, ...]:
+        """The operators' keys (CORRAL_OPERATOR_KEYS)."""
+        return parse_api_keys(self.operator_keys, operator=True)
 
-def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
+    @property
+    def bearer_keys(self) -> tuple[ApiKey, ...]:
+        """Every key the server accepts; none at all means no authentication."""
+        return self.parsed_api_keys + self.parsed_operator_keys
+
+
+def parse_api_keys(text: str, *, operator: bool = False) -> tuple[ApiKey, ...]:
     """`tenant:key,tenant:key`; a bare `key` belongs to the default tenant."""
+    variable = "CORRAL_OPERATOR_KEYS" if operator else "CORRAL_API_KEYS"
     keys: list[ApiKey] = []
     for entry in text.split(","):
         entry = entry.strip()
@@ -107,6 +139,6 @@ def parse_api_keys(text: str) -> tuple[ApiKey, ...]:
         if not sep:
             tenant, key = DEFAULT_TENANT, entry
         if not key or not tenant:
-            raise ValueError(f"malformed CORRAL_API_KEYS entry {entry!r}")
-        keys.append(ApiKey(tenant=tenant, key=key))
+            raise ValueError(f"malformed {variable} entry {entry!r}")
+        keys.append(ApiKey(tenant=tenant, key=key, operator=operator))
     return tuple(keys)

@@ -164,12 +164,17 @@ class RunningServer:
 
 
 @contextmanager
-def corral_server(settings: Settings, *, port: int, api_key: str) -> Iterator[RunningServer]:
-    """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT)."""
+def corral_server(
+    settings: Settings, *, port: int, api_key: str, operator_key: str | None = None
+) -> Iterator[RunningServer]:
+    """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT).
+    `api_key` is tenant DEMO_TENANT's; `operator_key`, if given, an operator's (tenant `ops`)."""
     env = os.environ | {
         "CORRAL_HOME": str(settings.home),
         "CORRAL_API_KEYS": f"{DEMO_TENANT}:{api_key}",
     }
+    if operator_key is not None:
+        env["CORRAL_OPERATOR_KEYS"] = f"ops:{operator_key}"
     log_path = settings.home / "demo-server.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
@@ -224,17 +229,19 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
     teach_file.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
 
     _say("3. Starting `corral serve` (migrates the store, starts or joins the Ray head)")
-    api_key = secrets.token_urlsafe(24)
+    api_key, operator_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     port = port or free_port()
     try:
-        with corral_server(settings, port=port, api_key=api_key) as server:
+        with corral_server(
+            settings, port=port, api_key=api_key, operator_key=operator_key
+        ) as server:
             base_url = server.base_url
             _say(f"  serving on {base_url}")
             head = LocalRayHead(home).find()
             if head is not None:
                 _say(f"  Ray head pid {head.pid} at {head.address}, dashboard {head.dashboard_url}")
             _say("4. A short session against the Llama Stack API")
-            _session(base_url, api_key, dataset_file)
+            _session(base_url, api_key, operator_key, dataset_file)
             _say("5. Fine-tune the demo model, serve the result, ask it")
             _fine_tune(base_url, api_key, teach_file)
     finally:
@@ -244,7 +251,7 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
     _say("Demo finished: every step answered as expected.")
 
 
-def _session(base_url: str, api_key: str, dataset_file: Path) -> None:
+def _session(base_url: str, api_key: str, operator_key: str, dataset_file: Path) -> None:
     dataset = {
         "columns": {"dialog": "dialog"},
         "content_url": dataset_file.as_uri(),
@@ -291,10 +298,17 @@ def _session(base_url: str, api_key: str, dataset_file: Path) -> None:
             "temperature": 0,
         }
         _expect(api.post("/v1/chat/completions", json=openai_chat), 200, "OpenAI-compatible chat")
+        scale = {"model": "demo", "max_replicas": 3}
         _expect(
-            api.post("/models/scale", json={"model": "demo", "max_replicas": 3}),
+            api.post("/models/scale", json=scale),
+            403,
+            "a tenant key may not scale the shared demo model",
+        )
+        operator = {"Authorization": f"Bearer {operator_key}"}
+        _expect(
+            api.post("/models/scale", json=scale, headers=operator),
             200,
-            "raise the demo model's replica bound in place",
+            "an operator key raises its replica bound in place (stored: it survives a restart)",
         )
         _expect(api.delete("/datasets/delete", params={"dataset_id": "demo-chat"}), 200, "delete")
         _expect(api.get("/datasets/get", params={"dataset_id": "demo-chat"}), 404, "it is gone")

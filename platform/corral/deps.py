@@ -16,6 +16,11 @@ def _tenant(request: Request) -> str:
     return cast(str, request.state.tenant)
 
 
+def _operator(request: Request) -> bool:
+    """Whether the caller's key is an operator's (see `corral.auth`)."""
+    return bool(getattr(request.state, "operator", False))
+
+
 def _services(request: Request) -> Services:
     return cast(Services, request.app.state.services)
 
@@ -33,6 +38,7 @@ def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceSe
 
 
 TenantDep = Annotated[str, Depends(_tenant)]
+OperatorDep = Annotated[bool, Depends(_operator)]
 DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]

@@ -33,6 +33,12 @@ class Unauthorized(CorralError):
     code = "unauthorized"
 
 
+class Forbidden(CorralError):
+    """The caller is known but may not do this (a tenant key on an operator action)."""
+
+    code = "forbidden"
+
+
 class ContentUnavailable(CorralError):
     """A URL the user gave could not be fetched or is not allowed."""
 
@@ -69,6 +75,7 @@ class CapabilityUnavailable(CorralError):
 HTTP_STATUS: dict[type[CorralError], int] = {
     InvalidRequest: 422,
     Unauthorized: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     ContentUnavailable: 422,

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from corral.app import create_app
-from corral.auth import tenant_for
-from corral.config import ApiKey, Settings
+from corral.auth import BearerAuthMiddleware, tenant_for
+from corral.config import DEFAULT_TENANT, ApiKey, Settings
+from corral.deps import OperatorDep, TenantDep
 from corral.store.db import Database
 
 KEYS = (ApiKey("alpha", "key-alpha"), ApiKey("beta", "key-beta"))
@@ -72,3 +74,42 @@ def test_a_valid_key_passes(sqlite_client: TestClient) -> None:
 def test_without_keys_the_default_tenant_is_open(sqlite_client: TestClient) -> None:
     assert sqlite_client.get("/datasets/get", params={"dataset_id": "x"}).status_code == 404
     assert sqlite_client.get("/openapi.json").status_code == 200
+
+
+def _whoami(settings: Settings) -> TestClient:
+    """The middleware with the app's own keys, over one route that shows what it set."""
+    app = FastAPI()
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
+
+    @app.get("/whoami")
+    def whoami(tenant: TenantDep, operator: OperatorDep) -> dict[str, object]:
+        return {"tenant": tenant, "operator": operator}
+
+    return TestClient(app)
+
+
+def test_operator_keys_act_as_their_tenant_and_are_marked(tmp_path: Path) -> None:
+    settings = Settings(
+        home=tmp_path, api_keys="alpha:key-alpha", operator_keys="ops:key-ops,key-root"
+    )
+    with _whoami(settings) as client:
+
+        def caller(key: str) -> object:
+            return client.get("/whoami", headers={"Authorization": f"Bearer {key}"}).json()
+
+        assert caller("key-alpha") == {"tenant": "alpha", "operator": False}
+        assert caller("key-ops") == {"tenant": "ops", "operator": True}
+        assert caller("key-root") == {"tenant": DEFAULT_TENANT, "operator": True}
+        assert client.get("/whoami").status_code == 401
+
+
+def test_only_operator_keys_configured_still_require_a_key(tmp_path: Path) -> None:
+    with _whoami(Settings(home=tmp_path, operator_keys="ops:key-ops")) as client:
+        assert client.get("/whoami").status_code == 401
+
+
+def test_without_any_keys_the_caller_is_the_default_tenant_and_an_operator(
+    tmp_path: Path,
+) -> None:
+    with _whoami(Settings(home=tmp_path)) as client:
+        assert client.get("/whoami").json() == {"tenant": DEFAULT_TENANT, "operator": True}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from functools import partial
@@ -14,6 +15,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray import serve
+from ray.serve.context import _get_global_client
+from sqlalchemy import select
 
 from corral import cli_models
 from corral.app import create_app
@@ -24,12 +27,16 @@ from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
+from corral.store.tables import FileModelScale
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.llm import DEPLOYMENT_NAME
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
+OPERATOR_KEYS = "ops:key-ops"
 ALPHA = {"Authorization": "Bearer key-alpha"}
 BETA = {"Authorization": "Bearer key-beta"}
+OPS = {"Authorization": "Bearer key-ops"}
 
 
 def _app(settings: Settings, database: Database | None = None) -> FastAPI:
@@ -47,7 +54,8 @@ def served(
     serve_instance: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Path, str]]:
     """An API server whose `app.state.models` is a started registry with one file model;
-    yields the client, CORRAL_HOME and the file model's name."""
+    yields the client, CORRAL_HOME and the file model's name. Tenants alpha and beta,
+    and an operator (tenant ops)."""
     home = tmp_path_factory.mktemp("models-api") / "home"
     token = uuid.uuid4().hex[:8]
     shared = f"api-shared-{token}"
@@ -71,7 +79,9 @@ def served(
         registered_cpus_per_replica=0.25,
     )
     registry.start()
-    app = _app(Settings(home=home, api_keys=API_KEYS), database=database)
+    app = _app(
+        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS), database=database
+    )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             app.state.models = registry
@@ -152,9 +162,22 @@ def test_list_register_scale_and_delete(served: tuple[TestClient, Path, str]) ->
     unknown = {"model": "tuned", "replicas": 1}
     assert client.post("/models/scale", json=unknown, headers=BETA).status_code == 404
 
-    assert (
-        client.delete("/models/delete", params={"model": shared}, headers=ALPHA).status_code == 422
-    )
+    shared_delete = client.delete("/models/delete", params={"model": shared}, headers=ALPHA)
+    assert shared_delete.status_code == 403
+    assert shared_delete.json()["error"]["code"] == "forbidden"
+    assert client.delete("/models/delete", params={"model": shared}, headers=OPS).status_code == 422
+
+    # Cluster-wide: only an operator sees every tenant's models, each with its tenant.
+    everything = client.get("/models", params={"all": "true"}, headers=OPS)
+    assert everything.status_code == 200, everything.text
+    assert [(m["name"], m["source"], m["tenant"]) for m in everything.json()["data"]] == [
+        (shared, "file", None),
+        ("tuned", "registered", "alpha"),
+    ]
+    assert [m["name"] for m in client.get("/models", headers=OPS).json()["data"]] == [shared]
+    refused_all = client.get("/models", params={"all": "true"}, headers=ALPHA)
+    assert refused_all.status_code == 403
+    assert refused_all.json()["error"]["code"] == "forbidden"
     assert (
         client.delete("/models/delete", params={"model": "tuned"}, headers=ALPHA).status_code == 200
     )
@@ -166,13 +189,66 @@ def test_list_register_scale_and_delete(served: tuple[TestClient, Path, str]) ->
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_only_an_operator_scales_the_shared_model_and_the_bounds_are_stored(
+    served: tuple[TestClient, Path, str],
+) -> None:
+    client, home, shared = served
+    before = client.get("/models", headers=ALPHA).json()["data"]
+    for tenant in (ALPHA, BETA):
+        refused = client.post(
+            "/models/scale", json={"model": f"{shared}-alias", "max_replicas": 3}, headers=tenant
+        )
+        assert refused.status_code == 403, refused.text
+        assert "only an operator key" in refused.json()["error"]["message"]
+    assert client.get("/models", headers=ALPHA).json()["data"] == before
+    assert _stored_scales(home) == []
+
+    # Only the upper bound: no replica has to start.
+    scaled = client.post("/models/scale", json={"model": shared, "max_replicas": 3}, headers=OPS)
+    assert scaled.status_code == 200, scaled.text
+    assert scaled.json() == {"name": shared, "min_replicas": 1, "max_replicas": 3, "replicas": 1}
+    assert _stored_scales(home) == [(shared, 1, 3, "ops")]
+    listed = client.get("/models", headers=BETA).json()["data"]
+    assert [(m["name"], m["max_replicas"]) for m in listed] == [(shared, 3)]
+    # Back to the file's bounds for whoever uses the shared model next, once Serve runs
+    # them (the change is applied after the call returns).
+    back = client.post("/models/scale", json={"model": shared, "max_replicas": 2}, headers=OPS)
+    assert back.status_code == 200
+    deadline = time.monotonic() + 60
+    while (
+        _deployed_max_replicas(shared) != 2
+        or serve.status().applications[f"llm-{shared}"].status != "RUNNING"
+    ):
+        assert time.monotonic() < deadline, "the shared model did not run 1..2 again"
+        time.sleep(0.25)
+
+
+def _deployed_max_replicas(model: str) -> int:
+    """What Serve runs the file model's app with (not what the registry says)."""
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"][f"llm-{model}"]["deployments"][DEPLOYMENT_NAME]
+    return int(deployment["deployment_config"]["autoscaling_config"]["max_replicas"])
+
+
+def _stored_scales(home: Path) -> list[tuple[str, int, int, str]]:
+    database = Database(f"sqlite:///{home.parent / 'corral.db'}")  # the `served` app's
+    try:
+        with database.transaction() as session:
+            found = session.scalars(select(FileModelScale).order_by(FileModelScale.name))
+            return [(r.name, r.min_replicas, r.max_replicas, r.scaled_by) for r in found]
+    finally:
+        database.dispose()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_cli_lists_and_scales_through_the_api(
     served: tuple[TestClient, Path, str],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     client, home, shared = served
-    client.headers.update(ALPHA)
+    client.headers.update(ALPHA)  # a tenant's key, as CORRAL_API_KEY would carry it
     try:
         # The commands' own HTTP client is swapped for the test client (same httpx API).
         monkeypatch.setattr(
@@ -206,6 +282,9 @@ def test_the_cli_lists_and_scales_through_the_api(
         ]
 
         args = parser.parse_args(["models", "scale", f"{shared}-alias", "--min", "2", "--wait"])
+        with pytest.raises(CliError, match=r"403 model .* only an operator key scales it"):
+            args.handler(settings, args)
+        client.headers.update(OPS)  # an operator's key
         args.handler(settings, args)
         out = capsys.readouterr().out
         assert f"{shared}: replicas 2..2" in out

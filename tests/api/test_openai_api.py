@@ -2,14 +2,15 @@
 real HTTP (uvicorn in a thread) against real Serve apps: the scripted engine for exact
 text and tool calls, the real engine on the demo model for sampling, logprobs and
 streaming. The conversions (messages, tools, stop strings) are also tested on their own.
+
+Here a small router maps names to those apps (one registry has one engine for all its
+models); `/v1/models` with the real ModelRegistry is tested in test_openai_models.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from functools import partial
@@ -18,7 +19,6 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 from openai import OpenAI
 from pydantic import BaseModel, ValidationError
 from ray import serve
@@ -37,10 +37,12 @@ from corral.services.openai_compat import (
     spec_messages,
     spec_tools,
 )
+from corral.serving.catalog import ServedName
 from corral.store import migrate
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import build_app
+from tests.api.conftest import http_server
 
 PLAIN = "Paris is the capital of France."
 TOOL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
@@ -184,17 +186,19 @@ def test_an_error_after_the_stream_started_is_sent_as_an_error_event() -> None:
 
 
 class TenantRouter:
-    """Model names to fixed handles; tenant beta may use only oa-plain. Implements both
-    ModelRouter and ModelNames, as the real registry does."""
+    """Model names to fixed handles; tenant beta may use only oa-plain. Implements the
+    same ModelRouter and ModelNames protocols as the ModelRegistry (tested against the
+    real one in test_openai_models.py)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle[Any]]) -> None:
         self.handles = handles
 
-    def model_names(self, *, tenant: str) -> list[str]:
-        return sorted(self.handles) if tenant == "alpha" else ["oa-plain"]
+    def model_names(self, *, tenant: str) -> list[ServedName]:
+        names = sorted(self.handles) if tenant == "alpha" else ["oa-plain"]
+        return [ServedName(name, None) for name in names]
 
     def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
-        if model not in self.model_names(tenant=tenant):
+        if model not in {n.name for n in self.model_names(tenant=tenant)}:
             raise NotFound(f"no model {model!r}")
         return self.handles[model]
 
@@ -237,22 +241,10 @@ def base_url(
         database=database,
         model_router=router,
     )
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        with http_server(app) as url:
+            yield f"{url}/v1"
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         database.dispose()
 
 

@@ -18,10 +18,11 @@ from sqlalchemy import select
 
 from corral.api.models import RegisterModelRequest
 from corral.config import Settings
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from corral.serving.catalog import (
     ModelRoots,
     ModelSpec,
+    ServedName,
     file_app_name,
     load_catalog,
     tenant_app_name,
@@ -29,7 +30,7 @@ from corral.serving.catalog import (
 from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
-from corral.store.tables import ServedModel, utcnow
+from corral.store.tables import FileModelScale, ServedModel, utcnow
 from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
@@ -127,6 +128,43 @@ def rows(database: Database) -> list[tuple[str, str, int, int]]:
     with database.transaction() as session:
         found = session.scalars(select(ServedModel).order_by(ServedModel.name))
         return [(r.tenant, r.name, r.min_replicas, r.max_replicas) for r in found]
+
+
+def stored_scales(database: Database) -> list[tuple[str, int, int, str]]:
+    with database.transaction() as session:
+        found = session.scalars(select(FileModelScale).order_by(FileModelScale.name))
+        return [(r.name, r.min_replicas, r.max_replicas, r.scaled_by) for r in found]
+
+
+def add_row(database: Database, tenant: str, name: str) -> None:
+    """A registered model's row as another API process would have stored it."""
+    with database.transaction() as session:
+        now = utcnow()
+        session.add(
+            ServedModel(
+                tenant=tenant,
+                name=name,
+                checkpoint_dir="/w",
+                adapter_dir=None,
+                engine="transformers",
+                gpus_per_replica=0.0,
+                min_replicas=1,
+                max_replicas=1,
+                target_ongoing_requests=2.0,
+                max_batch_size=8,
+                source_job_uuid=None,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+
+def deployed_bounds(app_name: str) -> tuple[int, int]:
+    """The replica bounds Serve runs the app with (not what the registry says)."""
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"][app_name]["deployments"][DEPLOYMENT_NAME]
+    autoscaling = deployment["deployment_config"]["autoscaling_config"]
+    return autoscaling["min_replicas"], autoscaling["max_replicas"]
 
 
 # ---------------------------------------------------------------- without Ray
@@ -267,25 +305,7 @@ def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
     )
     with pytest.raises(NotFound):
         registry.resolve(tenant="alpha", model="elsewhere")
-    with sqlite_database.transaction() as session:  # another API process registers it
-        now = utcnow()
-        session.add(
-            ServedModel(
-                tenant="alpha",
-                name="elsewhere",
-                checkpoint_dir="/w",
-                adapter_dir=None,
-                engine="transformers",
-                gpus_per_replica=0.0,
-                min_replicas=1,
-                max_replicas=1,
-                target_ongoing_requests=2.0,
-                max_batch_size=8,
-                source_job_uuid=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    add_row(sqlite_database, "alpha", "elsewhere")  # another API process registers it
     with pytest.raises(NotFound):  # within RESOLVE_CACHE_S
         registry.resolve(tenant="alpha", model="elsewhere")
     resolved = registry.resolve(tenant="alpha", model="elsewhere", fresh=True)
@@ -294,6 +314,60 @@ def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
         tenant_app_name("alpha", "elsewhere"),
     )
     assert registry.resolve(tenant="alpha", model="elsewhere") == resolved
+
+
+def test_a_tenant_may_not_scale_or_delete_a_file_model_and_nothing_is_stored(
+    database: Database, tmp_path: Path
+) -> None:
+    spec = file_model(tmp_path, "shared", aliases=["shared-alias"])
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[spec],
+        model_roots=ModelRoots(shared=()),
+    )
+    for model in ("shared", "shared-alias"):
+        with pytest.raises(Forbidden, match="only an operator key scales it"):
+            registry.scale(tenant="alpha", model=model, replicas=2)
+        with pytest.raises(Forbidden, match="only an operator"):
+            registry.unregister(tenant="alpha", model=model)
+    # Refused before anything else: even bounds that could never be valid get a 403.
+    with pytest.raises(Forbidden):
+        registry.scale(tenant="alpha", model="shared", min_replicas=3, max_replicas=2)
+    assert stored_scales(database) == []
+    # Nobody deletes a shared model through the API, an operator neither (no Serve call).
+    with pytest.raises(InvalidRequest, match="remove it there"):
+        registry.unregister(tenant="ops", model="shared-alias", operator=True)
+
+
+def test_model_names_are_every_name_that_resolves_once_each(
+    database: Database, tmp_path: Path
+) -> None:
+    registry = ModelRegistry(
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[
+            file_model(tmp_path, "demo", aliases=["llama3_8b", "llama3_70b"]),
+            file_model(tmp_path, "other"),
+        ],
+        model_roots=ModelRoots(shared=()),
+    )
+    add_row(database, "alpha", "mine")
+    add_row(database, "alpha", "llama3_8b")  # shadows a file model's alias, for alpha only
+    add_row(database, "beta", "theirs")
+    shared = [ServedName(name, None) for name in ("demo", "llama3_8b", "llama3_70b", "other")]
+    alpha = registry.model_names(tenant="alpha")
+    assert alpha == [
+        ServedName("demo", None),
+        ServedName("llama3_70b", None),
+        ServedName("other", None),
+        ServedName("llama3_8b", "alpha"),
+        ServedName("mine", "alpha"),
+    ]
+    assert registry.model_names(tenant="gamma") == shared
+    for served in alpha:  # what is listed is exactly what resolves, to the listed owner
+        resolved = registry.resolve(tenant="alpha", model=served.name)
+        assert resolved.source == ("file" if served.owner is None else "registered")
 
 
 # ---------------------------------------------------------------- on Ray Serve
@@ -321,14 +395,52 @@ def test_file_models_start_and_resolve_by_alias(
     assert (info.name, info.source, info.status, info.replicas) == (name, "file", "RUNNING", 1)
     assert (info.min_replicas, info.max_replicas) == (1, 2)
 
-    with pytest.raises(InvalidRequest, match="models file"):
+    with pytest.raises(Forbidden):
         registry.unregister(tenant=tenant, model=name)
+    with pytest.raises(Forbidden):
+        registry.scale(tenant=tenant, model=f"alias-{name}", max_replicas=3)
+    assert deployed_bounds(file_app_name(name)) == (1, 2)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_operators_scale_of_a_file_model_is_stored_and_survives_a_restart(
+    serve_instance: None,
+    make_registry: RegistryFactory,
+    home: Path,
+    token: str,
+    sqlite_database: Database,
+) -> None:
+    name = f"shared-{token}"
+    spec = file_model(home, name, aliases=[f"alias-{name}"], max_replicas=2)
+    app_name = file_app_name(name)
+    registry = make_registry(spec)
+    registry.start()
+
     with pytest.raises(InvalidRequest, match="replica bounds"):
-        registry.scale(tenant=tenant, model=name, min_replicas=3)
-    # A file model's bounds change in memory, for every tenant.
-    scaled = registry.scale(tenant=tenant, model=f"alias-{name}", max_replicas=3)
-    assert (scaled.min_replicas, scaled.max_replicas) == (1, 3)
-    assert registry.list("someone-else")[0].max_replicas == 3
+        registry.scale(tenant="ops", model=name, min_replicas=3, operator=True)
+    assert stored_scales(sqlite_database) == []
+    scaled = registry.scale(tenant="ops", model=f"alias-{name}", min_replicas=2, operator=True)
+    assert (scaled.name, scaled.min_replicas, scaled.max_replicas) == (name, 2, 2)
+    assert stored_scales(sqlite_database) == [(name, 2, 2, "ops")]
+    wait_until(lambda: deployed_bounds(app_name) == (2, 2), "Serve did not take the new bounds")
+    # Every tenant sees it, and so does another API process that never scaled it.
+    assert [(m.min_replicas, m.max_replicas) for m in make_registry(spec).list("anyone")] == [
+        (2, 2)
+    ]
+    # Only one bound given: the other is the stored one, not the models file's.
+    registry.scale(tenant="ops", model=name, max_replicas=3, operator=True)
+    assert stored_scales(sqlite_database) == [(name, 2, 3, "ops")]
+
+    # A restart against a fresh Ray (the app is gone): the file model deploys with the
+    # stored bounds, not the file's 1..2.
+    serve.delete(app_name)
+    restarted = make_registry(spec)
+    restarted.start()
+    wait_until(lambda: deployed_bounds(app_name) == (2, 3), "not deployed with stored bounds")
+    wait_until(lambda: ServeDeployer().replicas(app_name) == 2, "did not start 2 replicas")
+    (info,) = restarted.list("anyone")
+    assert (info.min_replicas, info.max_replicas, info.replicas) == (2, 3, 2)
 
 
 @pytest.mark.integration

@@ -21,6 +21,7 @@ EXPECTED_TABLES = {
     "agents",
     "memory_banks",
     "served_models",
+    "file_model_scales",
 }
 
 pytestmark = pytest.mark.integration

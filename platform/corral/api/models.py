@@ -59,8 +59,10 @@ class ScaleModelResponse(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     aliases: list[str]
-    # "file": from the models file, shared by all tenants; "registered": this tenant's.
+    # "file": from the models file, shared by all tenants; "registered": a tenant's.
     source: Literal["file", "registered"]
+    # The tenant a registered model belongs to (null for a file model).
+    tenant: str | None = None
     checkpoint_dir: str
     adapter_dir: str | None
     engine: str

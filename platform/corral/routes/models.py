@@ -1,13 +1,14 @@
 """Corral's models routes (tag "Corral": not part of the Llama Stack spec): list what is
 served, register a checkpoint or adapter, scale replicas, delete. HTTP only; the
-ModelRegistry does the work. Handlers are sync: they wait on Ray, so FastAPI runs them
-in its thread pool."""
+ModelRegistry does the work, and decides what only an operator may do (scaling a shared
+model); `GET /models?all=true` (every tenant's models) is for operators only. Handlers
+are sync: they wait on Ray, so FastAPI runs them in its thread pool."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from corral.api.common import Id
@@ -18,8 +19,8 @@ from corral.api.models import (
     ScaleModelRequest,
     ScaleModelResponse,
 )
-from corral.deps import TenantDep
-from corral.errors import CapabilityUnavailable
+from corral.deps import OperatorDep, TenantDep
+from corral.errors import CapabilityUnavailable, Forbidden
 from corral.routes.responses import OK, empty_ok
 from corral.serving.registry import ModelRegistry
 
@@ -39,8 +40,22 @@ ModelRegistryDep = Annotated[ModelRegistry, Depends(_models)]
 
 
 @router.get("/models", response_description=OK)
-def list_models(tenant: TenantDep, models: ModelRegistryDep) -> ModelList:
-    return ModelList(data=models.list(tenant))
+def list_models(
+    tenant: TenantDep,
+    operator: OperatorDep,
+    models: ModelRegistryDep,
+    all_tenants: Annotated[
+        bool,
+        Query(
+            alias="all",
+            description="Every tenant's registered models, each with its tenant "
+            "(operator keys only).",
+        ),
+    ] = False,
+) -> ModelList:
+    if all_tenants and not operator:
+        raise Forbidden("listing every tenant's models needs an operator key")
+    return ModelList(data=models.list(tenant, all_tenants=all_tenants))
 
 
 @router.post("/models/register", response_description=OK)
@@ -52,7 +67,7 @@ def register_model(
 
 @router.post("/models/scale", response_description=OK)
 def scale_model(
-    body: ScaleModelRequest, tenant: TenantDep, models: ModelRegistryDep
+    body: ScaleModelRequest, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
 ) -> ScaleModelResponse:
     info = models.scale(
         tenant=tenant,
@@ -60,6 +75,7 @@ def scale_model(
         min_replicas=body.min_replicas,
         max_replicas=body.max_replicas,
         replicas=body.replicas,
+        operator=operator,
     )
     return ScaleModelResponse(
         name=info.name,
@@ -70,6 +86,8 @@ def scale_model(
 
 
 @router.delete("/models/delete", response_class=Response, response_description=OK)
-def delete_model(model: Id, tenant: TenantDep, models: ModelRegistryDep) -> Response:
-    models.unregister(tenant=tenant, model=model)
+def delete_model(
+    model: Id, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
+) -> Response:
+    models.unregister(tenant=tenant, model=model, operator=operator)
     return empty_ok()

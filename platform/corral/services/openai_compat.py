@@ -51,6 +51,7 @@ from corral.llama3 import (
 )
 from corral.services.inference import ModelRouter
 from corral.services.model_calls import generate, stream_generation
+from corral.serving.catalog import ServedName
 from serve_apps.engines.protocol import (
     GenerationRequest,
     GenerationResult,
@@ -61,8 +62,9 @@ from serve_apps.engines.protocol import (
 
 T = TypeVar("T")
 
-# Owner shown for every model in `/v1/models`. Its `created` is 0: Corral does not know
-# when a checkpoint was made, and a made-up time would be worse than none.
+# Owner shown in `/v1/models` for a shared model; a tenant's own model shows the tenant.
+# `created` is 0: Corral does not know when a checkpoint was made, and a made-up time
+# would be worse than none.
 OWNER = "corral"
 _FINISH_REASONS: dict[str, FinishReason] = {
     StopReason.END_OF_TURN: "stop",
@@ -73,9 +75,10 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 
 @runtime_checkable
 class ModelNames(Protocol):
-    """Lists the model names a tenant can use (the same names `handle_for` accepts)."""
+    """Lists the model names a tenant can use (the same names `handle_for` accepts), each
+    once; `ModelRegistry` implements it."""
 
-    def model_names(self, *, tenant: str) -> list[str]: ...
+    def model_names(self, *, tenant: str) -> list[ServedName]: ...
 
 
 # --- stop strings -------------------------------------------------------------------
@@ -236,7 +239,9 @@ class OpenAIService:
 
     def models(self, *, tenant: str) -> ModelList:
         names = self._names.model_names(tenant=tenant) if self._names is not None else []
-        return ModelList(data=[Model(id=name, created=0, owned_by=OWNER) for name in names])
+        return ModelList(
+            data=[Model(id=n.name, created=0, owned_by=n.owner or OWNER) for n in names]
+        )
 
     def model(self, *, tenant: str, model: str) -> Model:
         for listed in self.models(tenant=tenant).data:

@@ -90,6 +90,15 @@ class ModelSpec(BaseModel):
         }
 
 
+@dataclass(frozen=True)
+class ServedName:
+    """A name a tenant's requests may use, and whose model it is: None for a shared file
+    model, else the tenant that registered it."""
+
+    name: str
+    owner: str | None
+
+
 def file_app_name(model: str) -> str:
     """The Serve app of a model from the models file (shared by all tenants)."""
     return f"{APP_PREFIX}{model}"

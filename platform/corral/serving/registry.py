@@ -12,8 +12,10 @@ and the app are both removed and the caller gets the reason: nothing stays half
 registered, and the same request may simply be sent again.
 
 A tenant may register a name a file model also answers to: for that tenant, its own model
-wins. Scaling a file model changes its bounds for every tenant, in memory, until the
-server restarts (the models file stays the truth for it).
+wins. File models are shared, so only an operator scales them; the new bounds are stored
+(`file_model_scales`) and win over the models file's from then on, in every API process
+and at every start-up, until the next scale. Nobody deletes a file model through the
+API: the models file is the truth for which shared models exist.
 
 Mutations (start, register, scale, unregister) take one lock: they are rare, and a deploy
 waiting for its app must not race a scale or delete of the same app. Reads do not.
@@ -33,21 +35,23 @@ from typing import Any, Literal
 from ray.serve.handle import DeploymentHandle
 from sqlalchemy import Delete, delete, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from corral.api.models import ModelInfo, RegisterModelRequest
 from corral.demo_model import build_demo_model
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from corral.serving.catalog import (
     MAX_REPLICAS,
     ModelRoots,
     ModelSpec,
+    ServedName,
     file_app_name,
     tenant_app_name,
 )
 from corral.serving.deployer import AppState, ModelDeployError, ServeDeployer
 from corral.store.db import Database
 from corral.store.jobs import JobStore
-from corral.store.tables import ServedModel, utcnow
+from corral.store.tables import FileModelScale, ServedModel, utcnow
 from corral.tenancy import tenant_dir
 from serve_apps.llm import EngineFactory
 
@@ -68,6 +72,8 @@ class ResolvedModel:
     spec: ModelSpec
     source: Source = "file"
     source_job_uuid: str | None = None
+    # The owner of a registered model; None for a file model (shared).
+    tenant: str | None = None
 
 
 class ModelRegistry:
@@ -88,6 +94,7 @@ class ModelRegistry:
         directory, or one tenant's checkpoints would be everyone's."""
         self._db = database
         self._deployer = deployer
+        # As the models file says; stored scales are applied on top (`_file_specs`).
         self._file_models = {spec.name: spec for spec in file_models}
         self._file_names = {name: spec.name for spec in file_models for name in spec.names}
         self._shared_roots = _both_forms(model_roots.shared)
@@ -120,10 +127,26 @@ class ModelRegistry:
         with self._lock:
             if self._demo_model_dir is not None:
                 build_demo_model(self._demo_model_dir)
-            for spec in self._file_models.values():
+            with self._db.transaction() as session:
+                specs = self._file_specs(session)
+            for spec in specs.values():
                 if not (spec.checkpoint_dir / "config.json").is_file():
                     raise ModelDeployError(
                         f"model {spec.name!r}: no checkpoint (config.json) in {spec.checkpoint_dir}"
+                    )
+                in_file = self._file_models[spec.name]
+                if (spec.min_replicas, spec.max_replicas) != (
+                    in_file.min_replicas,
+                    in_file.max_replicas,
+                ):
+                    log.info(
+                        "model %s: replicas %d..%d as an operator scaled it (the models file "
+                        "says %d..%d)",
+                        spec.name,
+                        spec.min_replicas,
+                        spec.max_replicas,
+                        in_file.min_replicas,
+                        in_file.max_replicas,
                     )
                 self._deploy(spec, file_app_name(spec.name), blocking=False)
             restored = self._deploy_registered()
@@ -264,10 +287,12 @@ class ModelRegistry:
         min_replicas: int | None = None,
         max_replicas: int | None = None,
         replicas: int | None = None,
+        operator: bool = False,
     ) -> ModelInfo:
         """Change a model's replica bounds in place; `replicas=N` pins both to N. Returns
         at once: Serve then adds or removes replicas (`list` shows them), and requests in
-        flight finish. A file model's bounds change for every tenant until restart."""
+        flight finish. A file model is shared: only an `operator` scales it (Forbidden
+        otherwise), for every tenant, and its new bounds are stored."""
         if replicas is not None:
             if min_replicas is not None or max_replicas is not None:
                 raise InvalidRequest("give either replicas or min_replicas/max_replicas")
@@ -276,6 +301,14 @@ class ModelRegistry:
             raise InvalidRequest("give replicas, min_replicas or max_replicas")
         with self._lock:
             resolved = self.resolve(tenant=tenant, model=model, fresh=True)
+            if resolved.source == "file":
+                if not operator:
+                    raise Forbidden(
+                        f"model {resolved.name!r} is shared by every tenant (from the models "
+                        "file): only an operator key scales it"
+                    )
+                with self._db.transaction() as session:
+                    resolved = replace(resolved, spec=self._file_specs(session)[resolved.name])
             new_min = resolved.spec.min_replicas if min_replicas is None else min_replicas
             new_max = resolved.spec.max_replicas if max_replicas is None else max_replicas
             if not (0 <= new_min <= new_max <= MAX_REPLICAS and new_max >= 1):
@@ -287,8 +320,7 @@ class ModelRegistry:
                 update={"min_replicas": new_min, "max_replicas": new_max}
             )
             if resolved.source == "file":
-                self._deployer.scale(resolved.app_name, spec, engine_factory=self._engine_factory)
-                self._file_models[resolved.name] = spec
+                self._store_file_scale(resolved.app_name, spec, scaled_by=tenant)
             else:
                 with self._db.transaction() as session:
                     row = session.get(ServedModel, (tenant, resolved.name))
@@ -305,16 +337,24 @@ class ModelRegistry:
             self._forget_cached(tenant, resolved.name)
             return self._info(updated, self._deployer.status(resolved.app_name))
 
-    def unregister(self, *, tenant: str, model: str) -> None:
-        """Stop serving a registered model and forget it. The app goes first: if Serve
-        cannot delete it, the row stays and the model is still registered."""
+    def unregister(self, *, tenant: str, model: str, operator: bool = False) -> None:
+        """Stop serving a tenant's registered model and forget it. The app goes first: if
+        Serve cannot delete it, the row stays and the model is still registered. A file
+        model is Forbidden to a tenant; an operator is told to edit the models file."""
         with self._lock:
             with self._db.transaction() as session:
                 row = session.get(ServedModel, (tenant, model))
             if row is None:
+                if model in self._file_names and not operator:
+                    raise Forbidden(
+                        f"model {model!r} is shared by every tenant (from the models file): "
+                        "only an operator manages it"
+                    )
                 if model in self._file_names:
                     raise InvalidRequest(
-                        f"model {model!r} comes from the models file and cannot be deleted here"
+                        f"model {model!r} comes from the models file: remove it there and "
+                        "restart the server (to free its replicas now, scale it to "
+                        "min_replicas 0)"
                     )
                 raise NotFound(f"no model {model[:200]!r}")
             self._deployer.delete(tenant_app_name(tenant, row.name))
@@ -324,21 +364,41 @@ class ModelRegistry:
 
     # ------------------------------------------------------------------ listing
 
-    def list(self, tenant: str) -> builtins.list[ModelInfo]:
-        """The file models, then the tenant's registered models, with their replicas."""
+    def list(self, tenant: str, *, all_tenants: bool = False) -> builtins.list[ModelInfo]:
+        """The file models (with their stored bounds), then the tenant's registered models
+        (every tenant's with `all_tenants`, the operators' view), with their replicas."""
         states = self._deployer.statuses()
+        query = select(ServedModel).order_by(ServedModel.tenant, ServedModel.name)
+        if not all_tenants:
+            query = query.where(ServedModel.tenant == tenant)
         with self._db.transaction() as session:
-            rows = builtins.list(
+            rows = builtins.list(session.scalars(query))
+            files = self._file_specs(session)
+        resolved = [
+            ResolvedModel(name, file_app_name(name), spec, "file") for name, spec in files.items()
+        ] + [self._resolved_row(row) for row in rows]
+        return [self._info(model, states.get(model.app_name)) for model in resolved]
+
+    def model_names(self, *, tenant: str) -> builtins.list[ServedName]:
+        """Every name that resolves for `tenant`, once each: the file models under their
+        names and aliases, then the tenant's registered models. A registered name that
+        shadows a file model's name is listed once, as the tenant's."""
+        with self._db.transaction() as session:
+            registered = builtins.list(
                 session.scalars(
-                    select(ServedModel)
+                    select(ServedModel.name)
                     .where(ServedModel.tenant == tenant)
                     .order_by(ServedModel.name)
                 )
             )
-        resolved = [self._resolved_file(name) for name in self._file_models] + [
-            self._resolved_row(row) for row in rows
+        shadowed = set(registered)
+        shared = [
+            ServedName(name=name, owner=None)
+            for spec in self._file_models.values()
+            for name in spec.names
+            if name not in shadowed
         ]
-        return [self._info(model, states.get(model.app_name)) for model in resolved]
+        return shared + [ServedName(name=name, owner=tenant) for name in registered]
 
     # ------------------------------------------------------------------ helpers
 
@@ -361,6 +421,37 @@ class ModelRegistry:
     def _resolved_file(self, name: str) -> ResolvedModel:
         return ResolvedModel(name, file_app_name(name), self._file_models[name], "file")
 
+    def _file_specs(self, session: Session) -> dict[str, ModelSpec]:
+        """The file models with the replica bounds an operator stored for them."""
+        specs = dict(self._file_models)
+        for scale in session.scalars(select(FileModelScale)):
+            spec = specs.get(scale.name)
+            if spec is not None:  # a model since removed from the file: nothing to apply
+                specs[scale.name] = spec.model_copy(
+                    update={"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas}
+                )
+        return specs
+
+    def _store_file_scale(self, app_name: str, spec: ModelSpec, *, scaled_by: str) -> None:
+        """Store a file model's new bounds and apply them, in one transaction: if Serve
+        refuses, nothing is stored. Another API process storing the first row for the
+        same model at the same time makes the insert fail once; the second try updates."""
+        for attempt in range(2):
+            try:
+                with self._db.transaction() as session:
+                    row = session.get(FileModelScale, spec.name)
+                    if row is None:
+                        row = FileModelScale(name=spec.name)
+                        session.add(row)
+                    row.min_replicas, row.max_replicas = spec.min_replicas, spec.max_replicas
+                    row.scaled_by, row.updated_at = scaled_by, utcnow()
+                    session.flush()
+                    self._deployer.scale(app_name, spec, engine_factory=self._engine_factory)
+                return
+            except IntegrityError:
+                if attempt == 1:
+                    raise
+
     def _spec_of(self, row: ServedModel) -> ModelSpec:
         return ModelSpec(
             name=row.name,
@@ -382,6 +473,7 @@ class ModelRegistry:
             spec=self._spec_of(row),
             source="registered",
             source_job_uuid=row.source_job_uuid,
+            tenant=row.tenant,
         )
 
     def _state_of(self, row: ServedModel) -> AppState:
@@ -391,6 +483,7 @@ class ModelRegistry:
         spec = model.spec
         return ModelInfo(
             name=model.name,
+            tenant=model.tenant,
             aliases=builtins.list(spec.aliases),
             source=model.source,
             checkpoint_dir=str(spec.checkpoint_dir),

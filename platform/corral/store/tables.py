@@ -197,3 +197,21 @@ class ServedModel(Base):
     source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+
+class FileModelScale(Base):
+    """An operator's replica bounds for a shared model from the models file: the file
+    says how a model starts the first time; once scaled, these bounds win (at every
+    start-up too) until the next scale. Keyed by the model's own name in the file."""
+
+    __tablename__ = "file_model_scales"
+    __table_args__ = (
+        CheckConstraint("min_replicas >= 0 AND max_replicas >= min_replicas", name="replicas"),
+    )
+
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    min_replicas: Mapped[int] = mapped_column(Integer)
+    max_replicas: Mapped[int] = mapped_column(Integer)
+    # The tenant of the operator key that scaled it last.
+    scaled_by: Mapped[str] = mapped_column(String(TENANT_LENGTH))
+    updated_at: Mapped[datetime]

@@ -8,6 +8,7 @@ plain class; Serve is applied only in `build_app`, which a Serve config's `impor
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 from collections import deque
@@ -27,6 +28,7 @@ from serve_apps.engines.protocol import (
 )
 
 DEPLOYMENT_NAME = "LLMServer"
+log = logging.getLogger(__name__)
 
 
 class LLMAppConfig(BaseModel):
@@ -91,6 +93,47 @@ def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
 
 
 _DONE = object()
+CALLER_CHECK_S = 1.0  # how often a stream asks whether its caller still lives
+
+
+class CallerGone(Exception):
+    """A stream stopped because its caller's lease died (so the caller had)."""
+
+
+class CallerLease:
+    """A Ray actor that lives exactly as long as the process that created it: Ray kills
+    an actor when its owner dies, and restarts it (max_restarts) for any other death.
+    A replica asks it `alive` while it streams to that process."""
+
+    def alive(self) -> bool:
+        return True
+
+
+def create_caller_lease() -> Any:
+    """A new lease owned by this process (which must be connected to Ray)."""
+    import ray
+
+    options: Any = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
+    return ray.remote(**options)(CallerLease).remote()
+
+
+async def _watch(caller: Any, cancelled: threading.Event) -> bool:
+    """Until `cancelled`: ask `caller` (a CallerLease) every CALLER_CHECK_S whether it
+    lives. True, with `cancelled` set, once it has died; a slow or restarting lease is
+    no verdict."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    while not cancelled.is_set():
+        try:
+            await asyncio.wait_for(caller.alive.remote(), timeout=CALLER_CHECK_S * 5)
+        except (TimeoutError, ActorUnavailableError):
+            pass
+        except RayActorError:
+            log.info("a stream's caller died: stopping its generation")
+            cancelled.set()
+            return True
+        await asyncio.sleep(CALLER_CHECK_S)
+    return False
 
 
 class LLMServer:
@@ -122,10 +165,15 @@ class LLMServer:
             return self._engine.generate(requests)
 
     async def stream(
-        self, request: GenerationRequest
+        self, request: GenerationRequest, caller: Any = None
     ) -> AsyncIterator[TokenDelta | GenerationResult]:
         """Yield the engine's stream as it is produced; stop the engine when the caller
-        goes away."""
+        goes away, at its next token, releasing the engine lock so that the next request
+        is served at once. Serve cancels this generator when the caller cancels its
+        response (the API's client disconnected). When the caller's process dies nothing
+        tells Serve or Ray to stop (Ray only logs that it cannot deliver the items), so
+        the caller may pass its `CallerLease`: a lease that has died means the caller
+        has, and the stream stops."""
         self._engine.check(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[object] = asyncio.Queue()
@@ -134,25 +182,37 @@ class LLMServer:
         def produce() -> None:
             try:
                 with self._engine_lock:
+                    if cancelled.is_set():  # the caller left while this waited its turn
+                        return
                     stream = self._engine.stream(request)
-                    for item in stream:
-                        loop.call_soon_threadsafe(items.put_nowait, item)
-                        if cancelled.is_set():
-                            break
+                    try:
+                        for item in stream:
+                            if cancelled.is_set():
+                                break  # stop at the next token, releasing the engine
+                            loop.call_soon_threadsafe(items.put_nowait, item)
+                    finally:
+                        close = getattr(stream, "close", None)
+                        if close is not None:
+                            close()  # the engine's own clean-up runs under the lock
             except Exception as exc:  # handed to the consumer, which re-raises it
                 loop.call_soon_threadsafe(items.put_nowait, exc)
             finally:
                 loop.call_soon_threadsafe(items.put_nowait, _DONE)
 
         producer = loop.run_in_executor(None, produce)
+        watch = asyncio.ensure_future(_watch(caller, cancelled)) if caller is not None else None
         try:
             while (item := await items.get()) is not _DONE:
                 if isinstance(item, Exception):
                     raise item
                 assert isinstance(item, TokenDelta | GenerationResult)
                 yield item
+            if watch is not None and watch.done() and not watch.cancelled() and watch.result():
+                raise CallerGone("the caller's process died; the stream was stopped")
         finally:
             cancelled.set()
+            if watch is not None:
+                watch.cancel()
             await producer
 
     def stats(self) -> dict[str, Any]:

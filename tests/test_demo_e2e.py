@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.demo import free_port
+from corral.demo import listening_socket, serve_command
 from corral.ray_cluster import LocalRayHead
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,14 +46,17 @@ def test_demo_then_restart_reconnects_to_the_same_ray_head(embedded_home: Path) 
     head = LocalRayHead(home).find()
     assert head is not None
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "corral.cli", "serve", "--port", str(port)],
-        env=_env(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    # The port stays bound from here: the server inherits the socket (no race for it).
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        server = subprocess.Popen(
+            serve_command(sock),
+            env=_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(sock.fileno(),),
+        )
     try:
         deadline = time.monotonic() + 120
         while True:

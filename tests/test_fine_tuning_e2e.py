@@ -22,7 +22,6 @@ from corral.demo import (
     TEACH_ANSWER,
     TEACH_QUESTION,
     corral_server,
-    free_port,
     greedy_chat,
     teaching_dialogs,
     teaching_request,
@@ -76,7 +75,7 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
     headers = {"Authorization": f"Bearer {key}"}
     dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
 
-    with corral_server(settings, port=free_port(), api_key=key) as first:
+    with corral_server(settings, api_key=key) as first:
         with httpx.Client(base_url=first.base_url, headers=headers, timeout=120) as api:
             _ok(api.post("/datasets/create", json={"uuid": "teach", "dataset": dataset}))
             _ok(
@@ -95,7 +94,7 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         first.process.wait()
 
     with (
-        corral_server(settings, port=free_port(), api_key=key) as second,
+        corral_server(settings, api_key=key) as second,
         httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
     ):
         # The reconciler ran at start-up and found the job still running in Ray.

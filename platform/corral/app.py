@@ -20,8 +20,8 @@ from corral.errors import (
     BackendUnavailable,
     CapabilityUnavailable,
     CorralError,
-    Overloaded,
     http_status_for,
+    retry_after_s,
 )
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
@@ -173,8 +173,9 @@ async def _corral_error(_request: Request, exc: Exception) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(exc, CapabilityUnavailable):
         extra["capability"] = exc.capability
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    retry_after = retry_after_s(exc)
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
     return JSONResponse(
         error_body(exc.code, exc.message, **extra),
         status_code=http_status_for(exc),

@@ -61,9 +61,15 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from corral.store import migrate
     from corral.store.db import Database
 
-    if not settings.bearer_keys and not is_loopback_host(args.host):
+    # An inherited socket (--fd) was bound by the parent, which chose its port: no
+    # port is picked, released and re-bound, so no other process can take it between.
+    listener = socket.socket(fileno=args.fd) if args.fd is not None else None
+    if listener is not None:
+        listener.set_inheritable(False)  # not into the Ray head this may start
+    host = str(listener.getsockname()[0]) if listener is not None else args.host
+    if not settings.bearer_keys and not is_loopback_host(host):
         raise CliError(
-            f"refusing to serve on {args.host} without API keys: set CORRAL_API_KEYS "
+            f"refusing to serve on {host} without API keys: set CORRAL_API_KEYS "
             "(e.g. 'mytenant:SECRET') or bind a loopback address"
         )
     try:  # a bad models file fails before anything starts
@@ -96,19 +102,18 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
         ),
         database_url=settings.resolved_database_url,
     )
+    app = create_app(
+        settings,
+        database=database,
+        models=registry,
+        launcher=launcher,
+        cluster_resources=ray.cluster_resources,
+    )
     try:
-        uvicorn.run(
-            create_app(
-                settings,
-                database=database,
-                models=registry,
-                launcher=launcher,
-                cluster_resources=ray.cluster_resources,
-            ),
-            host=args.host,
-            port=args.port,
-            log_level="info",
-        )
+        if listener is not None:
+            uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+        else:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:
         database.dispose()
 
@@ -169,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="upgrade the database, start or join Ray, serve")
     serve.add_argument("--host", default=DEFAULT_HOST)
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument(
+        "--fd",
+        type=int,
+        default=None,
+        help="serve on this inherited, bound TCP socket instead of --host/--port",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     db = commands.add_parser("db", help="the SQL job store").add_subparsers(

@@ -132,12 +132,23 @@ class DemoFailed(RuntimeError):
     pass
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def listening_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to `host:port` (0: a free port the kernel picks) and listening,
+    to hand to `corral serve --fd`: the port stays bound from here on, so no other
+    process can take it between picking it and serving on it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve_command(sock: socket.socket) -> list[str]:
+    """`corral serve` on an inherited socket (pass `pass_fds=(sock.fileno(),)`)."""
+    return [sys.executable, "-m", "corral.cli", "serve", "--fd", str(sock.fileno())]
 
 
 def _say(text: str) -> None:
@@ -165,9 +176,10 @@ class RunningServer:
 
 @contextmanager
 def corral_server(
-    settings: Settings, *, port: int, api_key: str, operator_key: str | None = None
+    settings: Settings, *, api_key: str, port: int = 0, operator_key: str | None = None
 ) -> Iterator[RunningServer]:
-    """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT).
+    """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT),
+    on 127.0.0.1:`port` (0: a free port), bound here and inherited by the child.
     `api_key` is tenant DEMO_TENANT's; `operator_key`, if given, an operator's (tenant `ops`)."""
     env = os.environ | {
         "CORRAL_HOME": str(settings.home),
@@ -176,15 +188,16 @@ def corral_server(
     if operator_key is not None:
         env["CORRAL_OPERATOR_KEYS"] = f"ops:{operator_key}"
     log_path = settings.home / "demo-server.log"
-    with log_path.open("ab") as log_file:
+    with listening_socket(port) as sock, log_path.open("ab") as log_file:
         process = subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
-            [sys.executable, "-m", "corral.cli", "serve", "--port", str(port)],
+            serve_command(sock),
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            pass_fds=(sock.fileno(),),
         )
-    base_url = f"http://127.0.0.1:{port}"
+        base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
@@ -230,7 +243,6 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
 
     _say("3. Starting `corral serve` (migrates the store, starts or joins the Ray head)")
     api_key, operator_key = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    port = port or free_port()
     try:
         with corral_server(
             settings, port=port, api_key=api_key, operator_key=operator_key

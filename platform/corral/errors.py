@@ -61,6 +61,13 @@ class BackendUnavailable(CorralError):
     code = "backend_unavailable"
 
 
+class EngineFailed(CorralError):
+    """A model's engine raised something other than its refusal of a request: a bug on
+    the server's side, logged where it is caught with the replica's traceback."""
+
+    code = "engine_failed"
+
+
 class CapabilityUnavailable(CorralError):
     """An operation of the spec whose engine this build does not have yet."""
 
@@ -82,6 +89,7 @@ HTTP_STATUS: dict[type[CorralError], int] = {
     CapabilityUnavailable: 501,
     Overloaded: 503,
     BackendUnavailable: 503,
+    EngineFailed: 500,
 }
 
 
@@ -90,3 +98,10 @@ def http_status_for(error: CorralError) -> int:
     mro = type(error).__mro__
     matches = [(mro.index(cls), status) for cls, status in HTTP_STATUS.items() if cls in mro]
     return min(matches)[1] if matches else 500
+
+
+def retry_after_s(error: CorralError) -> int | None:
+    """When a client may try again (`Retry-After`): errors that are a passing condition
+    of the server (Overloaded, a model app that failed to start) carry `retry_after_s`."""
+    value = getattr(error, "retry_after_s", None)
+    return value if isinstance(value, int) else None

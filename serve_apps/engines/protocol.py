@@ -20,6 +20,13 @@ class StopReason(enum.StrEnum):
     OUT_OF_TOKENS = "out_of_tokens"  # max_tokens (or the context window) ran out
 
 
+class EngineRequestError(Exception):
+    """A request the engine refuses to run (empty or over-long prompt, sampling options
+    out of range): the caller's fault, answered 422 with this message. Anything else an
+    engine raises is a bug in the engine (500), and a replica that dies or cannot start
+    is unavailable (503); so an engine raises this, and only this, for bad requests."""
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """How to pick tokens. `temperature == 0` (or strategy "greedy") means greedy."""
@@ -68,8 +75,8 @@ class GenerationEngine(Protocol):
     replica calls them from one batch at a time."""
 
     def check(self, request: GenerationRequest) -> None:
-        """Raise ValueError if `request` can never run (empty or over-long prompt, bad
-        sampling options). Called before a request joins a batch, so that one bad
+        """Raise EngineRequestError if `request` can never run (empty or over-long prompt,
+        bad sampling options). Called before a request joins a batch, so that one bad
         request cannot fail the others."""
         ...
 

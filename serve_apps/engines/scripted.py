@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from serve_apps.engines.protocol import (
+    EngineRequestError,
     GenerationRequest,
     GenerationResult,
     StopReason,
@@ -37,7 +38,7 @@ class ScriptedEngine:
 
     def check(self, request: GenerationRequest) -> None:
         if not request.prompt:
-            raise ValueError("the prompt is empty")
+            raise EngineRequestError("the prompt is empty")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         plans = [self._plan(r) for r in requests]

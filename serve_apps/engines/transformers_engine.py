@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from serve_apps.engines.protocol import (
+    EngineRequestError,
     GenerationRequest,
     GenerationResult,
     SamplingOptions,
@@ -63,7 +64,7 @@ _REPLACEMENT_CHAR: Final = "\ufffd"
 _PEFT_DEPRECATION: Final = "`is_gradient_checkpointing` is deprecated"
 
 
-class InvalidRequestError(ValueError):
+class InvalidRequestError(EngineRequestError):
     """A request the engine cannot run: an empty prompt, a prompt that leaves no room in
     the context window, or sampling options out of range. Raised before any work."""
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ray import serve
+from ray.serve import Application
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -24,6 +24,7 @@ from serve_apps.engines.protocol import (
 )
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME, LLMAppConfig, build_app, deployment_options
+from tests.serve_apps.probe_engine import Records, probe_engine, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -106,19 +107,36 @@ def test_streaming_yields_tokens_then_the_result(app: str) -> None:
     assert all(d.logprob == 0.0 for d in deltas)
 
 
-def test_scaling_in_place_keeps_requests_in_flight(app: str) -> None:
+def _deploy_probe(config: dict[str, Any], records: Records) -> DeploymentHandle:
+    """Deploy with a pinned code version, as Corral's deployer does: a change of replica
+    bounds then scales in place (serve.run alone would restart the replica, which waits
+    out a held request before it goes)."""
+    engine = partial(probe_engine, records.config(reply=REPLY))
+    app_name = LLMAppConfig.model_validate(config).app_name
+    built = build_app(config, engine_factory=engine)
+    pinned = Application(built._bound_deployment.options(version="probe", _internal=True))
+    return serve.run(pinned, name=app_name, route_prefix=None)
+
+
+def _held(name: str) -> GenerationRequest:
+    """A request the probe engine holds on the replica until the test releases it."""
+    return GenerationRequest(prompt=f"id={name} hold", sampling=SamplingOptions())
+
+
+def test_scaling_in_place_keeps_requests_in_flight(app: str, tmp_path: Path) -> None:
+    records = Records(tmp_path / "records")
     config = _config(app)
-    handle = _deploy(config, seconds_per_step=0.3)
+    handle = _deploy_probe(config, records)
     app_name = f"llm-{app}"
     assert _running_replicas(app_name) == 1
-    in_flight = handle.generate.remote(_request())
-    time.sleep(0.2)
-    _deploy(config | {"min_replicas": 2, "max_replicas": 2}, seconds_per_step=0.3)
-    assert in_flight.result().text == REPLY
-    deadline = time.monotonic() + 60
-    while _running_replicas(app_name) != 2:
-        assert time.monotonic() < deadline, serve.status().applications[app_name]
-        time.sleep(0.5)
+    in_flight = handle.generate.remote(_held("in-flight"))
+    # Scale only once the replica is running the request (it holds it until released).
+    wait_for(lambda: records.started("in-flight"), "the replica to start the request")
+    _deploy_probe(config | {"min_replicas": 2, "max_replicas": 2}, records)
+    wait_for(lambda: _running_replicas(app_name) == 2, "a second replica", 60)
+    records.release()
+    assert in_flight.result(timeout_s=30).text == REPLY
+    assert records.tokens("in-flight") == len(REPLY.split())  # run once, on the old replica
 
 
 def test_overload_is_refused_quickly(app: str) -> None:
@@ -138,7 +156,10 @@ def test_overload_is_refused_quickly(app: str) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_a_burst_scales_up_and_back_down(app: str) -> None:
+def test_a_burst_scales_up_and_back_down(app: str, tmp_path: Path) -> None:
+    """Six requests held on the replica (and queued behind it) until the scale-up is
+    seen: the load the autoscaler averages is certain, whatever the machine's speed."""
+    records = Records(tmp_path / "records")
     config = _config(
         app,
         min_replicas=1,
@@ -149,36 +170,28 @@ def test_a_burst_scales_up_and_back_down(app: str) -> None:
         downscale_delay_s=2.0,
         look_back_period_s=10.5,
     )
-    handle = _deploy(config, seconds_per_step=0.25)
+    handle = _deploy_probe(config, records)
     app_name = f"llm-{app}"
-    peak = 1
-    stop = time.monotonic() + 90
+    burst = [handle.generate.remote(_held(f"burst-{index}")) for index in range(6)]
+    wait_for(lambda: records.started("burst-0") or records.started("burst-1"), "a request")
 
-    def burst() -> None:
-        while time.monotonic() < stop and peak < 2:
-            handle.generate.remote(_request()).result()
+    def scaled_up() -> bool:
+        return _running_replicas(app_name) >= 2
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(burst) for _ in range(6)]
-        while time.monotonic() < stop and peak < 2:
-            peak = max(peak, _running_replicas(app_name))
-            time.sleep(0.5)
-        for future in futures:
-            future.result()
-    if peak < 2:
+    try:
+        wait_for(scaled_up, "a burst of 6 held requests to raise replicas above 1", 90)
+    except AssertionError:
         import ray
 
         deployment = serve.status().applications[app_name].deployments[DEPLOYMENT_NAME]
         free, total = ray.available_resources().get("CPU"), ray.cluster_resources().get("CPU")
         pytest.fail(
-            "a burst of 6 concurrent callers never raised replicas above 1: "
             f"replicas {deployment.replica_states}, {deployment.message!r}, "
             f"{free} of {total} CPUs free"
         )
-    deadline = time.monotonic() + 60
-    while _running_replicas(app_name) > 1:
-        assert time.monotonic() < deadline, "replicas did not come back down"
-        time.sleep(1)
+    records.release()
+    assert all(response.result(timeout_s=60).text == REPLY for response in burst)
+    wait_for(lambda: _running_replicas(app_name) == 1, "replicas to come back down", 60)
 
 
 def test_build_app_is_an_import_path_target() -> None:

@@ -35,6 +35,7 @@ from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from tests.serve_apps.probe_engine import Records, probe_engine
 
 REPLY = "one two three four"
 REQUEST = GenerationRequest(prompt="hi", sampling=SamplingOptions())
@@ -517,7 +518,8 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
     tenant: str,
     sqlite_database: Database,
 ) -> None:
-    registry = make_registry(engine=scripted(seconds_per_step=0.4))
+    records = Records(home / "records")
+    registry = make_registry(engine=partial(probe_engine, records.config(reply=REPLY)))
     checkpoint = own_checkpoint(home, tenant, "scale-me")
     registry.register(
         tenant=tenant, request=RegisterModelRequest(name="busy", checkpoint_dir=str(checkpoint))
@@ -526,15 +528,18 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
     (first_replica,) = running_replica_ids(app_name)
     deployer = ServeDeployer()
 
-    in_flight = registry.handle_for(tenant=tenant, model="busy").generate.remote(REQUEST)
-    time.sleep(0.3)  # the request is on the replica now (it takes 1.6 s)
+    held = GenerationRequest(prompt="id=busy hold", sampling=SamplingOptions())
+    in_flight = registry.handle_for(tenant=tenant, model="busy").generate.remote(held)
+    # The replica runs the request (and holds it until released) before the scale.
+    wait_until(lambda: records.started("busy"), "the replica to start the request")
     scaled = registry.scale(tenant=tenant, model="busy", replicas=2)
     assert (scaled.min_replicas, scaled.max_replicas) == (2, 2)
     assert rows(sqlite_database) == [(tenant, "busy", 2, 2)]
-    assert in_flight.result(timeout_s=30).text == REPLY
 
     wait_until(lambda: deployer.replicas(app_name) == 2, "did not scale up to 2 replicas")
     assert first_replica in running_replica_ids(app_name), "scaling restarted the replica"
+    records.release()
+    assert in_flight.result(timeout_s=30).text == REPLY
 
     registry.scale(tenant=tenant, model="busy", max_replicas=1, min_replicas=1)
     wait_until(lambda: deployer.replicas(app_name) == 1, "did not scale down to 1 replica")

@@ -28,7 +28,7 @@ from corral.api.openai import (
     ModelList,
 )
 from corral.deps import TenantDep
-from corral.errors import CorralError, Overloaded, http_status_for
+from corral.errors import CorralError, http_status_for, retry_after_s
 from corral.services.openai_compat import OpenAIService
 
 _ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}
@@ -44,7 +44,8 @@ def openai_error_body(
 
 def _corral_error(exc: CorralError) -> JSONResponse:
     status = http_status_for(exc)
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    retry_after = retry_after_s(exc)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     body = openai_error_body(status, exc.message, code=exc.code)
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -1,33 +1,127 @@
 """Calls to a model's Serve app through its handle, shared by the spec's inference
-service and the OpenAI-compatible one: Serve's refusals and the engine's input errors
-become domain errors, and a stream closed early cancels its generation."""
+service and the OpenAI-compatible one. What a call can fail with becomes a domain error
+that says whose fault it is:
+
+- the engine refused the request (`EngineRequestError`, the engine protocol's own type):
+  InvalidRequest, 422, with the engine's message;
+- the model cannot answer now: its queue is full (Overloaded), or its replica died, is
+  unreachable, ran out of memory, or its app failed to start (ModelUnavailable); 503 with
+  `Retry-After` either way;
+- anything else raised inside the replica is a bug in the engine: EngineFailed, 500,
+  logged here with the replica's own traceback (the client sees no internals).
+
+A stream closed early (its client went away) cancels its generation on the replica; a
+stream whose API process dies is stopped by the replica itself, through this process's
+lease (see `serve_apps.llm.CallerLease`)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, TypeVar
 
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import (
+    ActorUnschedulableError,
+    LocalRayletDiedError,
+    NodeDiedError,
+    OutOfMemoryError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from corral.errors import InvalidRequest, Overloaded
-from serve_apps.engines.protocol import GenerationRequest, GenerationResult, TokenDelta
+from corral.errors import EngineFailed, InvalidRequest, Overloaded
+from corral.serving.deployer import ModelUnavailable
+from serve_apps.engines.protocol import (
+    EngineRequestError,
+    GenerationRequest,
+    GenerationResult,
+    TokenDelta,
+)
+from serve_apps.llm import create_caller_lease
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# A replica restarts (or a new one starts) in seconds: ask clients to wait that long.
+UNAVAILABLE_RETRY_AFTER_S = 5
+# The replica (or its node) is gone or cannot be placed: nothing the request did.
+_REPLICA_GONE: tuple[type[BaseException], ...] = (
+    RayActorError,  # ActorDiedError, ActorUnavailableError
+    WorkerCrashedError,
+    NodeDiedError,
+    LocalRayletDiedError,
+    OutOfMemoryError,  # Ray's memory monitor killed the replica's worker
+    ActorUnschedulableError,
+    DeploymentUnavailableError,  # the app failed to deploy
+    ReplicaUnavailableError,
+)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    # torch.cuda.OutOfMemoryError, without importing torch into the API process.
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
+def _unavailable(error: BaseException) -> ModelUnavailable:
+    lines = str(getattr(error, "message", "") or error).strip().splitlines()
+    detail = lines[0][:300] if lines else ""
+    return ModelUnavailable(
+        f"the model's replica is unavailable, try again shortly ({type(error).__name__}: {detail})",
+        retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+    )
 
 
 async def call_model(awaitable: Awaitable[T]) -> T:
-    """Await a handle call, turning Serve's refusals and engine input errors into domain
-    errors."""
+    """Await a handle call, turning what it fails with into domain errors (see above)."""
     try:
         return await awaitable
     except BackPressureError as exc:
         raise Overloaded(f"the model is at capacity, try again shortly ({exc})") from None
+    except _REPLICA_GONE as exc:
+        raise _unavailable(exc) from None
     except RayTaskError as exc:
-        if isinstance(exc.cause, ValueError):
-            raise InvalidRequest(str(exc.cause)) from None
-        raise
+        cause = exc.cause
+        if isinstance(cause, EngineRequestError):
+            raise InvalidRequest(str(cause)) from None
+        if isinstance(cause, BackPressureError):
+            raise Overloaded(f"the model is at capacity, try again shortly ({cause})") from None
+        if isinstance(cause, _REPLICA_GONE) or _out_of_memory(cause):
+            raise _unavailable(cause) from None
+        # str(RayTaskError) carries the replica's traceback.
+        log.error("the model's engine failed inside its replica:\n%s", exc)
+        raise EngineFailed(
+            f"the model's engine failed ({type(cause).__name__}); the error is logged"
+        ) from None
+
+
+class ProcessLease:
+    """This process's CallerLease, made at the first stream (not at import) and kept
+    for the process's life, which is what it stands for."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lease: Any = None
+
+    def get(self) -> Any:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        with self._lock:
+            if self._lease is None:
+                self._lease = create_caller_lease()
+            return self._lease
+
+
+PROCESS_LEASE = ProcessLease()
 
 
 async def generate(handle: DeploymentHandle[Any], request: GenerationRequest) -> GenerationResult:
@@ -38,8 +132,10 @@ async def generate(handle: DeploymentHandle[Any], request: GenerationRequest) ->
 async def stream_generation(
     handle: DeploymentHandle[Any], request: GenerationRequest
 ) -> AsyncGenerator[TokenDelta | GenerationResult, None]:
-    """The engine's stream; closing this generator early cancels the generation."""
-    stream = handle.options(stream=True).stream.remote(request)
+    """The engine's stream. Closing this generator early, or cancelling the task that
+    iterates it (Starlette does when the client disconnects), cancels the request on
+    the replica, which stops decoding at its next token."""
+    stream = handle.options(stream=True).stream.remote(request, PROCESS_LEASE.get())
     assert isinstance(stream, DeploymentResponseGenerator)
     iterator = stream.__aiter__()
     finished = False

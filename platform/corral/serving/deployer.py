@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.schema import ApplicationStatus
 
 import corral
-from corral.errors import InvalidRequest, Overloaded
+from corral.errors import BackendUnavailable, Overloaded
 from corral.serving.catalog import ModelSpec
 from serve_apps.llm import DEPLOYMENT_NAME, EngineFactory, build_app, transformers_engine
 
@@ -50,13 +51,23 @@ AUTOSCALING_FIELDS = frozenset(
 log = logging.getLogger(__name__)
 
 DEFAULT_DEPLOY_TIMEOUT_S = 300.0
+STATUS_CACHE_S = 2.0
+DEPLOY_RETRY_AFTER_S = 30  # memory or CPUs may free up; a replica start takes seconds
 _POLL_S = 0.25
 
 
-class ModelDeployError(InvalidRequest):
-    """A model's Serve app did not start (Serve's own message included)."""
+class ModelDeployError(BackendUnavailable):
+    """A model's Serve app did not start (Serve's own message included). By then the
+    request has passed every check that can be made before deploying (the registry
+    refuses a missing or unreadable checkpoint with 422), so what is left is the server's
+    condition: a replica out of memory, no free resources, weights that fail to load, a
+    start-up past the deadline. Hence 503 with `Retry-After`, not the client's 422."""
 
     code = "model_deploy_failed"
+
+    def __init__(self, message: str, *, retry_after_s: int = DEPLOY_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ModelUnavailable(Overloaded):
@@ -92,6 +103,8 @@ class ServeDeployer:
         self._deploy_timeout_s = deploy_timeout_s
         self._handles: dict[str, DeploymentHandle[Any]] = {}
         self._handles_lock = threading.Lock()
+        self._statuses: dict[str, AppState] = {}
+        self._statuses_at = -math.inf
 
     def deploy(
         self,
@@ -111,6 +124,8 @@ class ServeDeployer:
             [RunTarget(target=app, name=app_name, route_prefix=None)],
             wait_for_applications_running=False,
         )
+        with self._handles_lock:
+            self._statuses_at = -math.inf  # its old state (e.g. failed) no longer holds
         if blocking:
             self.wait_running(app_name, timeout_s=timeout_s)
 
@@ -187,6 +202,23 @@ class ServeDeployer:
         """How many replicas of the app are RUNNING now."""
         return self.status(app_name).running_replicas
 
+    def _recent_failure(self, app_name: str) -> AppState | None:
+        """The app's state if Serve gave up on it (DEPLOY_FAILED, or UNHEALTHY with no
+        replica running), from Serve's status of at most STATUS_CACHE_S ago: requests
+        ask on every call, Serve's controller is asked at most that often."""
+        now = time.monotonic()
+        with self._handles_lock:
+            if now - self._statuses_at > STATUS_CACHE_S:
+                self._statuses, self._statuses_at = self.statuses(), now
+            state = self._statuses.get(app_name)
+        if state is None:
+            return None
+        if state.status == "DEPLOY_FAILED" or (
+            state.status == "UNHEALTHY" and state.running_replicas == 0
+        ):
+            return state
+        return None
+
     def delete(self, app_name: str) -> None:
         """Delete the app (waiting for it to go); deleting an absent app does nothing."""
         with self._handles_lock:
@@ -195,8 +227,16 @@ class ServeDeployer:
             serve.delete(app_name)
 
     def handle(self, app_name: str) -> DeploymentHandle[Any]:
-        """A handle to the app's LLMServer; ModelUnavailable if there is no such app.
-        Handles outlive redeploys of the same app, so they are kept."""
+        """A handle to the app's LLMServer; ModelUnavailable if there is no such app, or
+        if it failed to deploy (a request to it would wait for a replica that never
+        comes: Serve raises nothing then). Handles outlive redeploys of the same app,
+        so they are kept."""
+        failed = self._recent_failure(app_name)
+        if failed is not None:
+            raise ModelUnavailable(
+                f"model app {app_name!r} failed to start: {_summary(failed.message)}",
+                retry_after_s=DEPLOY_RETRY_AFTER_S,
+            )
         with self._handles_lock:
             cached = self._handles.get(app_name)
         if cached is not None:

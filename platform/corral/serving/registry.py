@@ -24,6 +24,7 @@ waiting for its app must not race a scale or delete of the same app. Reads do no
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import threading
 import time
@@ -231,6 +232,11 @@ class ModelRegistry:
             if request.adapter_dir is not None
             else None
         )
+        # What can be told before deploying is the client's fault (422); a deploy that
+        # fails after this is the server's condition (ModelDeployError, 503).
+        readable_config(checkpoint_dir / "config.json", "checkpoint_dir")
+        if adapter_dir is not None:
+            readable_config(adapter_dir / "adapter_config.json", "adapter_dir")
         wanted = {
             "checkpoint_dir": str(checkpoint_dir),
             "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
@@ -559,6 +565,18 @@ def _both_forms(paths: Iterable[Path]) -> tuple[Path, ...]:
 
 def _admitted(path: Path, roots: tuple[Path, ...], exact: tuple[Path, ...]) -> bool:
     return path in exact or any(path.is_relative_to(root) for root in roots)
+
+
+def readable_config(path: Path, field: str, limit: int = 1 << 20) -> None:
+    """A checkpoint's config file must be a JSON object of sane size: one that is not
+    could never load, and saying so now beats a replica failing to start."""
+    try:
+        too_big = path.stat().st_size > limit
+        config = None if too_big else json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        raise InvalidRequest(f"{field}: {path.name} is not a readable JSON object")
 
 
 def _delete_row(tenant: str, name: str) -> Delete:

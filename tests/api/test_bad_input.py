@@ -322,3 +322,21 @@ def test_json_too_deep_to_parse_is_a_4xx(client: TestClient) -> None:
         headers={**ALPHA, "Content-Type": "application/json"},
     )
     assert 400 <= response.status_code < 500, response.text
+
+
+# ---------------------------------------------------------------- found by the fuzzer
+
+
+@pytest.mark.parametrize("offset", [2**63, 2**64 + 1])
+def test_a_page_offset_past_any_database_integer_is_a_422(client: TestClient, offset: int) -> None:
+    """SQLite raised OverflowError on an offset of 2**63 (a 500)."""
+    response = client.get("/post_training/jobs", params={"offset": offset}, headers=ALPHA)
+    _refused(response, ["query", "offset"])
+
+
+def test_the_largest_page_offset_is_an_empty_page(client: TestClient) -> None:
+    from corral.routes.jobs import MAX_OFFSET
+
+    response = client.get("/post_training/jobs", params={"offset": MAX_OFFSET}, headers=ALPHA)
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == []

@@ -17,6 +17,8 @@ from corral.store.jobs import JobStatus
 TAG = "Corral"
 router = APIRouter(tags=[TAG])
 MAX_PAGE = 500
+# Past any real job count, and within every database's integer (SQLite refused 2**63).
+MAX_OFFSET = 2**31 - 1
 
 
 @router.get("/post_training/jobs", response_description=OK)
@@ -25,7 +27,7 @@ def list_jobs(
     post_training: PostTrainingServiceDep,
     status: Annotated[list[JobStatusName] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobList:
     """The tenant's jobs, newest first; `status` may be given several times."""
     statuses = [JobStatus(value) for value in status or ()]

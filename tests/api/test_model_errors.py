@@ -27,7 +27,7 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
-from corral.serving.catalog import ModelSpec, file_app_name, tenant_app_name
+from corral.serving.catalog import ModelRoots, ModelSpec, file_app_name, tenant_app_name
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
@@ -70,7 +70,7 @@ def client(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> It
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[spec],
-        model_roots=(),
+        model_roots=ModelRoots(shared=()),
         engine_factory=partial(probe_engine, records.config()),
     )
     registry.start()
@@ -227,7 +227,7 @@ def test_a_deploy_that_fails_is_503_and_a_failed_app_answers_503(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[],
-        model_roots=(roots,),
+        model_roots=ModelRoots(shared=(roots,)),
         engine_factory=partial(probe_engine, records.config(fail_on_start="oom")),
     )
     tenant = f"t{uuid.uuid4().hex[:6]}"

@@ -298,11 +298,6 @@ def _register_from_job(oid: str, world: World) -> Call:
     return "POST", "/models/register", {"json": body}
 
 
-V1_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 item 2: /v1/models does not list the registry's models yet (h5's fix)",
-)
-
 ROUTES: list[Route] = [
     # datasets
     Route("GET /datasets/get", "dataset", _query("GET", "/datasets/get", "dataset_id")),
@@ -345,14 +340,11 @@ ROUTES: list[Route] = [
         "DELETE /models/delete", "model", _query("DELETE", "/models/delete", "model"), fresh=True
     ),
     Route("POST /models/register", "job", _register_from_job, beta_status=422),
-    Route(
-        "GET /v1/models", "chat_model", _plain("GET", "/v1/models"), _ids("id"), marks=(V1_PENDING,)
-    ),
+    Route("GET /v1/models", "chat_model", _plain("GET", "/v1/models"), _ids("id")),
     Route(
         "GET /v1/models/{model}",
         "chat_model",
         lambda oid, world: ("GET", f"/v1/models/{oid}", {}),
-        marks=(V1_PENDING,),
     ),
     Route(
         "POST /v1/chat/completions",

@@ -19,7 +19,7 @@ import uvicorn
 
 from corral.app import create_app
 from corral.config import Settings
-from corral.serving.catalog import ModelSpec
+from corral.serving.catalog import ModelRoots, ModelSpec
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
@@ -36,7 +36,7 @@ def main(ray_address: str, home: str, spec_json: str) -> None:
         database=database,
         deployer=ServeDeployer(),
         file_models=[ModelSpec.model_validate(json.loads(spec_json))],
-        model_roots=(),
+        model_roots=ModelRoots(shared=()),
     )
     app = create_app(settings, database=database, models=registry)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

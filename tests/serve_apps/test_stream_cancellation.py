@@ -32,7 +32,7 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
-from corral.serving.catalog import ModelSpec, file_app_name
+from corral.serving.catalog import ModelRoots, ModelSpec, file_app_name
 from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
@@ -75,7 +75,7 @@ def spec(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[spec],
-        model_roots=(),
+        model_roots=ModelRoots(shared=()),
         engine_factory=partial(probe_engine, records.config(seconds_per_step=STEP_S)),
     )
     registry.start()
@@ -152,7 +152,10 @@ def in_process_api(spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) ->
     migrate.upgrade(url)
     database = Database(url)
     registry = ModelRegistry(
-        database=database, deployer=ServeDeployer(), file_models=[spec], model_roots=()
+        database=database,
+        deployer=ServeDeployer(),
+        file_models=[spec],
+        model_roots=ModelRoots(shared=()),
     )
     settings = Settings(home=home, api_keys="alpha:key-alpha")
     app = create_app(settings, database=database, models=registry)

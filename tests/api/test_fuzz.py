@@ -1,5 +1,6 @@
 """Schemathesis against the app's own OpenAPI document (corral/openapi.json): every
-operation, with data that fits the document and data that does not, on SQLite and on
+operation, with data that fits the document and data that does not, then the stateful
+run along the links schemathesis infers between operations, on SQLite and on
 PostgreSQL, against an app with real Ray and Serve behind it (a file model on the
 scripted engine answers every spec model name, so inference runs instead of answering
 404 or 501). Fine-tuning submissions go to a launcher that records them: a fuzzed body
@@ -54,6 +55,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Examples per operation and generation mode: ~31 operations x (positive + negative) x 2
 # backends stays within about a minute on two cores.
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "8"))
+STATEFUL_EXAMPLES = int(os.environ.get("CORRAL_FUZZ_STATEFUL_EXAMPLES", "10"))
 MODEL = "fuzz-scripted"
 SPEC_MODEL_NAMES = ["llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b"]
 # Replicas a fuzzed scale request may ask for: each is a Ray actor process.
@@ -216,16 +218,53 @@ def _fuzz_operation(
         case = _bounded(case)
         response = case.call(headers=ALPHA)
         statuses[(operation.label, response.status_code)] += 1
-        _check_server_error(case, response)
-        streamed = (_content_type(response) or "").startswith("text/event-stream")
-        checks = [status_code_conformance, response_schema_conformance]
-        if not streamed:
-            checks.append(content_type_conformance)
-        if mode == schemathesis.GenerationMode.POSITIVE or response.status_code < 400:
-            case.validate_response(response, checks=checks)
-        _check_body(validator, case, response)
+        _check_response(validator, case, response, positive=mode.is_positive)
 
     run()
+
+
+def _check_response(
+    validator: ResponseValidator, case: Any, response: Any, *, positive: bool
+) -> None:
+    _check_server_error(case, response)
+    streamed = (_content_type(response) or "").startswith("text/event-stream")
+    checks = [status_code_conformance, response_schema_conformance]
+    if not streamed:
+        checks.append(content_type_conformance)
+    if positive or response.status_code < 400:
+        case.validate_response(response, checks=checks)
+    _check_body(validator, case, response)
+
+
+def _run_stateful(schema: Any, validator: ResponseValidator) -> int:
+    """Follow the links schemathesis infers between operations (an id in one response
+    used in the next request); returns how many links there are."""
+    transitions = schema.as_state_machine()._transitions.operations
+    links = sum(len(t.outgoing) for t in transitions.values())
+    if links == 0:
+        return 0
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": ALPHA}
+
+        def before_call(self, case: Any) -> None:
+            _bounded(case)
+
+        def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
+            _check_response(validator, case, response, positive=True)
+
+    Workflow.run(
+        settings=settings(
+            max_examples=STATEFUL_EXAMPLES,
+            stateful_step_count=4,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
+    return links
 
 
 def test_every_operation_survives_the_fuzzer(
@@ -240,6 +279,7 @@ def test_every_operation_survives_the_fuzzer(
     )
     failures: list[str] = []
     statuses: Counter[tuple[str, int]] = Counter()
+    links = 0
     with TestClient(app):  # the lifespan: services, and the reconciler over the launcher
         for operation in operations:
             for mode in (
@@ -253,7 +293,13 @@ def test_every_operation_survives_the_fuzzer(
                     assert mode == schemathesis.GenerationMode.NEGATIVE
                 except Exception as exc:
                     failures.append(f"{operation.label} ({mode}): {exc}"[:3000])
+        try:
+            links = _run_stateful(schema, response_validator)
+        except Exception as exc:
+            failures.append(f"stateful: {exc}"[:3000])
     assert failures == [], "\n\n".join(failures)
+    # The document's operations link (e.g. a job listed, then read): the stateful run ran.
+    assert links > 0
     # The model answered: inference ran on Serve, not only the validation in front of it.
     for label in ANSWERED:
         assert statuses[(label, 200)] > 0, sorted(statuses.items())
@@ -266,12 +312,3 @@ ANSWERED = [
     "POST /inference/batch_completion",
     "POST /inference/batch_chat_completion",
 ]
-
-
-def test_the_document_has_no_links_to_follow() -> None:
-    """Schemathesis's stateful phase follows OpenAPI links (and links it infers from
-    response bodies); the document has none, and creates answer an empty 200, so every
-    operation is fuzzed on its own. When links appear, add a stateful run
-    (`schema.as_state_machine()`) to this module."""
-    schema = schemathesis.openapi.from_dict(openapi_doc.committed())
-    assert schema.as_state_machine()._transitions.operations == {}

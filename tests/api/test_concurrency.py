@@ -29,6 +29,7 @@ from corral.store.tables import Dataset, Job
 from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, training_app
 from tests.api.live_server import live_server
+from tests.api.training_requests import lora_sft_request
 
 pytestmark = pytest.mark.integration
 
@@ -82,37 +83,7 @@ DATASET = {
 
 
 def sft_request(job_uuid: str) -> dict[str, Any]:
-    return {
-        "job_uuid": job_uuid,
-        "model": "llama3_8b",
-        "dataset": DATASET,
-        "validation_dataset": DATASET,
-        "algorithm": "lora",
-        "algorithm_config": {
-            "lora_attn_modules": ["q_proj", "v_proj"],
-            "apply_lora_to_mlp": False,
-            "apply_lora_to_output": False,
-            "rank": 4,
-            "alpha": 8,
-        },
-        "optimizer_config": {
-            "optimizer_type": "adamw",
-            "lr": 1e-3,
-            "lr_min": 1e-4,
-            "weight_decay": 0.0,
-        },
-        "training_config": {
-            "n_epochs": 1,
-            "batch_size": 1,
-            "shuffle": False,
-            "n_iters": 1,
-            "enable_activation_checkpointing": False,
-            "memory_efficient_fsdp_wrap": False,
-            "fsdp_cpu_offload": False,
-        },
-        "hyperparam_search_config": {},
-        "logger_config": {},
-    }
+    return lora_sft_request(job_uuid, DATASET)
 
 
 def all_at_once(base_url: str, calls: list[tuple[str, dict[str, Any]]]) -> list[tuple[int, bytes]]:

@@ -29,6 +29,7 @@ from corral.tenancy import tenant_dir
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.transformers_engine import TransformersEngine, TransformersEngineConfig
 from tests.api.conftest import ALPHA, training_app
+from tests.api.training_requests import ONE_STEP
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -111,15 +112,7 @@ def _dpo_request(job_uuid: str, model_dir: Path, dataset: dict[str, Any]) -> dic
             "lr_min": 1e-5,
             "weight_decay": 0.0,
         },
-        "training_config": {
-            "n_epochs": 1,
-            "batch_size": 1,
-            "shuffle": False,
-            "n_iters": 1,
-            "enable_activation_checkpointing": False,
-            "memory_efficient_fsdp_wrap": False,
-            "fsdp_cpu_offload": False,
-        },
+        "training_config": ONE_STEP,
         "hyperparam_search_config": {},
         "logger_config": {},
     }

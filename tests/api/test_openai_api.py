@@ -42,7 +42,7 @@ from corral.store import migrate
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import build_app
-from tests.api.conftest import http_server
+from tests.api.live_server import live_server
 
 PLAIN = "Paris is the capital of France."
 TOOL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
@@ -242,7 +242,7 @@ def base_url(
         model_router=router,
     )
     try:
-        with http_server(app) as url:
+        with live_server(app) as url:
             yield f"{url}/v1"
     finally:
         database.dispose()

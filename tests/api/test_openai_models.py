@@ -29,7 +29,8 @@ from corral.store import migrate
 from corral.store.db import Database
 from corral.store.tables import ServedModel, utcnow
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
-from tests.api.conftest import ALPHA, API_KEYS, BETA, http_server
+from tests.api.conftest import ALPHA, API_KEYS, BETA
+from tests.api.live_server import live_server
 
 REPLY = "Paris is the capital of France."
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -138,7 +139,7 @@ def server(
             request=RegisterModelRequest(name="llama3_8b", checkpoint_dir=str(checkpoint)),
         )
         app = create_app(Settings(home=home, api_keys=API_KEYS), database=database, models=registry)
-        with http_server(app) as base_url:
+        with live_server(app) as base_url:
             yield f"{base_url}/v1", shared
     finally:
         for name in list(serve.status().applications):

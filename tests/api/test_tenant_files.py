@@ -23,6 +23,7 @@ from corral.store.tables import Dataset, Job, ServedModel
 from corral.tenancy import job_checkpoint_dir, tenant_dir
 from tests.api.conftest import ALPHA, BETA, training_app
 from tests.api.test_fine_tuning_api import RecordingLauncher
+from tests.api.training_requests import ONE_STEP
 
 pytestmark = pytest.mark.integration
 
@@ -64,18 +65,9 @@ def _dataset(path: Path | str, columns: dict[str, str]) -> dict[str, Any]:
     return {"columns": columns, "content_url": url, "metadata": {}}
 
 
-TRAINING = {
-    "n_epochs": 1,
-    "batch_size": 1,
-    "shuffle": False,
-    "n_iters": 1,
-    "enable_activation_checkpointing": False,
-    "memory_efficient_fsdp_wrap": False,
-    "fsdp_cpu_offload": False,
-}
 COMMON = {
     "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-3, "lr_min": 1e-4, "weight_decay": 0},
-    "training_config": TRAINING,
+    "training_config": ONE_STEP,
     "hyperparam_search_config": {},
     "logger_config": {},
 }

@@ -40,6 +40,7 @@ from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.test_fine_tuning_api import RecordingLauncher
+from tests.api.training_requests import lora_sft_request
 
 pytestmark = [pytest.mark.integration]
 
@@ -156,32 +157,7 @@ def _create_job(world: World, oid: str) -> httpx.Response:
         "content_url": "data:application/jsonl," + dialogs,
         "metadata": {},
     }
-    body = {
-        "job_uuid": oid,
-        "model": model,
-        "dataset": dataset,
-        "validation_dataset": dataset,
-        "algorithm": "lora",
-        "algorithm_config": {
-            "lora_attn_modules": ["q_proj"],
-            "apply_lora_to_mlp": False,
-            "apply_lora_to_output": False,
-            "rank": 2,
-            "alpha": 4,
-        },
-        "optimizer_config": {"optimizer_type": "adamw", "lr": 1e-3, "lr_min": 0, "weight_decay": 0},
-        "training_config": {
-            "n_epochs": 1,
-            "batch_size": 1,
-            "shuffle": False,
-            "n_iters": 1,
-            "enable_activation_checkpointing": False,
-            "memory_efficient_fsdp_wrap": False,
-            "fsdp_cpu_offload": False,
-        },
-        "hyperparam_search_config": {},
-        "logger_config": {},
-    }
+    body = lora_sft_request(oid, dataset, model=model)
     return world.client.post("/post_training/supervised_fine_tune/", json=body, headers=ALPHA)
 
 

@@ -48,7 +48,7 @@ import httpx
 import yaml
 
 from corral.config import Settings
-from corral.demo import corral_server, free_port, greedy_chat
+from corral.demo import corral_server, greedy_chat
 from corral.demo_model import build_demo_model
 from corral.ray_cluster import LocalRayHead
 
@@ -204,7 +204,7 @@ def corral_on(home: Path, *, queue_bound: int, max_batch_size: int) -> Iterator[
     had_head = LocalRayHead(home).find() is not None
     key = secrets.token_urlsafe(16)
     try:
-        with corral_server(Settings(home=home), port=free_port(), api_key=key) as server:
+        with corral_server(Settings(home=home), api_key=key) as server:
             yield server.base_url, key
     finally:
         if not had_head:

@@ -179,3 +179,31 @@ def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield path
     finally:
         LocalRayHead(path).stop()
+
+
+def add_registered_model_row(
+    database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path
+) -> None:
+    """A registered model's row as `/models/register` (here, or in another API process)
+    stores it, with the registry's defaults, and no Serve app behind it."""
+    from corral.store.tables import ServedModel, utcnow
+
+    now = utcnow()
+    with database.transaction() as session:
+        session.add(
+            ServedModel(
+                tenant=tenant,
+                name=name,
+                checkpoint_dir=str(checkpoint_dir),
+                adapter_dir=None,
+                engine="transformers",
+                gpus_per_replica=0.0,
+                min_replicas=1,
+                max_replicas=1,
+                target_ongoing_requests=2.0,
+                max_batch_size=8,
+                source_job_uuid=None,
+                created_at=now,
+                updated_at=now,
+            )
+        )

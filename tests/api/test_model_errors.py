@@ -32,7 +32,7 @@ from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
-from corral.store.tables import ServedModel, utcnow
+from tests.conftest import add_registered_model_row
 from tests.serve_apps.probe_engine import Records, probe_engine, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -255,25 +255,9 @@ def test_a_deploy_that_fails_is_503_and_a_failed_app_answers_503(
             assert client.get("/models", headers=KEY).json()["data"] == []
 
             # As another API process would have registered it, before Serve lost the app.
-            now = utcnow()
-            with database.transaction() as session:
-                session.add(
-                    ServedModel(
-                        tenant=tenant,
-                        name="llama3_8b_chat",
-                        checkpoint_dir=str(checkpoint),
-                        adapter_dir=None,
-                        engine="transformers",
-                        gpus_per_replica=0.0,
-                        min_replicas=1,
-                        max_replicas=1,
-                        target_ongoing_requests=2.0,
-                        max_batch_size=8,
-                        source_job_uuid=None,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
+            add_registered_model_row(
+                database, tenant=tenant, name="llama3_8b_chat", checkpoint_dir=checkpoint
+            )
             registry.restore()  # logs that the app did not start, and goes on
             status = ServeDeployer().status(tenant_app_name(tenant, "llama3_8b_chat"))
             assert status.status == "DEPLOY_FAILED"

@@ -27,10 +27,10 @@ from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
-from corral.store.tables import ServedModel, utcnow
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.live_server import live_server
+from tests.conftest import add_registered_model_row
 
 REPLY = "Paris is the capital of France."
 HI: list[Any] = [{"role": "user", "content": "hi"}]
@@ -38,25 +38,7 @@ HI: list[Any] = [{"role": "user", "content": "hi"}]
 
 def _registered_row(database: Database, *, tenant: str, name: str, checkpoint: Path) -> None:
     """A registered model's row, as `/models/register` stores it (no Serve needed to list)."""
-    now = utcnow()
-    with database.transaction() as session:
-        session.add(
-            ServedModel(
-                tenant=tenant,
-                name=name,
-                checkpoint_dir=str(checkpoint),
-                adapter_dir=None,
-                engine="transformers",
-                gpus_per_replica=0.0,
-                min_replicas=1,
-                max_replicas=1,
-                target_ongoing_requests=2.0,
-                max_batch_size=8,
-                source_job_uuid=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    add_registered_model_row(database, tenant=tenant, name=name, checkpoint_dir=checkpoint)
 
 
 def test_the_embedded_default_lists_the_spec_names_per_tenant(

@@ -14,10 +14,8 @@ import json
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from ray import serve
 
 from corral.app import create_app
@@ -37,6 +34,7 @@ from corral.serving.deployer import ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
+from tests.api.live_server import live_server
 from tests.serve_apps.probe_engine import Records, probe_engine, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -159,18 +157,10 @@ def in_process_api(spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) ->
     )
     settings = Settings(home=home, api_keys="alpha:key-alpha")
     app = create_app(settings, database=database, models=registry)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "uvicorn to start", 30)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with live_server(app) as base_url:
+            yield base_url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
         database.dispose()
 
 

@@ -30,11 +30,12 @@ from corral.serving.catalog import (
 from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
 from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
-from corral.store.tables import FileModelScale, ServedModel, utcnow
+from corral.store.tables import FileModelScale, ServedModel
 from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from tests.conftest import add_registered_model_row
 from tests.serve_apps.probe_engine import Records, probe_engine
 
 REPLY = "one two three four"
@@ -139,25 +140,7 @@ def stored_scales(database: Database) -> list[tuple[str, int, int, str]]:
 
 def add_row(database: Database, tenant: str, name: str) -> None:
     """A registered model's row as another API process would have stored it."""
-    with database.transaction() as session:
-        now = utcnow()
-        session.add(
-            ServedModel(
-                tenant=tenant,
-                name=name,
-                checkpoint_dir="/w",
-                adapter_dir=None,
-                engine="transformers",
-                gpus_per_replica=0.0,
-                min_replicas=1,
-                max_replicas=1,
-                target_ongoing_requests=2.0,
-                max_batch_size=8,
-                source_job_uuid=None,
-                created_at=now,
-                updated_at=now,
-            )
-        )
+    add_registered_model_row(database, tenant=tenant, name=name, checkpoint_dir="/w")
 
 
 def deployed_bounds(app_name: str) -> tuple[int, int]:

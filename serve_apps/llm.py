@@ -26,6 +26,7 @@ from serve_apps.engines.protocol import (
     GenerationResult,
     TokenDelta,
 )
+from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 
 DEPLOYMENT_NAME = "LLMServer"
 log = logging.getLogger(__name__)
@@ -37,8 +38,12 @@ class LLMAppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, max_length=200)
-    model_dir: Path
-    adapter_dir: Path | None = None
+    # A local directory, or a storage URI that each replica downloads once (model_cache).
+    model_dir: ModelLocation
+    adapter_dir: ModelLocation | None = None
+    storage: StorageOptions = StorageOptions()
+    # Node-local; None: model_cache's default.
+    model_cache_dir: Path | None = None
     engine: Literal["transformers"] = "transformers"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -82,10 +87,13 @@ def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
         TransformersEngineConfig,
     )
 
+    def local(location: Path | str) -> Path:
+        return local_model_dir(location, options=config.storage, cache_root=config.model_cache_dir)
+
     return TransformersEngine(
         TransformersEngineConfig(
-            model_dir=config.model_dir,
-            adapter_dir=config.adapter_dir,
+            model_dir=local(config.model_dir),
+            adapter_dir=local(config.adapter_dir) if config.adapter_dir is not None else None,
             device=config.device,
             dtype=config.dtype,
         )

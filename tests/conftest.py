@@ -19,6 +19,17 @@ from corral.demo_model import build_demo_model
 from corral.store import migrate
 from corral.store.db import Database, normalize_url
 
+# S3 clients (pyarrow, boto3, Ray Train) read the standard credential chain; the test S3
+# server (`s3_server`) accepts any key. Set before any Ray process starts, so that jobs
+# and replicas inherit them, and with the instance-metadata lookup off: no test asks
+# anything beyond loopback.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "corral-test",
+    "AWS_SECRET_ACCESS_KEY": "corral-test-secret",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}.items():
+    os.environ.setdefault(_name, _value)
+
 POSTGRES_ADMIN_URL = os.environ.get(
     "CORRAL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -137,6 +148,30 @@ def serve_instance(ray_cluster: Any) -> Iterator[None]:
 
     serve.start(proxy_location="Disabled")
     yield
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 protocol server (moto) on loopback for the session: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new, empty bucket on the session's S3 server."""
+    import boto3
+
+    name = f"corral-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
 
 
 PEFT_DEPRECATION = "`is_gradient_checkpointing` is deprecated"

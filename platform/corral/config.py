@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -62,6 +63,18 @@ class Settings(BaseSettings):
     train_max_seq_len: int = Field(default=2048, ge=8)
     # How often the API settles unfinished jobs against Ray (it also does at start-up).
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # Where jobs write checkpoints and TensorBoard files (corral.storage): a directory
+    # every node sees (local, NFS) or s3://bucket/prefix, gs://bucket/prefix. Unset:
+    # `checkpoints_dir`. S3 and GCS credentials come from each machine's standard chain.
+    storage_uri: str | None = None
+    # An S3-compatible endpoint other than AWS (MinIO, Ceph): http(s)://host:port.
+    storage_s3_endpoint: str | None = None
+    storage_s3_region: str | None = None
+    # How long the presigned URLs of S3 artifacts stay valid (SigV4 allows 7 days).
+    storage_url_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    # Where a serving replica caches models it downloads from object storage, on its own
+    # node. Unset: ~/.cache/corral/models there.
+    model_cache_dir: Path | None = None
 
     @field_validator("home")
     @classmethod
@@ -78,6 +91,29 @@ class Settings(BaseSettings):
     def checkpoints_dir(self) -> Path:
         """Where fine-tuning jobs write their checkpoints, one directory per job."""
         return self.home / "checkpoints"
+
+    @property
+    def resolved_storage_uri(self) -> str:
+        """The storage root: `storage_uri`, or the checkpoints directory."""
+        return self.storage_uri or str(self.checkpoints_dir)
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _check_storage_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            from corral.storage import Storage
+
+            Storage(value)  # InvalidLocation (a ValueError) names what is wrong
+        return value
+
+    @field_validator("storage_s3_endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+                raise ValueError("CORRAL_STORAGE_S3_ENDPOINT must be http(s)://host[:port]")
+        return value
 
     @property
     def resolved_models_file(self) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 
@@ -42,6 +42,12 @@ def job_checkpoint_dir(checkpoints_dir: Path, tenant: str, job_uuid: str) -> Pat
     directory, so this is the one place that layout is spelled. `checkpoints_dir` is
     `Settings.checkpoints_dir`. ValueError if `job_uuid` is not one plain path component
     (job uuids are held to the id alphabet before they get here)."""
+    return checkpoints_dir / job_relative_dir(tenant, job_uuid)
+
+
+def job_relative_dir(tenant: str, job_uuid: str) -> PurePosixPath:
+    """`TENANT-SLUG/UUID`: a job's directory below any root of the layout (a local
+    checkpoints directory, a storage URI). ValueError as for `job_checkpoint_dir`."""
     if not job_uuid or job_uuid in (".", "..") or any(c in job_uuid for c in "/\\\0"):
         raise ValueError(f"job uuid {job_uuid[:140]!r} cannot name a directory")
-    return tenant_dir(checkpoints_dir, tenant) / job_uuid
+    return PurePosixPath(tenant_slug(tenant), job_uuid)

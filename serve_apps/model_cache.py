@@ -124,7 +124,9 @@ def local_model_dir(
     filesystem, path = open_uri(location, options)
     files = [
         info
-        for info in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+        for info in filesystem.get_file_info(
+            pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        )
         if info.type == pafs.FileType.File
     ]
     if not files:
@@ -139,6 +141,7 @@ def local_model_dir(
         partial = entry.with_name(f"{entry.name}.partial-{uuid.uuid4().hex[:8]}")
         log.info("downloading %s into %s", location, entry)
         try:
+            partial.mkdir()
             pafs.copy_files(path, str(partial), source_filesystem=filesystem)
             os.rename(partial, entry)
         finally:

@@ -218,12 +218,15 @@ class Storage:
     def upload_dir(self, local_dir: Path, uri: str) -> None:
         """Copy a local directory's files to `uri` (a directory), replacing same names."""
         destination = self._path(uri)
-        if self.is_local and Path(destination) == local_dir.absolute():
-            return  # written in place already
+        if self.is_local:
+            if Path(destination) == local_dir.absolute():
+                return  # written in place already
+            Path(destination).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(str(local_dir), destination, destination_filesystem=self.filesystem)
 
     def download_dir(self, uri: str, local_dir: Path) -> None:
         """Copy every file under `uri` into `local_dir`."""
+        local_dir.mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self._path(uri), str(local_dir), source_filesystem=self.filesystem)
 
     def ray_train_storage(self, uri: str) -> tuple[str, pafs.FileSystem | None]:

@@ -10,6 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from corral.config import Settings
+from corral.errors import InvalidRequest
 from corral.storage import InvalidLocation, Storage, parse_location
 from corral.tenancy import job_checkpoint_dir, tenant_slug
 from serve_apps.model_cache import StorageOptions
@@ -189,3 +190,30 @@ def test_ray_train_storage(storage: Storage) -> None:
     assert path == uri.removeprefix("s3://")
     with pytest.raises(InvalidLocation, match="not on this server's storage"):
         storage.ray_train_storage("/tmp/elsewhere")
+
+
+def test_checked_model_uri(storage: Storage, tmp_path: Path) -> None:
+    source = tmp_path / "checkpoint"
+    write_tree(source)
+    mine = storage.job_uri(ALPHA, "job-1") + "/checkpoints/iter-1"
+    theirs = storage.job_uri(BETA, "job-1") + "/checkpoints/iter-1"
+    for uri in (mine, theirs):
+        storage.upload_dir(source, uri)
+
+    def check(value: str) -> str:
+        return storage.checked_model_uri(value, "finetuned_model", "config.json", tenant=ALPHA)
+
+    assert check(mine) == mine
+    assert check(storage.directory_url(mine)) == mine  # what the artifacts response gives
+    refusals = {}
+    for value in (theirs, theirs.replace("job-1", "job-404"), storage.directory_url(theirs)):
+        with pytest.raises(InvalidRequest, match="must be a checkpoint of one of your own") as e:
+            check(value)
+        refusals[value] = e.value.message
+    assert len(set(refusals.values())) == 1  # stored or not, the same answer
+    with pytest.raises(InvalidRequest, match=r"'\.' or '\.\.'"):
+        check(f"{mine}/../../../{tenant_slug(BETA)}/job-1")
+    with pytest.raises(InvalidRequest, match=r"no adapter_config\.json"):
+        storage.checked_model_uri(mine, "adapter_dir", "adapter_config.json", tenant=ALPHA)
+    with pytest.raises(InvalidRequest, match="not a readable JSON object"):
+        storage.checked_model_uri(mine, "f", "sub/deeper/notes.txt", tenant=ALPHA)

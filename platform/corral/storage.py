@@ -26,6 +26,7 @@ ListObjectsV2). For `gs://` the URL is Cloud Storage's authenticated `https://` 
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +36,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pyarrow.fs as pafs
 
+from corral.errors import BackendUnavailable, InvalidRequest
 from corral.tenancy import job_relative_dir, tenant_slug
 from serve_apps.model_cache import StorageOptions, is_local, local_path, s3_filesystem
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 
 # Schemes with a client-facing URL (see the module docstring).
 SCHEMES = ("file", "s3", "gs")
+CONFIG_LIMIT = 1 << 20  # a model's config file larger than this is not one
 GCS_URL = "https://storage.googleapis.com"
 
 
@@ -189,6 +192,40 @@ class Storage:
     def contains(self, value: str) -> bool:
         """Whether `value` lies below the storage root at all."""
         return parse_location(value).is_within(self.root)
+
+    def checked_model_uri(self, value: str, field: str, required_file: str, *, tenant: str) -> str:
+        """The storage URI of a model directory `tenant` may use: `value` is a storage URI
+        or a URL `directory_url` gave, inside the tenant's own part, holding
+        `required_file` as a readable JSON object (a model or adapter config).
+        InvalidRequest otherwise; ownership is judged before storage is asked anything."""
+        try:
+            if urlsplit(value).scheme in ("http", "https"):
+                uri = self.location_of_url(value)
+            else:
+                uri = parse_location(value).uri
+            owned = self.is_tenants(uri, tenant)
+        except InvalidLocation as exc:
+            raise InvalidRequest(f"{field}: {exc}") from None
+        if not owned:
+            own = self.tenant_location(tenant).uri
+            raise InvalidRequest(
+                f"{field} must be a checkpoint of one of your own jobs (under {own})"
+            )
+        try:
+            if not self.is_file(f"{uri}/{required_file}"):
+                raise InvalidRequest(f"{field}: no {required_file} in {value[:300]!r}")
+            data = self.read_bytes(f"{uri}/{required_file}", limit=CONFIG_LIMIT)
+        except ValueError:
+            data = b""
+        except OSError as exc:
+            raise BackendUnavailable(f"storage {self.root.uri} did not answer: {exc}") from None
+        try:
+            config = json.loads(data)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            config = None
+        if not isinstance(config, dict):
+            raise InvalidRequest(f"{field}: {required_file} is not a readable JSON object")
+        return uri
 
     # ------------------------------------------------------------------ files
 

@@ -17,6 +17,7 @@ from corral.ray_jobs import DATABASE_URL_ENV, JOB_KEY_ENV
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus
 from corral.store.tables import Job
+from jobs.config import DPOJobConfig, SFTJobConfig
 from jobs.reporting import JobReporter
 
 log = logging.getLogger("jobs.launch")
@@ -39,11 +40,11 @@ def run(job_key: str, database_url: str) -> JobStatus | None:
             if kind is JobKind.SUPERVISED_FINE_TUNE:
                 from jobs import sft
 
-                sft.main(sft.SFTJobConfig.model_validate(settings))
+                sft.main(SFTJobConfig.model_validate(settings))
             elif kind is JobKind.PREFERENCE_OPTIMIZE:
                 from jobs import dpo
 
-                dpo.main(dpo.DPOJobConfig.model_validate(settings))
+                dpo.main(DPOJobConfig.model_validate(settings))
             else:
                 raise ValueError(f"jobs of kind {kind.value!r} have no recipe here")
         except Exception as exc:

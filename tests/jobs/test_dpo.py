@@ -22,8 +22,8 @@ from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.tenancy import job_key
+from jobs.config import DPOJobConfig
 from jobs.dpo import (
-    DPOJobConfig,
     dpo_loss,
     main,
     pair_logps,

@@ -22,15 +22,16 @@ from corral import cli_models
 from corral.app import create_app
 from corral.cli import CliError
 from corral.config import Settings
+from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.tables import FileModelScale
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from serve_apps.options import ReplicaOptions
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
 OPERATOR_KEYS = "ops:key-ops"
@@ -39,8 +40,10 @@ BETA = {"Authorization": "Bearer key-beta"}
 OPS = {"Authorization": "Bearer key-ops"}
 
 
-def _app(settings: Settings, database: Database | None = None) -> FastAPI:
-    return create_app(settings, database=database)
+def _app(
+    settings: Settings, database: Database | None = None, models: ModelService | None = None
+) -> FastAPI:
+    return create_app(settings, database=database, models=models)
 
 
 def _checkpoint(directory: Path) -> Path:
@@ -53,7 +56,7 @@ def _checkpoint(directory: Path) -> Path:
 def served(
     serve_instance: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Path, str]]:
-    """An API server whose `app.state.models` is a started registry with one file model;
+    """An API server whose models service is started, with one file model;
     yields the client, CORRAL_HOME and the file model's name. Tenants alpha and beta,
     and an operator (tenant ops)."""
     home = tmp_path_factory.mktemp("models-api") / "home"
@@ -62,7 +65,7 @@ def served(
     url = f"sqlite:///{home.parent / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[
@@ -76,15 +79,16 @@ def served(
         ],
         model_roots=model_roots(Settings(home=home)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
-        registered_cpus_per_replica=0.25,
+        registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
     )
     registry.start()
     app = _app(
-        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS), database=database
+        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS),
+        database=database,
+        models=registry,
     )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            app.state.models = registry
             yield client, home, shared
     finally:
         for name in list(serve.status().applications):

@@ -18,7 +18,9 @@ from sqlalchemy import select
 
 from corral.api.models import RegisterModelRequest
 from corral.config import Settings
+from corral.demo_model import build_demo_model
 from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import (
     ModelRoots,
     ModelSpec,
@@ -28,13 +30,13 @@ from corral.serving.catalog import (
     tenant_app_name,
 )
 from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.store.tables import FileModelScale, ServedModel
 from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from serve_apps.options import ReplicaOptions
 from tests.conftest import add_registered_model_row
 from tests.serve_apps.probe_engine import Records, probe_engine
 
@@ -97,21 +99,21 @@ def tenant(token: str) -> str:
     return f"tenant-{token}"
 
 
-RegistryFactory = Callable[..., ModelRegistry]
+RegistryFactory = Callable[..., ModelService]
 
 
 @pytest.fixture
 def make_registry(sqlite_database: Database, home: Path, token: str) -> RegistryFactory:
     def make(
         *file_models: ModelSpec, engine: Any = None, deploy_timeout_s: float = 60
-    ) -> ModelRegistry:
-        return ModelRegistry(
+    ) -> ModelService:
+        return build_model_service(
             database=sqlite_database,
             deployer=ServeDeployer(deploy_timeout_s=deploy_timeout_s),
             file_models=list(file_models),
             model_roots=roots(home),
             engine_factory=engine or scripted(),
-            registered_cpus_per_replica=0.25,
+            registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
         )
 
     return make
@@ -129,7 +131,9 @@ def file_model(home: Path, name: str, **fields: Any) -> ModelSpec:
 def rows(database: Database) -> list[tuple[str, str, int, int]]:
     with database.transaction() as session:
         found = session.scalars(select(ServedModel).order_by(ServedModel.name))
-        return [(r.tenant, r.name, r.min_replicas, r.max_replicas) for r in found]
+        return [
+            (r.tenant, r.name, r.options["min_replicas"], r.options["max_replicas"]) for r in found
+        ]
 
 
 def stored_scales(database: Database) -> list[tuple[str, int, int, str]]:
@@ -158,7 +162,7 @@ def test_register_refuses_bad_directories_and_stores_nothing(
     database: Database, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database, deployer=ServeDeployer(), file_models=[], model_roots=roots(home)
     )
     good = own_checkpoint(home, "alpha", "sft-1")
@@ -197,7 +201,7 @@ def test_checkpoints_belong_to_their_tenant_and_shared_directories_to_everyone(
 ) -> None:
     home = tmp_path / "home"
     operator_model = make_checkpoint(tmp_path / "operator" / "base")  # outside every root
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[ModelSpec(name="base", checkpoint_dir=operator_model)],
@@ -251,7 +255,7 @@ def test_a_shared_model_root_may_not_overlap_the_checkpoints(
 ) -> None:
     for shared in (tmp_path, tmp_path / "checkpoints" / "x"):
         with pytest.raises(ValueError, match="partitioned by tenant"):
-            ModelRegistry(
+            build_model_service(
                 database=sqlite_database,
                 deployer=ServeDeployer(),
                 file_models=[],
@@ -260,7 +264,7 @@ def test_a_shared_model_root_may_not_overlap_the_checkpoints(
 
 
 def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],
@@ -281,7 +285,7 @@ def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database)
 def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
     sqlite_database: Database,
 ) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],
@@ -304,7 +308,7 @@ def test_a_tenant_may_not_scale_or_delete_a_file_model_and_nothing_is_stored(
     database: Database, tmp_path: Path
 ) -> None:
     spec = file_model(tmp_path, "shared", aliases=["shared-alias"])
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[spec],
@@ -327,7 +331,7 @@ def test_a_tenant_may_not_scale_or_delete_a_file_model_and_nothing_is_stored(
 def test_model_names_are_every_name_that_resolves_once_each(
     database: Database, tmp_path: Path
 ) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[
@@ -372,7 +376,7 @@ def test_file_models_start_and_resolve_by_alias(
         file_app_name(name),
         "file",
     )
-    handle = registry.handle_for(tenant="anyone", model=f"alias-{name}")
+    handle = registry.resolver.handle_for(tenant="anyone", model=f"alias-{name}")
     assert handle.generate.remote(REQUEST).result().text == REPLY
 
     (info,) = registry.list(tenant)
@@ -457,10 +461,10 @@ def test_register_is_idempotent_and_conflicts_on_a_different_body(
     with pytest.raises(Conflict, match="through /models/scale"):
         registry.register(tenant=tenant, request=request.model_copy(update={"max_replicas": 2}))
 
-    handle = registry.handle_for(tenant=tenant, model="my-sft")
+    handle = registry.resolver.handle_for(tenant=tenant, model="my-sft")
     assert handle.generate.remote(REQUEST).result().text == REPLY
     with pytest.raises(NotFound):  # another tenant's model is invisible
-        registry.handle_for(tenant="someone-else", model="my-sft")
+        registry.resolver.handle_for(tenant="someone-else", model="my-sft")
     assert [m.name for m in registry.list("someone-else")] == []
 
     registry.unregister(tenant=tenant, model="my-sft")
@@ -512,7 +516,7 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
     deployer = ServeDeployer()
 
     held = GenerationRequest(prompt="id=busy hold", sampling=SamplingOptions())
-    in_flight = registry.handle_for(tenant=tenant, model="busy").generate.remote(held)
+    in_flight = registry.resolver.handle_for(tenant=tenant, model="busy").generate.remote(held)
     # The replica runs the request (and holds it until released) before the scale.
     wait_until(lambda: records.started("busy"), "the replica to start the request")
     scaled = registry.scale(tenant=tenant, model="busy", replicas=2)
@@ -550,10 +554,10 @@ def test_a_restarted_registry_serves_registered_models_again(
     # Ray lost the app (a fresh cluster): the row brings it back.
     serve.delete(app_name)
     with pytest.raises(ModelUnavailable):
-        make_registry().handle_for(tenant=tenant, model="survivor")
+        make_registry().resolver.handle_for(tenant=tenant, model="survivor")
     restarted = make_registry()
     restarted.start()
-    handle = restarted.handle_for(tenant=tenant, model="survivor")
+    handle = restarted.resolver.handle_for(tenant=tenant, model="survivor")
     assert handle.generate.remote(REQUEST).result().text == REPLY
     assert [(m.name, m.status) for m in restarted.list(tenant)] == [("survivor", "RUNNING")]
 
@@ -566,17 +570,17 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
     settings = Settings(home=tmp_path / "home")
     catalog = load_catalog(settings)
     assert catalog.demo_model_dir is not None
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=catalog.models,
         model_roots=ModelRoots(shared=()),
-        demo_model_dir=catalog.demo_model_dir,
     )
     try:
-        registry.start()  # builds the demo model, then deploys it with the real engine
+        build_demo_model(catalog.demo_model_dir)  # as `corral serve` does before starting
+        registry.start()  # deploys it with the real engine
         assert (catalog.demo_model_dir / "config.json").is_file()
-        handle = registry.handle_for(tenant="default", model="llama3_8b_chat")
+        handle = registry.resolver.handle_for(tenant="default", model="llama3_8b_chat")
         request = GenerationRequest(
             prompt="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",

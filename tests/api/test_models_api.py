@@ -22,7 +22,7 @@ from corral import cli_models
 from corral.app import create_app
 from corral.cli import CliError
 from corral.config import Settings
-from corral.services.models import ModelService, build_model_service
+from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.store import migrate
@@ -80,6 +80,7 @@ def served(
         model_roots=model_roots(Settings(home=home)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
         registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
+        quota=TenantQuota.from_settings(Settings(home=home, tenant_max_gpus_per_model=1)),
     )
     registry.start()
     app = _app(
@@ -92,7 +93,7 @@ def served(
             yield client, home, shared
     finally:
         for name in list(serve.status().applications):
-            if token in name or name.startswith("llm-tuned@"):
+            if token in name or name.startswith(("llm-tuned@", "llm-opts@")):
                 serve.delete(name, _blocking=False)
         database.dispose()
 
@@ -122,6 +123,44 @@ def test_models_routes_are_tagged_outside_the_spec(tmp_path: Path) -> None:
         ("delete", "/models/delete"),
     }
     assert all(tags == ["Corral"] for tags in operations.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_register_takes_every_option_and_refuses_what_cannot_be_served(
+    served: tuple[TestClient, Path, str],
+) -> None:
+    client, home, shared = served
+    checkpoint = _checkpoint(job_checkpoint_dir(home / "checkpoints", "beta", "job-9") / "final")
+    body = {"name": "opts", "checkpoint_dir": str(checkpoint)}
+    for fields, status, code in [
+        ({"kind": "reward"}, 422, "invalid_request"),  # a kind without an app yet
+        ({"kind": "poem"}, 422, "validation_error"),
+        ({"engine": "vllm"}, 422, "invalid_request"),
+        ({"cpus_per_replica": 0}, 422, "validation_error"),
+        ({"gpus_per_replica": 1, "max_replicas": 2}, 403, "quota_exceeded"),  # 2 GPUs > 1
+    ]:
+        refused = client.post("/models/register", json=body | fields, headers=BETA)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code), fields
+        assert [m["name"] for m in client.get("/models", headers=BETA).json()["data"]] == [shared]
+
+    options = {
+        "device": "cpu",
+        "dtype": "float32",
+        "cpus_per_replica": 0.25,
+        "max_queued_requests": 7,
+        "batch_wait_timeout_s": 0.02,
+        "upscale_delay_s": 1.0,
+    }
+    registered = client.post("/models/register", json=body | options, headers=BETA)
+    assert registered.status_code == 200, registered.text
+    listed = [m for m in client.get("/models", headers=BETA).json()["data"] if m["name"] == "opts"]
+    assert listed == [registered.json()]
+    assert {name: listed[0][name] for name in options} == options
+    assert (listed[0]["kind"], listed[0]["engine"]) == ("llm", "transformers")
+    assert (
+        client.delete("/models/delete", params={"model": "opts"}, headers=BETA).status_code == 200
+    )
 
 
 @pytest.mark.integration

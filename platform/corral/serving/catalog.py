@@ -196,7 +196,7 @@ class ModelRoots:
     `checkpoints`: the fine-tuning jobs' checkpoints directory, partitioned by tenant
     (`corral.tenancy.job_checkpoint_dir`): a path under it is accepted only inside the
     caller's own `tenant_dir(checkpoints, tenant)`. The directories the models file names
-    are shared too; the registry knows them from its file models."""
+    are shared too; `corral.services.model_dirs` knows them from the file models."""
 
     shared: tuple[Path, ...]
     checkpoints: Path | None = None

@@ -62,7 +62,7 @@ _POLL_S = 0.25
 
 class ModelDeployError(BackendUnavailable):
     """A model's Serve app did not start (Serve's own message included). By then the
-    request has passed every check that can be made before deploying (the registry
+    request has passed every check that can be made before deploying (the models service
     refuses a missing or unreadable checkpoint with 422), so what is left is the server's
     condition: a replica out of memory, no free resources, weights that fail to load, a
     start-up past the deadline. Hence 503 with `Retry-After`, not the client's 422."""

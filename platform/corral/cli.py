@@ -53,11 +53,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     from ray import serve
 
     from corral.app import create_app
+    from corral.demo_model import build_demo_model
     from corral.ray_cluster import RayHead, connect
     from corral.ray_jobs import RayJobLauncher, jobs_api_url
+    from corral.services.models import TenantQuota, build_model_service
     from corral.serving.catalog import ModelsFileError, load_catalog, model_roots
     from corral.serving.deployer import ModelDeployError, ServeDeployer
-    from corral.serving.registry import ModelRegistry
     from corral.store import migrate
     from corral.store.db import Database
 
@@ -83,15 +84,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     # No Serve HTTP proxy: the API reaches every model through Serve handles.
     serve.start(proxy_location="Disabled")
     database = Database(settings.resolved_database_url)
-    registry = ModelRegistry(
+    models = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=catalog.models,
         model_roots=model_roots(settings),
-        demo_model_dir=catalog.demo_model_dir,
+        quota=TenantQuota.from_settings(settings),
     )
+    if catalog.demo_model_dir is not None:  # the embedded default serves the demo model
+        build_demo_model(catalog.demo_model_dir)
     try:
-        registry.start()
+        models.start()
     except ModelDeployError as exc:
         raise CliError(f"models did not start: {exc}") from None
     launcher = RayJobLauncher(
@@ -105,7 +108,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> None:
     app = create_app(
         settings,
         database=database,
-        models=registry,
+        models=models,
         launcher=launcher,
         cluster_resources=ray.cluster_resources,
     )

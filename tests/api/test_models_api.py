@@ -22,15 +22,16 @@ from corral import cli_models
 from corral.app import create_app
 from corral.cli import CliError
 from corral.config import Settings
+from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.tables import FileModelScale
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from serve_apps.options import ReplicaOptions
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
 OPERATOR_KEYS = "ops:key-ops"
@@ -39,8 +40,10 @@ BETA = {"Authorization": "Bearer key-beta"}
 OPS = {"Authorization": "Bearer key-ops"}
 
 
-def _app(settings: Settings, database: Database | None = None) -> FastAPI:
-    return create_app(settings, database=database)
+def _app(
+    settings: Settings, database: Database | None = None, models: ModelService | None = None
+) -> FastAPI:
+    return create_app(settings, database=database, models=models)
 
 
 def _checkpoint(directory: Path) -> Path:
@@ -53,7 +56,7 @@ def _checkpoint(directory: Path) -> Path:
 def served(
     serve_instance: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Path, str]]:
-    """An API server whose `app.state.models` is a started registry with one file model;
+    """An API server whose models service is started, with one file model;
     yields the client, CORRAL_HOME and the file model's name. Tenants alpha and beta,
     and an operator (tenant ops)."""
     home = tmp_path_factory.mktemp("models-api") / "home"
@@ -62,7 +65,7 @@ def served(
     url = f"sqlite:///{home.parent / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[
@@ -76,19 +79,21 @@ def served(
         ],
         model_roots=model_roots(Settings(home=home)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
-        registered_cpus_per_replica=0.25,
+        registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
+        quota=TenantQuota.from_settings(Settings(home=home, tenant_max_gpus_per_model=1)),
     )
     registry.start()
     app = _app(
-        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS), database=database
+        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS),
+        database=database,
+        models=registry,
     )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            app.state.models = registry
             yield client, home, shared
     finally:
         for name in list(serve.status().applications):
-            if token in name or name.startswith("llm-tuned@"):
+            if token in name or name.startswith(("llm-tuned@", "llm-opts@")):
                 serve.delete(name, _blocking=False)
         database.dispose()
 
@@ -118,6 +123,44 @@ def test_models_routes_are_tagged_outside_the_spec(tmp_path: Path) -> None:
         ("delete", "/models/delete"),
     }
     assert all(tags == ["Corral"] for tags in operations.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_register_takes_every_option_and_refuses_what_cannot_be_served(
+    served: tuple[TestClient, Path, str],
+) -> None:
+    client, home, shared = served
+    checkpoint = _checkpoint(job_checkpoint_dir(home / "checkpoints", "beta", "job-9") / "final")
+    body = {"name": "opts", "checkpoint_dir": str(checkpoint)}
+    for fields, status, code in [
+        ({"kind": "reward"}, 422, "invalid_request"),  # a kind without an app yet
+        ({"kind": "poem"}, 422, "validation_error"),
+        ({"engine": "vllm"}, 422, "invalid_request"),
+        ({"cpus_per_replica": 0}, 422, "validation_error"),
+        ({"gpus_per_replica": 1, "max_replicas": 2}, 403, "quota_exceeded"),  # 2 GPUs > 1
+    ]:
+        refused = client.post("/models/register", json=body | fields, headers=BETA)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code), fields
+        assert [m["name"] for m in client.get("/models", headers=BETA).json()["data"]] == [shared]
+
+    options = {
+        "device": "cpu",
+        "dtype": "float32",
+        "cpus_per_replica": 0.25,
+        "max_queued_requests": 7,
+        "batch_wait_timeout_s": 0.02,
+        "upscale_delay_s": 1.0,
+    }
+    registered = client.post("/models/register", json=body | options, headers=BETA)
+    assert registered.status_code == 200, registered.text
+    listed = [m for m in client.get("/models", headers=BETA).json()["data"] if m["name"] == "opts"]
+    assert listed == [registered.json()]
+    assert {name: listed[0][name] for name in options} == options
+    assert (listed[0]["kind"], listed[0]["engine"]) == ("llm", "transformers")
+    assert (
+        client.delete("/models/delete", params={"model": "opts"}, headers=BETA).status_code == 200
+    )
 
 
 @pytest.mark.integration

@@ -7,11 +7,14 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from corral.store import migrate
 from corral.store.db import Database, make_engine
 from corral.store.jobs import JobStore
+from corral.store.models import ServedModelStore
 from corral.store.tables import Base, ServedModel
+from serve_apps.options import ReplicaOptions
 
 EXPECTED_TABLES = {
     "jobs",
@@ -149,5 +152,68 @@ def test_job_keys_migration_keeps_existing_jobs_their_logs_and_checkpoints(
             assert conn.execute(text("SELECT source_job_uuid FROM served_models")).all() == [
                 ("old-job",)
             ]
+    finally:
+        engine.dispose()
+
+
+def test_model_options_migration_carries_every_registered_model_over_and_back(
+    empty_database_url: str,
+) -> None:
+    """0005 moves a registered model's sizing columns into its one `options` object (with
+    the CPUs it was served with) and makes it an LLM; the way back restores the columns."""
+    url = empty_database_url
+    migrate.upgrade(url, "0004")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO served_models (tenant, name, checkpoint_dir, adapter_dir, engine,"
+                    " gpus_per_replica, min_replicas, max_replicas, target_ongoing_requests,"
+                    " max_batch_size, source_job_uuid, created_at, updated_at) VALUES"
+                    " ('alpha', 'mine', '/ckpt/a', '/ckpt/a/adapter', 'transformers', 0.5, 0, 3,"
+                    " 4, 16, NULL, :now, :now)"
+                ),
+                {"now": "2026-11-30 12:00:00+00:00"},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            model = ServedModelStore(session).get(tenant="alpha", name="mine")
+        assert model is not None
+        assert (model.kind, model.checkpoint_dir, model.adapter_dir) == (
+            "llm",
+            "/ckpt/a",
+            "/ckpt/a/adapter",
+        )
+        assert model.options == ReplicaOptions(
+            engine="transformers",
+            gpus_per_replica=0.5,
+            cpus_per_replica=0.5,
+            min_replicas=0,
+            max_replicas=3,
+            target_ongoing_requests=4,
+            max_batch_size=16,
+        )
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "0004")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(
+                text(
+                    "SELECT name, engine, gpus_per_replica, min_replicas, max_replicas,"
+                    " target_ongoing_requests, max_batch_size FROM served_models"
+                )
+            ).all() == [("mine", "transformers", 0.5, 0, 3, 4.0, 16)]
+        # The CHECK constraint on the bounds is back with the columns.
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE served_models SET min_replicas = 5"))
     finally:
         engine.dispose()

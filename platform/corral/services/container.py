@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
 
@@ -16,3 +17,5 @@ class Services:
     post_training: PostTrainingService
     inference: InferenceService
     openai: OpenAIService
+    # None on a server without a Ray connection (the models routes answer 501).
+    models: ModelService | None = None

@@ -39,14 +39,14 @@ from corral.api.post_training import (
 from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
-from corral.serving.registry import ResolvedModel
+from corral.serving.resolver import ResolvedModel
 from corral.tenancy import job_checkpoint_dir, job_key
 from jobs.config import DPOJobConfig, SFTJobConfig, TrainingJobConfig
 from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
 
 
 class ModelLocator(Protocol):
-    """Where a model's weights are (the model registry)."""
+    """Where a model's weights are (the models service)."""
 
     def resolve(self, *, tenant: str, model: str, fresh: bool = False) -> ResolvedModel: ...
 

@@ -176,23 +176,18 @@ class MemoryBank(Base):
 
 
 class ServedModel(Base):
-    """A model Corral serves: a checkpoint directory (or a LoRA adapter over a base)."""
+    """A model a tenant registered: a checkpoint directory (or a LoRA adapter over a
+    base), its kind, and its `serve_apps.options.ReplicaOptions` as one JSON object
+    (validated by that model whenever it is read or written: `corral.store.models`)."""
 
     __tablename__ = "served_models"
-    __table_args__ = (
-        CheckConstraint("min_replicas >= 0 AND max_replicas >= min_replicas", name="replicas"),
-    )
 
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
     checkpoint_dir: Mapped[str] = mapped_column(Text)
     adapter_dir: Mapped[str | None] = mapped_column(Text)
-    engine: Mapped[str] = mapped_column(String(32))
-    gpus_per_replica: Mapped[float]
-    min_replicas: Mapped[int] = mapped_column(Integer)
-    max_replicas: Mapped[int] = mapped_column(Integer)
-    target_ongoing_requests: Mapped[float]
-    max_batch_size: Mapped[int] = mapped_column(Integer)
+    options: Mapped[dict[str, Any]]
     # The uuid (in this tenant's namespace) of the job whose checkpoint this is.
     source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     created_at: Mapped[datetime]

@@ -176,6 +176,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         baseline = validate(engine, reference, validation_loader, config.dpo, device)
         if reporter is not None and baseline is not None:
             reporter.log(f"epoch 0 validation {baseline.describe()}")
+            reporter.metrics(step=step, epoch=0, **baseline.figures("validation_"))
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
@@ -196,6 +197,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     f"reward_accuracy {stats.reward_accuracy:.2f} "
                     f"reward_margin {stats.reward_margin:.4f}"
                 )
+                reporter.metrics(
+                    step=step,
+                    epoch=epoch + 1,
+                    learning_rate=lr,
+                    tokens_per_second=rate,
+                    **stats.figures(),
+                )
         validation = validate(engine, reference, validation_loader, config.dpo, device)
         metrics = {"loss": stats.loss if stats is not None else math.nan}
         if validation is not None:
@@ -206,11 +214,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             }
             if reporter is not None:
                 reporter.log(f"epoch {epoch + 1} validation {validation.describe()}")
+                reporter.metrics(step=step, epoch=epoch + 1, **validation.figures("validation_"))
         checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:
         reporter.log(f"done after {step} steps")
+        reporter.close()
         database.dispose()
 
 
@@ -277,6 +287,13 @@ class PairStats:
     reward_accuracy: float  # share of pairs whose chosen reward beats the rejected one
     reward_margin: float  # mean of chosen minus rejected reward
     tokens: int  # tokens the policy attended to
+    chosen_reward: float  # mean implicit reward of the chosen replies
+    rejected_reward: float
+
+    def figures(self, prefix: str = "") -> dict[str, float]:
+        """The figures as metrics (`JobReporter.metrics`), names prefixed with `prefix`."""
+        names = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+        return {prefix + name: getattr(self, name) for name in names}
 
     def describe(self) -> str:
         return (
@@ -287,8 +304,9 @@ class PairStats:
 
 def _batch_figures(
     scores: PairScores, batch: dict[str, torch.Tensor]
-) -> tuple[float, float, float, float, float]:
-    """Sums that add up over workers: loss, correct pairs, margin, pairs, tokens."""
+) -> tuple[float, float, float, float, float, float, float]:
+    """Sums that add up over workers: loss, correct pairs, margin, pairs, tokens, chosen
+    and rejected rewards."""
     margins = scores.chosen_rewards - scores.rejected_rewards
     return (
         scores.losses.detach().sum().item(),
@@ -296,13 +314,22 @@ def _batch_figures(
         margins.sum().item(),
         float(margins.numel()),
         batch["attention_mask"].sum().item(),
+        scores.chosen_rewards.sum().item(),
+        scores.rejected_rewards.sum().item(),
     )
 
 
 def _stats(totals: list[float]) -> PairStats:
-    loss_sum, correct, margin_sum, pairs, tokens = totals
+    loss_sum, correct, margin_sum, pairs, tokens, chosen_sum, rejected_sum = totals
     pairs = max(pairs, 1.0)
-    return PairStats(loss_sum / pairs, correct / pairs, margin_sum / pairs, int(tokens))
+    return PairStats(
+        loss_sum / pairs,
+        correct / pairs,
+        margin_sum / pairs,
+        int(tokens),
+        chosen_reward=chosen_sum / pairs,
+        rejected_reward=rejected_sum / pairs,
+    )
 
 
 def train_step(
@@ -338,7 +365,7 @@ def validate(
     if len(loader.dataset) == 0:  # type: ignore[arg-type]  # a list
         return None
     engine.model.eval()
-    totals = [0.0] * 5
+    totals = [0.0] * 7  # the sums _batch_figures gives
     for batch in loader:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with engine.autocast():

@@ -134,6 +134,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         baseline = validate(engine, validation_loader, device)  # every rank all-reduces
         if reporter is not None:
             reporter.log(f"epoch 0 validation loss {baseline:.4f}")
+            reporter.metrics(step=step, epoch=0, validation_loss=baseline)
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
@@ -150,15 +151,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if reporter is not None:
                 rate = tokens / (time.perf_counter() - started)
                 reporter.log(f"step {step} loss {loss:.4f} lr {lr:.3e} tokens/s {rate:.0f}")
+                reporter.metrics(
+                    step=step,
+                    epoch=epoch + 1,
+                    loss=loss,
+                    learning_rate=lr,
+                    tokens_per_second=rate,
+                )
         validation_loss = validate(engine, validation_loader, device)
         if reporter is not None:
             reporter.log(f"epoch {epoch + 1} validation loss {validation_loss:.4f}")
+            reporter.metrics(step=step, epoch=epoch + 1, validation_loss=validation_loss)
         metrics = {"loss": loss, "validation_loss": validation_loss}
         checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:
         reporter.log(f"done after {step} steps")
+        reporter.close()
         database.dispose()
 
 

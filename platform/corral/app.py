@@ -32,6 +32,7 @@ from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
+from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -75,9 +76,11 @@ def build_services(
         if models is not None and launcher is not None
         else None
     )
+    jobs = JobsService(database=database, launcher=launcher)
     return Services(
         datasets=datasets,
-        post_training=PostTrainingService(database=database, planner=planner, launcher=launcher),
+        jobs=jobs,
+        post_training=PostTrainingService(database=database, jobs=jobs, planner=planner),
         inference=InferenceService(router=router),
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         models=models,

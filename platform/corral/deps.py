@@ -10,6 +10,7 @@ from corral.errors import CapabilityUnavailable
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
 
@@ -35,6 +36,10 @@ def _post_training(services: Annotated[Services, Depends(_services)]) -> PostTra
     return services.post_training
 
 
+def _jobs(services: Annotated[Services, Depends(_services)]) -> JobsService:
+    return services.jobs
+
+
 def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceService:
     return services.inference
 
@@ -49,5 +54,6 @@ TenantDep = Annotated[str, Depends(_tenant)]
 OperatorDep = Annotated[bool, Depends(_operator)]
 DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
+JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]

@@ -261,6 +261,10 @@ def _plain(method: str, path: str) -> Callable[[str, World], Call]:
     return lambda oid, world: (method, path, {})
 
 
+def _path(method: str, template: str) -> Callable[[str, World], Call]:
+    return lambda oid, world: (method, template.format(oid), {})
+
+
 def _bank(path: str) -> Callable[[str, World], Call]:
     return lambda oid, world: ("POST", path, {"params": {"bank_uuid": oid}, "json": []})
 
@@ -306,6 +310,17 @@ ROUTES: list[Route] = [
         fresh=True,
     ),
     Route("GET /post_training/jobs", "job", _plain("GET", "/post_training/jobs"), _ids("job_uuid")),
+    Route(
+        "GET /post_training/job/metrics",
+        "job",
+        _query("GET", "/post_training/job/metrics", "job_uuid"),
+    ),
+    # Corral's routes for jobs of every kind
+    Route("GET /jobs", "job", _plain("GET", "/jobs"), _ids("job_uuid")),
+    Route("GET /jobs/{job_uuid}", "job", _path("GET", "/jobs/{}")),
+    Route("GET /jobs/{job_uuid}/logs", "job", _path("GET", "/jobs/{}/logs")),
+    Route("GET /jobs/{job_uuid}/metrics", "job", _path("GET", "/jobs/{}/metrics")),
+    Route("POST /jobs/{job_uuid}/cancel", "job", _path("POST", "/jobs/{}/cancel"), fresh=True),
     # models: Corral's routes, the OpenAI-compatible ones and the spec's inference
     Route("GET /models", "chat_model", _plain("GET", "/models"), _ids("name")),
     Route(

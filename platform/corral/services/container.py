@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -14,6 +15,7 @@ from corral.services.post_training import PostTrainingService
 @dataclass(frozen=True)
 class Services:
     datasets: DatasetService
+    jobs: JobsService
     post_training: PostTrainingService
     inference: InferenceService
     openai: OpenAIService

@@ -3,9 +3,10 @@
 Everything that can be checked before a GPU is spent is checked here, so a bad request is
 a 4xx at submission rather than a failed job later: the job uuid's alphabet, the model
 (known, and a full checkpoint), `algorithm_config` against `algorithm`, the options Corral
-does not offer, both datasets (reachable, declaring and carrying the columns the method
-needs), and finally the recipe's own config validation (jobs/config.py: pydantic only, so
-validating a submission loads no torch into the API process).
+does not offer (a hyperparameter search; a `logger_config` other than `{}` or
+`{"tensorboard": true}`), both datasets (reachable, declaring and carrying the columns the
+method needs), and finally the recipe's own config validation (jobs/config.py: pydantic
+only, so validating a submission loads no torch into the API process).
 
 Columns each method needs (the dataset must declare them with these types):
 - supervised_fine_tune: `dialog` (dialog) — the assistant turns are what is learnt.
@@ -42,6 +43,7 @@ from corral.services.datasets import DatasetService, Row
 from corral.serving.resolver import ResolvedModel
 from corral.tenancy import job_checkpoint_dir, job_key
 from jobs.config import DPOJobConfig, SFTJobConfig, TrainingJobConfig
+from jobs.logger_config import LoggerConfig
 from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
 
 
@@ -261,14 +263,22 @@ def _distribution(training: TrainingConfig, default_stage: int | None) -> dict[s
 
 
 def _reject_unsupported(hyperparam_search: dict[str, Any], logger: dict[str, Any]) -> None:
-    """Corral runs one configuration per job and logs to the SQL store; a sweep or an
-    external logger would be silently ignored otherwise."""
+    """Corral runs one configuration per job, and its metrics always go to the SQL store
+    (`logger_config` may add TensorBoard files: jobs/logger_config.py); a sweep or another
+    logger would be silently ignored otherwise."""
     if hyperparam_search:
         raise InvalidRequest(
             "hyperparam_search_config is not supported: submit one job per configuration "
             "and send {}"
         )
-    if logger:
-        raise InvalidRequest(
-            "logger_config is not supported: progress is in /post_training/job/logs; send {}"
+    try:
+        LoggerConfig.model_validate(logger)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
+        raise InvalidRequest(
+            f"logger_config is not supported as sent ({problems}): send {{}} (metrics are "
+            'in /post_training/job/metrics) or {"tensorboard": true} (TensorBoard event '
+            "files beside the checkpoints as well)"
+        ) from None

@@ -7,7 +7,6 @@ end-to-end test)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import shutil
@@ -513,18 +512,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from corral import cli_jobs
-    from corral.cli import CliError, build_parser
+    from corral.cli import CliError, remote, run
+    from corral.client import CorralClient
 
     client.headers.update(ALPHA)
-    # The commands' own HTTP client is swapped for the test client (same httpx API).
-    monkeypatch.setattr(cli_jobs, "client_from_args", lambda _args: contextlib.nullcontext(client))
-    parser = build_parser()
-    settings = Settings(home=tmp_path)
+    # The commands' own HTTP client is swapped for one on the test client.
+    monkeypatch.setattr(remote, "connect", lambda _url: CorralClient.over(client))
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
 
     def corral(*argv: str) -> str:
-        args = parser.parse_args(["jobs", *argv])
-        args.handler(settings, args)
+        assert run(["jobs", *argv]) == 0
         return capsys.readouterr().out
 
     request_file = tmp_path / "request.json"

@@ -16,7 +16,7 @@ import typer
 from corral.cli import jobs, models
 from corral.cli.output import CliError, JsonOption, print_json
 from corral.cli.serve import serve
-from corral.cli.state import load_settings, settings_of
+from corral.cli.state import settings_of
 
 app = typer.Typer(
     name="corral",
@@ -36,7 +36,6 @@ app.add_typer(ray, name="ray")
 
 @app.callback()
 def root(
-    ctx: typer.Context,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
 ) -> None:
     logging.basicConfig(
@@ -45,7 +44,6 @@ def root(
     )
     # One line per HTTP request from the client library drowns the demo's transcript.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    ctx.obj = load_settings()
 
 
 @db.command("upgrade")

@@ -1,5 +1,6 @@
-"""The settings the root command loads once (from CORRAL_* variables), handed to the
-commands that need them through click's context object."""
+"""The settings (CORRAL_* variables), loaded once by the first command that needs them
+and kept on click's root context: `--help` and the commands that only talk to a running
+server neither wait for them nor fail on a bad one."""
 
 from __future__ import annotations
 
@@ -30,5 +31,8 @@ def load_settings() -> Settings:
 
 
 def settings_of(ctx: typer.Context) -> Settings:
-    settings: Settings = ctx.find_root().obj
+    root = ctx.find_root()
+    if root.obj is None:
+        root.obj = load_settings()
+    settings: Settings = root.obj
     return settings

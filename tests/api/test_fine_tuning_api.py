@@ -566,6 +566,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     with pytest.raises(CliError, match="already completed"):
         corral("cancel", "cli-1")
 
+    # The same, as JSON for scripts.
+    listed = json.loads(corral("list", "--status", "cancelled", "--json"))
+    assert [job["job_uuid"] for job in listed["data"]] == ["cli-3"]
+    status = json.loads(corral("status", "cli-1", "--json"))
+    assert status["job"]["progress"] == {"step": 4, "total_steps": 4, "loss": 0.75}
+    assert status["status"]["status"] == "completed"
+    assert json.loads(corral("artifacts", "cli-1", "--json"))["checkpoints"][0]["iters"] == 4
+    log_lines = [json.loads(line) for line in corral("logs", "cli-1", "--json").splitlines()]
+    assert "step 4 loss 0.7500 lr 1.000e-03 tokens/s 50" in log_lines
+
 
 @pytest.mark.parametrize(
     ("use_gpu", "resources", "workers"),

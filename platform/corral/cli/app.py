@@ -22,8 +22,6 @@ app = typer.Typer(
     name="corral",
     help=__doc__.split("\n\n")[0] if __doc__ else None,
     no_args_is_help=True,
-    # A failure is one line on stderr (`main`), not a traceback of local variables.
-    pretty_exceptions_enable=False,
 )
 db = typer.Typer(help="the SQL job store", no_args_is_help=True)
 ray = typer.Typer(help="the embedded Ray head", no_args_is_help=True)
@@ -80,8 +78,11 @@ def ray_status(ctx: typer.Context, json_output: JsonOption = False) -> None:
 
     head = LocalRayHead(settings_of(ctx).home).find()
     if json_output:
-        found = None if head is None else {"pid": head.pid, "address": head.address}
-        print_json(found and found | {"dashboard_url": head.dashboard_url if head else None})
+        print_json(
+            None
+            if head is None
+            else {"pid": head.pid, "address": head.address, "dashboard_url": head.dashboard_url}
+        )
     elif head is None:
         print("no embedded Ray head is running")
     else:

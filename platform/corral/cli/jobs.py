@@ -64,18 +64,15 @@ def submit(
     if not isinstance(body, dict):
         fail(f"{request} must hold a JSON object (the spec's request body)")
     with remote.connect(url) as client:
-        submitted = client.submit_dpo if body.get("algorithm") == "dpo" else client.submit_sft
-        job_uuid = submitted(body)
-        if json_output and not follow:
-            print_json({"job_uuid": job_uuid})
-            return
+        submit_to = client.submit_dpo if body.get("algorithm") == "dpo" else client.submit_sft
+        job_uuid = submit_to(body)
         if not json_output:
             print(f"submitted {job_uuid}")
-        if follow:
-            job = _follow(client, job_uuid, poll_s=poll, quiet=json_output)
-            if json_output:
-                print_json(job)
-            _fail_unless_completed(job)
+        job = _follow(client, job_uuid, poll_s=poll, quiet=json_output) if follow else None
+    if json_output:
+        print_json({"job_uuid": job_uuid} if job is None else job)
+    if job is not None:
+        _fail_unless_completed(job)
 
 
 @app.command()

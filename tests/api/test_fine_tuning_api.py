@@ -7,7 +7,6 @@ end-to-end test)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import shutil
@@ -534,18 +533,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from corral import cli_jobs
-    from corral.cli import CliError, build_parser
+    from corral.cli import CliError, remote, run
+    from corral.client import CorralClient
 
     client.headers.update(ALPHA)
-    # The commands' own HTTP client is swapped for the test client (same httpx API).
-    monkeypatch.setattr(cli_jobs, "client_from_args", lambda _args: contextlib.nullcontext(client))
-    parser = build_parser()
-    settings = Settings(home=tmp_path)
+    # The commands' own HTTP client is swapped for one on the test client.
+    monkeypatch.setattr(remote, "connect", lambda _url: CorralClient.over(client))
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
 
     def corral(*argv: str) -> str:
-        args = parser.parse_args(["jobs", *argv])
-        args.handler(settings, args)
+        assert run(["jobs", *argv]) == 0
         return capsys.readouterr().out
 
     request_file = tmp_path / "request.json"
@@ -590,6 +587,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     ]
     with pytest.raises(CliError, match="already completed"):
         corral("cancel", "cli-1")
+
+    # The same, as JSON for scripts.
+    listed = json.loads(corral("list", "--status", "cancelled", "--json"))
+    assert [job["job_uuid"] for job in listed["data"]] == ["cli-3"]
+    status = json.loads(corral("status", "cli-1", "--json"))
+    assert status["job"]["progress"] == {"step": 4, "total_steps": 4, "loss": 0.75}
+    assert status["status"]["status"] == "completed"
+    assert json.loads(corral("artifacts", "cli-1", "--json"))["checkpoints"][0]["iters"] == 4
+    log_lines = [json.loads(line) for line in corral("logs", "cli-1", "--json").splitlines()]
+    assert "step 4 loss 0.7500 lr 1.000e-03 tokens/s 50" in log_lines
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@ commands that call them, against a registry on a real local Ray Serve (scripted 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,9 +16,9 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from sqlalchemy import select
 
-from corral import cli_models
 from corral.app import create_app
-from corral.cli import CliError
+from corral.cli import CliError, remote, run
+from corral.client import CorralClient
 from corral.config import Settings
 from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
@@ -293,15 +291,11 @@ def test_the_cli_lists_and_scales_through_the_api(
     client, home, shared = served
     client.headers.update(ALPHA)  # a tenant's key, as CORRAL_API_KEY would carry it
     try:
-        # The commands' own HTTP client is swapped for the test client (same httpx API).
-        monkeypatch.setattr(
-            cli_models, "client_from_args", lambda _args: contextlib.nullcontext(client)
-        )
-        parser = _parser()
-        settings = Settings(home=home)
+        # The commands' own HTTP client is swapped for one on the test client.
+        monkeypatch.setattr(remote, "connect", lambda _url: CorralClient.over(client))
+        monkeypatch.setenv("CORRAL_HOME", str(home))
 
-        args = parser.parse_args(["models", "list"])
-        args.handler(settings, args)
+        assert run(["models", "list"]) == 0
         table = capsys.readouterr().out.splitlines()
         assert table[0].split() == [
             "NAME",
@@ -324,57 +318,44 @@ def test_the_cli_lists_and_scales_through_the_api(
             f"{shared}-alias",
         ]
 
-        args = parser.parse_args(["models", "scale", f"{shared}-alias", "--min", "2", "--wait"])
+        scale = ["models", "scale", f"{shared}-alias", "--min", "2", "--wait"]
         with pytest.raises(CliError, match=r"403 model .* only an operator key scales it"):
-            args.handler(settings, args)
+            run(scale)
         client.headers.update(OPS)  # an operator's key
-        args.handler(settings, args)
+        assert run(scale) == 0
         out = capsys.readouterr().out
         assert f"{shared}: replicas 2..2" in out
         assert f"{shared}: 2 running" in out
 
-        args = parser.parse_args(["models", "scale", "nothing", "--replicas", "1"])
         with pytest.raises(CliError, match="404 no model 'nothing'"):
-            args.handler(settings, args)
+            run(["models", "scale", "nothing", "--replicas", "1"])
         # Back to one replica for whoever uses the shared model next.
-        cli_models.scale_model(client, shared, min_replicas=1)
+        CorralClient.over(client).scale_model(shared, min_replicas=1)
     finally:
         for key in ALPHA:
             client.headers.pop(key, None)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral")
-    commands = parser.add_subparsers(dest="command", required=True)
-    models = commands.add_parser("models").add_subparsers(dest="models_command", required=True)
-    cli_models.add_models_commands(models)
-    return parser
-
-
 def test_the_cli_checks_its_arguments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = _parser()
-    settings = Settings(home=tmp_path)
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     for argv, message in (
         (["models", "scale", "m", "--replicas", "2", "--max", "3"], "either --replicas"),
         (["models", "scale", "m"], "give --replicas, --min or --max"),
     ):
-        args = parser.parse_args(argv)
         with pytest.raises(CliError, match=message):
-            args.handler(settings, args)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["models", "scale", "m", "--replicas", "0"])
+            run(argv)
+    assert run(["models", "scale", "m", "--replicas", "0"]) == 2  # a usage error
     assert "must be at least 1" in capsys.readouterr().err
 
-    monkeypatch.setenv(cli_models.API_KEY_ENV, "secret")
-    args = parser.parse_args(["models", "list", "--url", "http://127.0.0.1:9"])
+    monkeypatch.setenv(remote.API_KEY_ENV, "secret")
     with pytest.raises(CliError, match=r"cannot reach the Corral server at http://127\.0\.0\.1:9"):
-        args.handler(settings, args)
+        run(["models", "list", "--url", "http://127.0.0.1:9"])
 
 
 def test_api_client_sends_the_bearer_key() -> None:
-    with cli_models.api_client("http://server:1", "k") as client:
-        assert client.headers["Authorization"] == "Bearer k"
-    with cli_models.api_client("http://server:1", None) as client:
-        assert "Authorization" not in client.headers
+    with CorralClient("http://server:1", api_key="k") as client:
+        assert client.http.headers["Authorization"] == "Bearer k"
+    with CorralClient("http://server:1") as client:
+        assert "Authorization" not in client.http.headers

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
@@ -30,7 +29,7 @@ from pydantic import BaseModel
 
 from corral.api.datasets import CreateDatasetRequest, Dataset
 from corral.api.inference import ChatCompletionResponse, ChatCompletionResponseStreamChunk
-from corral.api.jobs import JobList, JobStatusName, JobSummary
+from corral.api.jobs import JobList, JobMetric, JobMetrics, JobStatusName, JobSummary
 from corral.api.models import ModelInfo, ModelList, ScaleModelResponse
 from corral.api.openai import ChatCompletion
 from corral.api.post_training import (
@@ -93,22 +92,6 @@ class CorralAPIError(Exception):
 
 class WaitTimeout(TimeoutError):
     """A wait (for a job to end, for replicas to start) ran past its time limit."""
-
-
-class MetricRecord(BaseModel):
-    """One optimizer step's metrics, as `GET /post_training/job/metrics` returns them."""
-
-    step: int
-    epoch: int | None = None
-    recorded_at: datetime
-    values: dict[str, float]
-
-
-class JobMetricsPage(BaseModel):
-    job_uuid: str
-    data: list[MetricRecord]
-    # Pass as `after_step` for the next page; absent on the last page.
-    next_after_step: int | None = None
 
 
 class CorralClient:
@@ -271,18 +254,18 @@ class CorralClient:
 
     def job_metrics_page(
         self, job_uuid: str, *, after_step: int | None = None, limit: int | None = None
-    ) -> JobMetricsPage:
+    ) -> JobMetrics:
         """One page of a job's per-step metrics, by step, after `after_step`."""
         params: dict[str, Any] = {"job_uuid": job_uuid}
         if after_step is not None:
             params["after_step"] = after_step
         if limit is not None:
             params["limit"] = limit
-        return self._get("/post_training/job/metrics", JobMetricsPage, params=params)
+        return self._get("/post_training/job/metrics", JobMetrics, params=params)
 
     def job_metrics(
         self, job_uuid: str, *, after_step: int | None = None, page_size: int | None = None
-    ) -> Iterator[MetricRecord]:
+    ) -> Iterator[JobMetric]:
         """Every per-step record of a job after `after_step`, following the pages."""
         while True:
             page = self.job_metrics_page(job_uuid, after_step=after_step, limit=page_size)

@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from corral.api.jobs import JobStatusName
+from corral.api.jobs import JobMetric, JobStatusName
 from corral.cli import CliError, jobs, output, remote, run
-from corral.client import CorralClient, MetricRecord
+from corral.client import CorralClient
 
 RECORDS: list[dict[str, Any]] = [
     {
@@ -82,7 +82,7 @@ def test_on_a_terminal_it_is_a_rich_table(
     assert run(["jobs", "metrics", "job-1"]) == 0
     out = capsys.readouterr().out
     assert "LEARNING_RATE" in out and "51.5" in out
-    plain = output.plain_table(*jobs.metrics_table([MetricRecord(**r) for r in RECORDS]))
+    plain = output.plain_table(*jobs.metrics_table([JobMetric(**r) for r in RECORDS]))
     assert out.rstrip("\n") != plain  # rich laid it out, not the plain printer
 
 

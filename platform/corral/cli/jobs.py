@@ -21,8 +21,8 @@ from corral.cli import remote
 from corral.cli.output import JsonOption, fail, print_json, print_json_line, print_table
 
 if TYPE_CHECKING:
-    from corral.api.jobs import JobStatusName, JobSummary
-    from corral.client import CorralClient, MetricRecord
+    from corral.api.jobs import JobMetric, JobStatusName, JobSummary
+    from corral.client import CorralClient
 
 
 # The API's JobStatusName, spelled out: importing it would load pydantic for `--help`
@@ -216,7 +216,7 @@ def jobs_table(jobs: list[JobSummary]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def metrics_table(records: list[MetricRecord]) -> tuple[list[str], list[list[str]]]:
+def metrics_table(records: list[JobMetric]) -> tuple[list[str], list[list[str]]]:
     """STEP, EPOCH and a column per metric name, in the order the names first appear."""
     names = list(dict.fromkeys(name for record in records for name in record.values))
     header = ["STEP", "EPOCH", *(name.upper() for name in names)]

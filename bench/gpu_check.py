@@ -37,8 +37,9 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
-from jobs.distributed import TrainingDtype, TrainingEngine, ZeroStage, prepare_training
-from jobs.sft import SFTJobConfig, build_model, train_step
+from jobs.config import SFTJobConfig, TrainingDtype, ZeroStage
+from jobs.distributed import TrainingEngine, prepare_training
+from jobs.sft import build_model, train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # The recipe's config refuses rows it could not learn from; this one is never trained on.

@@ -175,7 +175,7 @@ def main() -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 

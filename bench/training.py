@@ -38,6 +38,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
 from corral.tenancy import job_key
 from jobs import sft
+from jobs.config import SFTJobConfig
 from jobs.training_data import pad_batch, tokenize_rows
 
 LR = 1e-3
@@ -119,8 +120,8 @@ def bench_config(
     rows: list[dict[str, Any]],
     batch_size: int,
     work: Path,
-) -> sft.SFTJobConfig:
-    return sft.SFTJobConfig(
+) -> SFTJobConfig:
+    return SFTJobConfig(
         job_key=job_key(BENCH_TENANT, job_uuid),
         database_url=url,
         model_dir=model_dir,
@@ -145,7 +146,7 @@ def bench_config(
     )
 
 
-def _create_job(database: Database, job_uuid: str, config: sft.SFTJobConfig) -> None:
+def _create_job(database: Database, job_uuid: str, config: SFTJobConfig) -> None:
     with database.transaction() as session:
         JobStore(session).create(
             job_uuid=job_uuid,

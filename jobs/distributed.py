@@ -7,10 +7,11 @@ A recipe builds its model (a `PreTrainedModel` or a `PeftModel`), then
 and from there only talks to the engine: `engine.model(...)` for forward passes (inside
 `engine.autocast()`), `engine.backward_step(loss)` once per step, `engine.last_lr()` for
 logging, and at a checkpoint `engine.save_hf(directory)` and `engine.save_state(directory)`;
-`engine.load_state(directory)` restores the optimizer and schedule on resume. Every method
-that touches a directory must be called on every rank: ZeRO-3 gathers weights from all of
-them and DeepSpeed writes one optimizer shard per rank. Directories are assumed to be on
-storage every worker sees (the recipes' `output_dir`).
+`engine.load_state(directory)` restores the optimizer and schedule on resume (the recipes
+leave those three to jobs/checkpointer.py). Every method that touches a directory must be
+called on every rank: ZeRO-3 gathers weights from all of them and DeepSpeed writes one
+optimizer shard per rank. Directories are assumed to be on storage every worker sees (the
+recipes' `output_dir`). `all_reduce_sum` adds a worker's figures to everyone's.
 
 `zero_stage` None means DDP (each worker holds everything; gradients all-reduced). A
 number means DeepSpeed with that ZeRO stage: 1 shards the optimizer state, 2 also the
@@ -23,24 +24,26 @@ mode (bf16 weights, float32 master copy in the optimizer) under ZeRO; fp16 is no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 from peft import PeftModel
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedModel
 
 from corral.api.post_training import OptimizerConfig
-
-ZeroStage = Literal[0, 1, 2, 3]
-TrainingDtype = Literal["float32", "bfloat16"]
+from jobs.config import TrainingDtype, ZeroStage
 
 OPTIMIZER_STATE = "optimizer.pt"  # DDP: optimizer and schedule, written by rank 0
 DEEPSPEED_STATE = "deepspeed"  # ZeRO: DeepSpeed's own checkpoint, one shard per rank
 _DEEPSPEED_TAG = "state"
+
+Example = TypeVar("Example")
 
 
 class ParallelSettings(Protocol):
@@ -169,15 +172,62 @@ def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
-# ---------------------------------------------------------------- DDP
+# ---------------------------------------------------------------- the process group
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _distributed() else 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over all workers (on one worker, the values themselves). Every
+    rank must call it; float64, so counts of tokens stay exact."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(tensor)
+    return [float(value) for value in tensor.tolist()]
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing to wait for on one worker)."""
+    if _distributed():
+        dist.barrier()
+
+
+def shard_loader(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    collate: Callable[[list[Example]], dict[str, torch.Tensor]],
+) -> DataLoader[Example]:
+    """This worker's shard of `examples`, in batches of `batch_size`. The sampler's
+    `set_epoch(epoch)` gives every epoch a new shuffle, the same on every rank."""
+    sampler: DistributedSampler[Example] = DistributedSampler(
+        examples,  # type: ignore[arg-type]  # a list serves as a map-style dataset
+        num_replicas=_world_size(),
+        rank=_rank(),
+        shuffle=shuffle,
+        seed=seed,
+    )
+    return DataLoader(
+        examples,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+    )
+
+
+# ---------------------------------------------------------------- DDP
 
 
 def _prepare_ddp(

@@ -25,10 +25,12 @@ from `lr` to `lr_min` on a cosine over the run; `zero_stage`, `cpu_offload`,
 The reference is always the original `model_dir`, whole and frozen on every worker (ZeRO
 shards the policy only), in the precision the policy computes in.
 
-A checkpoint (the policy's full weights and the tokenizer in Hugging Face format, the
-optimizer and schedule, and `trainer_state.pt`) is saved after every epoch; a restarted
-worker group and a new attempt of the job both resume from the job's last checkpoint row.
-`output_dir` must be on storage that every worker sees.
+The config is `jobs.config.DPOJobConfig`, whose validation also refuses settings the loss
+cannot use (`check_alignment`). A checkpoint (the policy's full weights and the tokenizer
+in Hugging Face format, the optimizer and schedule, and the progress) is saved after every
+epoch by jobs/checkpointer.py; a restarted worker group and a new attempt of the job both
+resume from the job's last checkpoint row. `output_dir` must be on storage that every
+worker sees.
 """
 
 from __future__ import annotations
@@ -36,18 +38,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import ray.train
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812  # torch's own convention
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ray.train import Checkpoint
 from ray.train.torch import get_device
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
@@ -57,83 +55,23 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
+from corral.api.post_training import DPOAlignmentConfig
 from corral.store.db import Database
-from jobs.attempts import last_checkpoint_path, run_attempt
+from jobs.attempts import run_attempt
+from jobs.checkpointer import Checkpointer, TrainerState
+from jobs.config import DPOJobConfig
 from jobs.distributed import (
-    TrainingDtype,
     TrainingEngine,
-    ZeroStage,
+    all_reduce_sum,
     describe_parallelism,
     prepare_training,
+    shard_loader,
     torch_dtype,
 )
 from jobs.preference_data import TokenizedPair, pad_pairs, tokenize_pairs
 from jobs.reporting import JobReporter
-from jobs.rows import preference_row_problem
 
 log = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.pt"
-
-
-class DPOJobConfig(BaseModel):
-    """Everything one DPO run needs; the API side resolves datasets into rows."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    job_key: str
-    database_url: str
-    model_dir: Path  # the policy starts here; the reference is a frozen copy of it
-    output_dir: Path
-    rows: list[dict[str, Any]]
-    validation_rows: list[dict[str, Any]]
-    dpo: DPOAlignmentConfig
-    optimizer: OptimizerConfig
-    n_epochs: int = Field(ge=1)
-    n_iters: int = Field(ge=1, description="Most optimizer steps per epoch.")
-    batch_size: int = Field(ge=1, description="Preference pairs per worker per step.")
-    shuffle: bool = True
-    seed: int = 0
-    max_seq_len: int = Field(default=2048, ge=8)
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    max_failures: int = Field(default=2, ge=0, description="Worker group restarts.")
-    zero_stage: ZeroStage | None = Field(default=None, description="None: DDP.")
-    cpu_offload: bool = False
-    activation_checkpointing: bool = False
-    dtype: TrainingDtype = "float32"
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        check_alignment(self.dpo)
-        if not self.rows:
-            raise ValueError("no training rows")
-        for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
-            for index, row in enumerate(rows):
-                if (problem := preference_row_problem(row)) is not None:
-                    raise ValueError(f"{name}[{index}]: {problem}")
-        if self.cpu_offload and self.zero_stage is None:
-            raise ValueError("cpu_offload needs a zero_stage (it offloads DeepSpeed's state)")
-        return self
-
-
-def check_alignment(settings: DPOAlignmentConfig) -> None:
-    """Refuse DPO settings the loss cannot use, saying which and why (ValueError)."""
-    values = settings.model_dump()
-    if not all(math.isfinite(value) for value in values.values()):
-        raise ValueError(f"DPO settings must be finite numbers, got {values}")
-    if settings.reward_scale <= 0:
-        raise ValueError(f"reward_scale (DPO's beta) must be > 0, got {settings.reward_scale}")
-    if not 0 <= settings.epsilon < 0.5:
-        raise ValueError(
-            "epsilon (label smoothing: the chance a preference is flipped) must be in "
-            f"[0, 0.5), got {settings.epsilon}"
-        )
-    if settings.gamma < 0:
-        raise ValueError(f"gamma (the target reward margin) must be >= 0, got {settings.gamma}")
-    if settings.reward_clip < 0:
-        raise ValueError(f"reward_clip must be >= 0 (0 turns it off), got {settings.reward_clip}")
 
 
 # ---------------------------------------------------------------- the loss
@@ -219,30 +157,26 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
     validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
     steps_per_epoch = min(len(train_loader), config.n_iters)
-    # Every rank resumes from the job's last checkpoint row (see jobs/attempts.py).
-    resume_from = last_checkpoint_path(config)
-    resume = Checkpoint.from_directory(resume_from) if resume_from else None
-    with resume.as_directory() if resume else nullcontext() as resume_dir:
-        resume_path = Path(resume_dir) if resume_dir else None
-        policy = load_model(resume_path or config.model_dir, torch.float32)
-        state = _load_trainer_state(resume_path) if resume_path else None
+    checkpointer = Checkpointer(config, reporter=reporter)
+    with checkpointer.resume() as resume:  # the job's last checkpoint, if it has one
+        policy = load_model(resume.directory if resume else config.model_dir, torch.float32)
         engine, reference = prepare_models(
             config, policy, total_steps=steps_per_epoch * config.n_epochs, device=device
         )
-        if resume_path is not None and state is not None:
-            engine.load_state(resume_path)
-    first_epoch, step = (state["epochs_done"], state["step"]) if state else (0, 0)
+        resumed = checkpointer.restore(engine, resume)
+    first_epoch, step = resumed.epochs_done, resumed.step
 
     # train
     if reporter is not None:
         total = steps_per_epoch * config.n_epochs
         reporter.plan(total_steps=total, detail=f"{config.n_epochs} epochs of {steps_per_epoch}")
-    if reporter is not None and resume_from is not None:
-        reporter.log(f"resumed at step {step} from {resume_from}")
+    if reporter is not None and resume is not None:
+        reporter.log(f"resumed at step {step} from {resume.source}")
     if first_epoch == 0:
         baseline = validate(engine, reference, validation_loader, config.dpo, device)
         if reporter is not None and baseline is not None:
             reporter.log(f"epoch 0 validation {baseline.describe()}")
+            reporter.metrics(step=step, epoch=0, **baseline.figures("validation_"))
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
@@ -263,6 +197,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     f"reward_accuracy {stats.reward_accuracy:.2f} "
                     f"reward_margin {stats.reward_margin:.4f}"
                 )
+                reporter.metrics(
+                    step=step,
+                    epoch=epoch + 1,
+                    learning_rate=lr,
+                    tokens_per_second=rate,
+                    **stats.figures(),
+                )
         validation = validate(engine, reference, validation_loader, config.dpo, device)
         metrics = {"loss": stats.loss if stats is not None else math.nan}
         if validation is not None:
@@ -273,19 +214,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             }
             if reporter is not None:
                 reporter.log(f"epoch {epoch + 1} validation {validation.describe()}")
-        save_checkpoint(
-            config,
-            engine,
-            tokenizer,
-            epochs_done=epoch + 1,
-            step=step,
-            metrics=metrics,
-            reporter=reporter,
-        )
+                reporter.metrics(step=step, epoch=epoch + 1, **validation.figures("validation_"))
+        checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:
         reporter.log(f"done after {step} steps")
+        reporter.close()
         database.dispose()
 
 
@@ -331,20 +266,13 @@ def build_loader(
     pairs = tokenize_pairs(tokenizer, rows, max_seq_len=config.max_seq_len)
     if rows and not pairs:
         raise ValueError(f"max_seq_len {config.max_seq_len} cuts off every reply")
-    context = ray.train.get_context()
-    sampler: DistributedSampler[TokenizedPair] = DistributedSampler(
-        pairs,  # type: ignore[arg-type]  # a list serves as a map-style dataset
-        num_replicas=context.get_world_size(),
-        rank=context.get_world_rank(),
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return shard_loader(
+        pairs,
+        batch_size=config.batch_size,
         shuffle=shuffle,
         seed=config.seed,
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return DataLoader(
-        pairs,  # type: ignore[arg-type]
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=partial(pad_pairs, pad_id=pad_id),
+        collate=partial(pad_pairs, pad_id=pad_id),
     )
 
 
@@ -359,6 +287,13 @@ class PairStats:
     reward_accuracy: float  # share of pairs whose chosen reward beats the rejected one
     reward_margin: float  # mean of chosen minus rejected reward
     tokens: int  # tokens the policy attended to
+    chosen_reward: float  # mean implicit reward of the chosen replies
+    rejected_reward: float
+
+    def figures(self, prefix: str = "") -> dict[str, float]:
+        """The figures as metrics (`JobReporter.metrics`), names prefixed with `prefix`."""
+        names = ("loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+        return {prefix + name: getattr(self, name) for name in names}
 
     def describe(self) -> str:
         return (
@@ -369,8 +304,9 @@ class PairStats:
 
 def _batch_figures(
     scores: PairScores, batch: dict[str, torch.Tensor]
-) -> tuple[float, float, float, float, float]:
-    """Sums that add up over workers: loss, correct pairs, margin, pairs, tokens."""
+) -> tuple[float, float, float, float, float, float, float]:
+    """Sums that add up over workers: loss, correct pairs, margin, pairs, tokens, chosen
+    and rejected rewards."""
     margins = scores.chosen_rewards - scores.rejected_rewards
     return (
         scores.losses.detach().sum().item(),
@@ -378,13 +314,22 @@ def _batch_figures(
         margins.sum().item(),
         float(margins.numel()),
         batch["attention_mask"].sum().item(),
+        scores.chosen_rewards.sum().item(),
+        scores.rejected_rewards.sum().item(),
     )
 
 
 def _stats(totals: list[float]) -> PairStats:
-    loss_sum, correct, margin_sum, pairs, tokens = totals
+    loss_sum, correct, margin_sum, pairs, tokens, chosen_sum, rejected_sum = totals
     pairs = max(pairs, 1.0)
-    return PairStats(loss_sum / pairs, correct / pairs, margin_sum / pairs, int(tokens))
+    return PairStats(
+        loss_sum / pairs,
+        correct / pairs,
+        margin_sum / pairs,
+        int(tokens),
+        chosen_reward=chosen_sum / pairs,
+        rejected_reward=rejected_sum / pairs,
+    )
 
 
 def train_step(
@@ -404,7 +349,7 @@ def train_step(
         policy_chosen, policy_rejected, reference_chosen, reference_rejected, settings
     )
     engine.backward_step(scores.losses.mean())  # gradients averaged over workers
-    return _stats(_all_reduce(list(_batch_figures(scores, batch)), device))
+    return _stats(all_reduce_sum(list(_batch_figures(scores, batch)), device))
 
 
 @torch.no_grad()
@@ -420,7 +365,7 @@ def validate(
     if len(loader.dataset) == 0:  # type: ignore[arg-type]  # a list
         return None
     engine.model.eval()
-    totals = [0.0] * 5
+    totals = [0.0] * 7  # the sums _batch_figures gives
     for batch in loader:
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with engine.autocast():
@@ -428,57 +373,4 @@ def validate(
             scores = dpo_loss(*policy, *pair_logps(reference, batch), settings)
         totals = [a + b for a, b in zip(totals, _batch_figures(scores, batch), strict=True)]
     engine.model.train()
-    return _stats(_all_reduce(totals, device))
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return [float(value) for value in tensor.tolist()]
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(
-    config: DPOJobConfig,
-    engine: TrainingEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    epochs_done: int,
-    step: int,
-    metrics: dict[str, float],
-    reporter: JobReporter | None,
-) -> None:
-    """Every rank writes its part of the checkpoint (ZeRO gathers the policy's weights and
-    writes optimizer shards from all ranks); rank 0 adds the tokenizer and progress, then
-    reports it to Ray Train and the store once all ranks are done. Every rank takes part
-    in the report (Ray Train waits for all of them)."""
-    report = {**metrics, "epoch": epochs_done, "step": step}
-    directory = config.output_dir / "checkpoints" / f"iter-{step}"
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_hf(directory)  # the policy's full weights
-    engine.save_state(directory)
-    if reporter is not None:
-        tokenizer.save_pretrained(str(directory))
-        torch.save({"epochs_done": epochs_done, "step": step}, directory / TRAINER_STATE)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # rank 0 reports only a complete directory
-    if reporter is None:
-        ray.train.report(report)
-        return
-    ray.train.report(
-        report,
-        checkpoint=Checkpoint.from_directory(str(directory)),
-        checkpoint_dir_name=directory.name,
-    )
-    reporter.checkpoint(iters=step, path=str(directory), metrics=metrics)
-
-
-def _load_trainer_state(directory: Path) -> dict[str, Any] | None:
-    path = directory / TRAINER_STATE
-    if not path.is_file():
-        return None
-    state: dict[str, Any] = torch.load(path, weights_only=True)
-    return state
+    return _stats(all_reduce_sum(totals, device))

@@ -3,8 +3,8 @@
 It takes no arguments. The job's key (`Job.key`, derived by the server from the tenant and
 the job's uuid) and the SQL store's URL come from the environment the API server set
 (never from a request); the job's kind and launch config come from its row. It runs the
-recipe for the kind and exits 0 only when the row says completed, so Ray's own job status
-agrees with the store's.
+recipe for the kind (the `RECIPES` table: a new job kind adds its row there) and exits 0
+only when the row says completed, so Ray's own job status agrees with the store's.
 """
 
 from __future__ import annotations
@@ -12,14 +12,39 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from corral.ray_jobs import DATABASE_URL_ENV, JOB_KEY_ENV
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus
 from corral.store.tables import Job
+from jobs.config import DPOJobConfig, SFTJobConfig
 from jobs.reporting import JobReporter
 
 log = logging.getLogger("jobs.launch")
+
+# A recipe takes the job's launch config (with its key and the store's URL) and runs it.
+Recipe = Callable[[dict[str, Any]], None]
+
+
+# The recipe modules import torch and transformers: each is imported only by its own jobs.
+def _supervised_fine_tune(settings: dict[str, Any]) -> None:
+    from jobs import sft
+
+    sft.main(SFTJobConfig.model_validate(settings))
+
+
+def _preference_optimize(settings: dict[str, Any]) -> None:
+    from jobs import dpo
+
+    dpo.main(DPOJobConfig.model_validate(settings))
+
+
+RECIPES: dict[JobKind, Recipe] = {
+    JobKind.SUPERVISED_FINE_TUNE: _supervised_fine_tune,
+    JobKind.PREFERENCE_OPTIMIZE: _preference_optimize,
+}
 
 
 def run(job_key: str, database_url: str) -> JobStatus | None:
@@ -36,16 +61,10 @@ def run(job_key: str, database_url: str) -> JobStatus | None:
         launch.pop("job_uuid", None)
         settings = {**launch, "job_key": job_key, "database_url": database_url}
         try:
-            if kind is JobKind.SUPERVISED_FINE_TUNE:
-                from jobs import sft
-
-                sft.main(sft.SFTJobConfig.model_validate(settings))
-            elif kind is JobKind.PREFERENCE_OPTIMIZE:
-                from jobs import dpo
-
-                dpo.main(dpo.DPOJobConfig.model_validate(settings))
-            else:
+            recipe = RECIPES.get(kind)
+            if recipe is None:
                 raise ValueError(f"jobs of kind {kind.value!r} have no recipe here")
+            recipe(settings)
         except Exception as exc:
             # The recipes record their own failures; this records what fails before them.
             log.exception("job %s failed", job_key)

@@ -1,6 +1,7 @@
 """What a training row must hold to be learnt from, checked before a job is stored (the
-API validates launch configs with the recipes' config classes) and again by the recipe.
-Pure Python: the API process imports it without torch.
+API validates launch configs with the recipes' config classes, jobs/config.py, which
+apply these rules) and again when the job validates its stored config. Pure Python: the
+API process imports it without torch.
 
 Tokenizing and truncation (a dialog whose assistant turns `max_seq_len` cuts off) can only
 be checked by the job, which drops such rows and fails if none are left.

@@ -18,11 +18,11 @@ Mapping of the spec's `training_config`:
   recomputes activations in backward; `dtype` bfloat16 trains in mixed precision.
 - `qlora` is LoRA over a 4-bit NF4 base (bitsandbytes), with DDP or ZeRO 0-2.
 
-A checkpoint is saved at the end of every epoch in Hugging Face format (a peft adapter for
-LoRA/QLoRA/DoRA over the unquantized `model_dir`, full weights for `full`, the tokenizer
-with both), plus the optimizer and schedule (`optimizer.pt`, or DeepSpeed's shards under
-`deepspeed/`) and the progress (`trainer_state.pt`). It is reported to Ray Train, so a
-restarted worker group resumes from it; a new attempt of the job resumes from the last
+The config is `jobs.config.SFTJobConfig` (light, so the API validates submissions with it).
+A checkpoint is saved at the end of every epoch by jobs/checkpointer.py: Hugging Face
+format (a peft adapter for LoRA/QLoRA/DoRA over the unquantized `model_dir`, full weights
+for `full`, the tokenizer with both), the optimizer and schedule, and the progress. A
+restarted worker group and a new attempt of the job both resume from the job's last
 checkpoint row. `output_dir` must be on storage that every worker sees.
 """
 
@@ -35,14 +35,11 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any
 
 import ray.train
 import torch
-import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from ray.train import Checkpoint
 from ray.train.torch import get_device
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import (
@@ -52,85 +49,29 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from corral.api.post_training import AlgorithmConfig, OptimizerConfig
 from corral.store.db import Database
-from jobs.attempts import last_checkpoint_path, run_attempt
+from jobs.attempts import run_attempt
+from jobs.checkpointer import Checkpointer, TrainerState
+from jobs.config import SFTJobConfig
 from jobs.distributed import (
-    TrainingDtype,
     TrainingEngine,
-    ZeroStage,
+    all_reduce_sum,
     describe_parallelism,
     prepare_training,
+    shard_loader,
     torch_dtype,
 )
 from jobs.distributed import build_cosine_schedule as build_cosine_schedule
 from jobs.distributed import build_optimizer as build_optimizer
 from jobs.reporting import JobReporter
-from jobs.rows import sft_row_problem
 from jobs.training_data import TokenizedDialog, pad_batch, tokenize_rows
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.pt"
-QLORA_UNDER_ZERO3 = (
-    "qlora cannot run under ZeRO-3 (zero_stage 3, memory_efficient_fsdp_wrap): ZeRO-3 "
-    "shards the 4-bit packed base weights as if they were plain tensors; use zero_stage "
-    "0-2 or DDP, where the 4-bit base is small and stays whole on every worker"
-)
 # The spec (after torchtune) names the attention output projection `output_proj`.
 _ATTENTION_MODULES = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj"}
 _ATTENTION_MODULES |= {"o_proj": "o_proj", "output_proj": "o_proj"}
 _MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-class SFTJobConfig(BaseModel):
-    """Everything one SFT run needs; the API side resolves datasets into rows."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    job_key: str
-    database_url: str
-    model_dir: Path
-    output_dir: Path
-    rows: list[dict[str, Any]]
-    validation_rows: list[dict[str, Any]]
-    algorithm: Literal["full", "lora", "qlora", "dora"]
-    adapter: AlgorithmConfig | None = None  # required for lora, qlora and dora
-    optimizer: OptimizerConfig
-    n_epochs: int = Field(ge=1)
-    n_iters: int = Field(ge=1, description="Most optimizer steps per epoch.")
-    batch_size: int = Field(ge=1, description="Rows per worker per step.")
-    shuffle: bool = True
-    seed: int = 0
-    max_seq_len: int = Field(default=2048, ge=8)
-    num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
-    max_failures: int = Field(default=2, ge=0, description="Worker group restarts.")
-    zero_stage: ZeroStage | None = Field(
-        default=None, description="None: DDP; 0-3: DeepSpeed with that ZeRO stage."
-    )
-    cpu_offload: bool = Field(default=False, description="DeepSpeed state in CPU memory.")
-    activation_checkpointing: bool = False
-    dtype: TrainingDtype = "float32"
-
-    @model_validator(mode="after")
-    def _settings_fit_together(self) -> Self:
-        if self.algorithm != "full" and self.adapter is None:
-            raise ValueError(f"algorithm {self.algorithm!r} needs adapter settings")
-        if not self.rows:
-            raise ValueError("no training rows")
-        for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
-            for index, row in enumerate(rows):
-                if (problem := sft_row_problem(row)) is not None:
-                    raise ValueError(f"{name}[{index}]: {problem}")
-        if self.cpu_offload and not self.zero_stage:
-            raise ValueError(
-                "cpu_offload needs DeepSpeed ZeRO (zero_stage 1-3): it offloads the state "
-                "that ZeRO shards"
-            )
-        if self.algorithm == "qlora" and self.zero_stage == 3:
-            raise ValueError(QLORA_UNDER_ZERO3)
-        return self
 
 
 # ---------------------------------------------------------------- driver
@@ -170,13 +111,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
     validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
     steps_per_epoch = min(len(train_loader), config.n_iters)
-    # Every rank resumes from the job's last checkpoint row (see jobs/attempts.py).
-    resume_from = last_checkpoint_path(config)
-    resume = Checkpoint.from_directory(resume_from) if resume_from else None
-    with resume.as_directory() if resume else nullcontext() as resume_dir:
-        resume_path = Path(resume_dir) if resume_dir else None
-        model = build_model(config, resume_path)
-        state = _load_trainer_state(resume_path) if resume_path else None
+    checkpointer = Checkpointer(config, reporter=reporter)
+    with checkpointer.resume() as resume:  # the job's last checkpoint, if it has one
+        model = build_model(config, resume.directory if resume else None)
         engine = prepare_training(
             model,
             config.optimizer,
@@ -184,20 +121,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             total_steps=steps_per_epoch * config.n_epochs,
             device=device,
         )
-        if resume_path is not None and state is not None:
-            engine.load_state(resume_path)
-    first_epoch, step = (state["epochs_done"], state["step"]) if state else (0, 0)
+        resumed = checkpointer.restore(engine, resume)
+    first_epoch, step = resumed.epochs_done, resumed.step
 
     # train
     if reporter is not None:
         total = steps_per_epoch * config.n_epochs
         reporter.plan(total_steps=total, detail=f"{config.n_epochs} epochs of {steps_per_epoch}")
-    if reporter is not None and resume_from is not None:
-        reporter.log(f"resumed at step {step} from {resume_from}")
+    if reporter is not None and resume is not None:
+        reporter.log(f"resumed at step {step} from {resume.source}")
     if first_epoch == 0:
         baseline = validate(engine, validation_loader, device)  # every rank all-reduces
         if reporter is not None:
             reporter.log(f"epoch 0 validation loss {baseline:.4f}")
+            reporter.metrics(step=step, epoch=0, validation_loss=baseline)
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
         assert isinstance(sampler, DistributedSampler)
@@ -214,23 +151,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if reporter is not None:
                 rate = tokens / (time.perf_counter() - started)
                 reporter.log(f"step {step} loss {loss:.4f} lr {lr:.3e} tokens/s {rate:.0f}")
+                reporter.metrics(
+                    step=step,
+                    epoch=epoch + 1,
+                    loss=loss,
+                    learning_rate=lr,
+                    tokens_per_second=rate,
+                )
         validation_loss = validate(engine, validation_loader, device)
         if reporter is not None:
             reporter.log(f"epoch {epoch + 1} validation loss {validation_loss:.4f}")
+            reporter.metrics(step=step, epoch=epoch + 1, validation_loss=validation_loss)
         metrics = {"loss": loss, "validation_loss": validation_loss}
-        save_checkpoint(
-            config,
-            engine,
-            tokenizer,
-            epochs_done=epoch + 1,
-            step=step,
-            metrics=metrics,
-            reporter=reporter,
-        )
+        checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:
         reporter.log(f"done after {step} steps")
+        reporter.close()
         database.dispose()
 
 
@@ -306,20 +244,13 @@ def build_loader(
 ) -> DataLoader[TokenizedDialog]:
     """This worker's shard of the rows, tokenized and padded into batches."""
     dialogs = tokenize_rows(tokenizer, rows, max_seq_len=config.max_seq_len)
-    context = ray.train.get_context()
-    sampler: DistributedSampler[TokenizedDialog] = DistributedSampler(
-        dialogs,  # type: ignore[arg-type]  # a list serves as a map-style dataset
-        num_replicas=context.get_world_size(),
-        rank=context.get_world_rank(),
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return shard_loader(
+        dialogs,
+        batch_size=config.batch_size,
         shuffle=shuffle,
         seed=config.seed,
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return DataLoader(
-        dialogs,  # type: ignore[arg-type]
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=partial(pad_batch, pad_id=pad_id),
+        collate=partial(pad_batch, pad_id=pad_id),
     )
 
 
@@ -360,7 +291,7 @@ def train_step(
         optimizer.step()
     else:
         optimizer.backward_step(loss)
-    totals = _all_reduce(
+    totals = all_reduce_sum(
         [loss_sum.detach().item(), count.item(), batch["attention_mask"].sum().item()], device
     )
     return totals[0] / max(totals[1], 1.0), int(totals[2])
@@ -383,58 +314,5 @@ def validate(
         loss_sum += batch_sum.item()
         count += batch_count.item()
     module.train()
-    total_sum, total_count = _all_reduce([loss_sum, count], device)
+    total_sum, total_count = all_reduce_sum([loss_sum, count], device)
     return total_sum / max(total_count, 1.0)
-
-
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor)
-    return [float(value) for value in tensor.tolist()]
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(
-    config: SFTJobConfig,
-    engine: TrainingEngine,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    epochs_done: int,
-    step: int,
-    metrics: dict[str, float],
-    reporter: JobReporter | None,
-) -> None:
-    """Every rank writes its part of an HF-format checkpoint (ZeRO gathers weights and
-    writes optimizer shards from all ranks); rank 0 adds the tokenizer and progress, then
-    reports it to Ray Train and the store once all ranks are done. Every rank takes part
-    in the report (Ray Train waits for all of them)."""
-    report = {**metrics, "epoch": epochs_done, "step": step}
-    directory = config.output_dir / "checkpoints" / f"iter-{step}"
-    directory.mkdir(parents=True, exist_ok=True)
-    engine.save_hf(directory)  # an adapter for peft models, else full weights
-    engine.save_state(directory)
-    if reporter is not None:
-        tokenizer.save_pretrained(str(directory))
-        torch.save({"epochs_done": epochs_done, "step": step}, directory / TRAINER_STATE)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # rank 0 reports only a complete directory
-    if reporter is None:
-        ray.train.report(report)
-        return
-    ray.train.report(
-        report,
-        checkpoint=Checkpoint.from_directory(str(directory)),
-        checkpoint_dir_name=directory.name,
-    )
-    reporter.checkpoint(iters=step, path=str(directory), metrics=metrics)
-
-
-def _load_trainer_state(directory: Path) -> dict[str, Any] | None:
-    path = directory / TRAINER_STATE
-    if not path.is_file():
-        return None
-    state: dict[str, Any] = torch.load(path, weights_only=True)
-    return state

@@ -14,9 +14,9 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
@@ -27,15 +27,15 @@ from serve_apps.engines.protocol import (
     TokenDelta,
 )
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
+from serve_apps.options import EngineName, ReplicaOptions
 
 DEPLOYMENT_NAME = "LLMServer"
 log = logging.getLogger(__name__)
 
 
-class LLMAppConfig(BaseModel):
-    """Everything one model's app needs; it travels to the replicas as plain data."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LLMAppConfig(ReplicaOptions):
+    """Everything one model's app needs: its weights and its `ReplicaOptions`. It travels
+    to the replicas as plain data."""
 
     name: str = Field(min_length=1, max_length=200)
     # A local directory, or a storage URI that each replica downloads once (model_cache).
@@ -44,34 +44,6 @@ class LLMAppConfig(BaseModel):
     storage: StorageOptions = StorageOptions()
     # Node-local; None: model_cache's default.
     model_cache_dir: Path | None = None
-    engine: Literal["transformers"] = "transformers"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    gpus_per_replica: float = Field(default=0.0, ge=0)
-    cpus_per_replica: float = Field(default=0.5, gt=0)
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    initial_replicas: int | None = Field(default=None, ge=0)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
-    # Past this many requests waiting for a replica, callers get BackPressureError at once.
-    max_queued_requests: int = Field(default=64, ge=1)
-    upscale_delay_s: float = Field(default=3.0, ge=0)
-    downscale_delay_s: float = Field(default=30.0, ge=0)
-    # How far back the autoscaler averages ongoing requests. Ray 2.60 pushes replica
-    # metrics every 10 s and wants a longer window than that.
-    look_back_period_s: float = Field(default=30.0, gt=10.0)
-
-    @model_validator(mode="after")
-    def _bounds(self) -> LLMAppConfig:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be at least min_replicas")
-        if self.initial_replicas is not None and not (
-            self.min_replicas <= self.initial_replicas <= self.max_replicas
-        ):
-            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
-        return self
 
     @property
     def app_name(self) -> str:
@@ -98,6 +70,11 @@ def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
             dtype=config.dtype,
         )
     )
+
+
+# The engines this app kind has; each imports its heavy modules only when a replica
+# builds it. vLLM joins here.
+ENGINES: dict[EngineName, EngineFactory] = {"transformers": transformers_engine}
 
 
 _DONE = object()
@@ -255,10 +232,20 @@ def deployment_options(config: LLMAppConfig) -> dict[str, Any]:
     }
 
 
-def build_app(
-    args: dict[str, Any], *, engine_factory: EngineFactory = transformers_engine
-) -> Application:
-    """The Serve application for one model (`args` is an `LLMAppConfig` as a dict)."""
+def engine_for(config: LLMAppConfig) -> EngineFactory:
+    """The factory of the engine `config` names; ValueError for one this app lacks."""
+    factory = ENGINES.get(config.engine)
+    if factory is None:
+        raise ValueError(
+            f"engine {config.engine!r} is not available for LLMs (available: "
+            f"{', '.join(sorted(ENGINES))})"
+        )
+    return factory
+
+
+def build_app(args: dict[str, Any], *, engine_factory: EngineFactory | None = None) -> Application:
+    """The Serve application for one model (`args` is an `LLMAppConfig` as a dict), with
+    the engine its config names unless `engine_factory` is given (tests inject one)."""
     config = LLMAppConfig.model_validate(args)
     deployment = serve.deployment(**deployment_options(config))(LLMServer)
-    return deployment.bind(config, engine_factory)
+    return deployment.bind(config, engine_factory or engine_for(config))

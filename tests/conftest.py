@@ -223,8 +223,9 @@ def add_registered_model_row(
     database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path
 ) -> None:
     """A registered model's row as `/models/register` (here, or in another API process)
-    stores it, with the registry's defaults, and no Serve app behind it."""
+    stores it, with the default options, and no Serve app behind it."""
     from corral.store.tables import ServedModel, utcnow
+    from serve_apps.options import ReplicaOptions
 
     now = utcnow()
     with database.transaction() as session:
@@ -232,14 +233,10 @@ def add_registered_model_row(
             ServedModel(
                 tenant=tenant,
                 name=name,
+                kind="llm",
                 checkpoint_dir=str(checkpoint_dir),
                 adapter_dir=None,
-                engine="transformers",
-                gpus_per_replica=0.0,
-                min_replicas=1,
-                max_replicas=1,
-                target_ongoing_requests=2.0,
-                max_batch_size=8,
+                options=ReplicaOptions().option_values(),
                 source_job_uuid=None,
                 created_at=now,
                 updated_at=now,

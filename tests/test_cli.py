@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.cli import is_loopback_host
+from corral.cli.serve import is_loopback_host
 from corral.store import migrate
 
 

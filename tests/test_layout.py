@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import platform as stdlib_platform
 from pathlib import Path
 
@@ -30,3 +31,24 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "scripts/test.sh" in readme
     assert "scripts/test.sh" in ci
     assert "scripts/demo.sh" in readme
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_serving_and_serve_apps_never_import_the_api_layer() -> None:
+    """Serving sits below the API: routes and services may use it, never the reverse.
+    serve_apps travels to replicas, which have no control plane at all."""
+    for folder in (ROOT / "platform" / "corral" / "serving", ROOT / "serve_apps"):
+        for path in folder.rglob("*.py"):
+            upward = {n for n in _imports(path) if n.startswith(("corral.api", "corral.routes"))}
+            if folder.name == "serve_apps":
+                upward = {n for n in _imports(path) if n.startswith("corral")}
+            assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}"

@@ -32,10 +32,11 @@ from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
+from corral.services.jobs import JobsService
+from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.services.reconciler import PeriodicReconciler, Reconciler
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,12 @@ def build_services(
     database: Database,
     fetcher: ContentFetcher,
     model_router: ModelRouter | None,
-    models: ModelRegistry | None = None,
+    models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
 ) -> Services:
-    router = model_router or NoModels()
+    router = model_router or (models.resolver if models is not None else NoModels())
+    names = models if models is not None else router
     datasets = DatasetService(database=database, fetcher=fetcher)
     planner = (
         LaunchPlanner(
@@ -74,13 +76,14 @@ def build_services(
         if models is not None and launcher is not None
         else None
     )
+    jobs = JobsService(database=database, launcher=launcher)
     return Services(
         datasets=datasets,
-        post_training=PostTrainingService(database=database, planner=planner, launcher=launcher),
+        jobs=jobs,
+        post_training=PostTrainingService(database=database, jobs=jobs, planner=planner),
         inference=InferenceService(router=router),
-        openai=OpenAIService(
-            router=router, names=router if isinstance(router, ModelNames) else None
-        ),
+        openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
+        models=models,
     )
 
 
@@ -90,13 +93,13 @@ def create_app(
     database: Database | None = None,
     fetcher: ContentFetcher | None = None,
     model_router: ModelRouter | None = None,
-    models: ModelRegistry | None = None,
+    models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
-    `models` is the registry of served models (it also routes inference); without it,
+    `models` is the models service (its resolver also routes inference); without it,
     or a `model_router`, the server has no Ray connection and inference answers 501.
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
     with it, unfinished jobs are settled against Ray at start-up and periodically.
@@ -109,7 +112,7 @@ def create_app(
             settings,
             database=db,
             fetcher=fetcher or ContentFetcher(fetch_policy(settings)),
-            model_router=model_router or models,
+            model_router=model_router,
             models=models,
             launcher=launcher,
             cluster_resources=cluster_resources,
@@ -142,7 +145,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.models = models
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)

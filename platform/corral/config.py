@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     # Where a serving replica caches models it downloads from object storage, on its own
     # node. Unset: ~/.cache/corral/models there.
     model_cache_dir: Path | None = None
+    # What each tenant's registered models may ask for (`corral.services.models`): per
+    # model, max_replicas and max_replicas x gpus_per_replica; over all of a tenant's
+    # registered models, the sums of those. Registration or a scale beyond them is refused
+    # (403 quota_exceeded). Operators' scaling of the shared file models is not limited.
+    tenant_max_replicas_per_model: int = Field(default=32, ge=1)
+    tenant_max_gpus_per_model: float = Field(default=64.0, ge=0)
+    tenant_max_replicas: int = Field(default=256, ge=1)
+    tenant_max_gpus: float = Field(default=256.0, ge=0)
 
     @field_validator("home")
     @classmethod

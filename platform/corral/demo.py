@@ -16,17 +16,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import httpx
 
+from corral.api.inference import ChatCompletionResponse
+from corral.client import CorralAPIError, CorralClient, WaitTimeout
 from corral.config import Settings
 from corral.demo_model import build_demo_model, describe
+from corral.job_progress import follow
 from corral.ray_cluster import LocalRayHead
 from corral.tenancy import tenant_dir
 
@@ -155,17 +158,49 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _expect(response: httpx.Response, status: int, what: str) -> Any:
-    body = response.json() if response.content else None
-    mark = "ok " if response.status_code == status else "FAIL"
-    shown = json.dumps(body)[:160] if body is not None else ""
-    _say(
-        f"  [{mark}] {what}: {response.request.method} {response.request.url.path} "
-        f"-> {response.status_code} {shown}"
-    )
-    if response.status_code != status:
-        raise DemoFailed(f"{what}: expected HTTP {status}, got {response.status_code}")
-    return body
+T = TypeVar("T")
+
+
+class Transcript:
+    """Each step of the session in one line: what it shows, the request the client made
+    and the answer, checked against the status the step expects."""
+
+    def __init__(self) -> None:
+        self._last: httpx.Response | None = None
+
+    def client(self, base_url: str, api_key: str | None, *, timeout_s: float) -> CorralClient:
+        """A client whose every response this transcript sees."""
+        return CorralClient(
+            base_url, api_key=api_key, timeout_s=timeout_s, event_hooks={"response": [self._see]}
+        )
+
+    def _see(self, response: httpx.Response) -> None:
+        self._last = response
+
+    def step(self, what: str, call: Callable[[], T], *, status: int = 200) -> T | None:
+        """Run `call`; returns its result, or None when the server refused it as expected."""
+        self._last = None
+        try:
+            result: T | None = call()
+        except CorralAPIError as exc:
+            if exc.status is None:
+                raise DemoFailed(f"{what}: {exc}") from None
+            result = None
+        response = self._last
+        if response is None:
+            raise DemoFailed(f"{what}: no request was made")
+        mark = "ok " if response.status_code == status else "FAIL"
+        try:
+            shown = response.text[:160]
+        except httpx.ResponseNotRead:  # a stream the call did not read
+            shown = ""
+        _say(
+            f"  [{mark}] {what}: {response.request.method} {response.request.url.path} "
+            f"-> {response.status_code} {shown}"
+        )
+        if response.status_code != status:
+            raise DemoFailed(f"{what}: expected HTTP {status}, got {response.status_code}")
+        return result
 
 
 @dataclass(frozen=True)
@@ -203,11 +238,9 @@ def corral_server(
         while True:
             if process.poll() is not None:
                 raise DemoFailed(f"corral serve exited with {process.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+            with CorralClient(base_url, timeout_s=2) as probe:
+                if probe.health():
                     break
-            except httpx.TransportError:
-                pass
             if time.monotonic() > deadline:
                 raise DemoFailed(f"corral serve did not answer within {SERVER_START_TIMEOUT_S}s")
             time.sleep(0.5)
@@ -269,39 +302,46 @@ def _session(base_url: str, api_key: str, operator_key: str, dataset_file: Path)
         "content_url": dataset_file.as_uri(),
         "metadata": {"purpose": "demo"},
     }
-    create = {"uuid": "demo-chat", "dataset": dataset}
-    with httpx.Client(base_url=base_url, timeout=60) as anonymous:
-        _expect(anonymous.post("/datasets/create", json=create), 401, "no key is refused")
-    headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as api:
-        _expect(api.post("/datasets/create", json=create), 200, "create a dataset")
-        _expect(api.post("/datasets/create", json=create), 200, "the same create again is a no-op")
-        changed = {"uuid": "demo-chat", "dataset": dataset | {"metadata": {"purpose": "other"}}}
-        _expect(api.post("/datasets/create", json=changed), 409, "same uuid, other body")
-        got = _expect(api.get("/datasets/get", params={"dataset_id": "demo-chat"}), 200, "get it")
-        if got != dataset:
-            raise DemoFailed(f"stored dataset differs from what was sent: {got}")
-        outside = {"uuid": "escape", "dataset": dataset | {"content_url": "file:///etc/passwd"}}
-        _expect(api.post("/datasets/create", json=outside), 422, "a file outside the root")
-        metadata_url = {
-            "uuid": "ssrf",
-            "dataset": dataset | {"content_url": "https://169.254.169.254/latest/meta-data"},
-        }
-        _expect(api.post("/datasets/create", json=metadata_url), 422, "a metadata address")
-        _expect(
-            api.get("/post_training/job/status", params={"job_uuid": "no-such-job"}),
-            404,
-            "status of an unknown job",
+    said = Transcript()
+    with said.client(base_url, None, timeout_s=60) as anonymous:
+        said.step(
+            "no key is refused", lambda: anonymous.create_dataset("demo-chat", dataset), status=401
         )
-        models = _expect(api.get("/models"), 200, "the models this server serves")
-        _say("      " + ", ".join(f"{m['name']} {m.get('aliases', [])}" for m in models["data"]))
+    with (
+        said.client(base_url, api_key, timeout_s=60) as api,
+        said.client(base_url, operator_key, timeout_s=60) as operator,
+    ):
+        said.step("create a dataset", lambda: api.create_dataset("demo-chat", dataset))
+        said.step(
+            "the same create again is a no-op", lambda: api.create_dataset("demo-chat", dataset)
+        )
+        changed = dataset | {"metadata": {"purpose": "other"}}
+        said.step(
+            "same uuid, other body", lambda: api.create_dataset("demo-chat", changed), status=409
+        )
+        got = said.step("get it", lambda: api.get_dataset("demo-chat"))
+        if got is None or got.model_dump(mode="json") != dataset:
+            raise DemoFailed(f"stored dataset differs from what was sent: {got}")
+        outside = dataset | {"content_url": "file:///etc/passwd"}
+        said.step(
+            "a file outside the root", lambda: api.create_dataset("escape", outside), status=422
+        )
+        metadata_url = dataset | {"content_url": "https://169.254.169.254/latest/meta-data"}
+        said.step(
+            "a metadata address", lambda: api.create_dataset("ssrf", metadata_url), status=422
+        )
+        said.step("status of an unknown job", lambda: api.job_status("no-such-job"), status=404)
+        models = said.step("the models this server serves", api.list_models) or []
+        _say("      " + ", ".join(f"{m.name} {m.aliases}" for m in models))
         chat = greedy_chat("llama3_8b_chat", "Hello! Who are you?")
-        reply = _expect(api.post("/inference/chat_completion", json=chat), 200, "chat")
-        _say(f"      the demo model (random weights until fine-tuned) says: {reply['content']!r}")
-        with api.stream("POST", "/inference/chat_completion", json=chat | {"stream": True}) as r:
-            chunks = [line for line in r.iter_lines() if line.startswith("data: ")]
-        if r.status_code != 200 or not chunks:
-            raise DemoFailed(f"streamed chat failed: HTTP {r.status_code}")
+        reply = said.step("chat", lambda: api.chat_completion(chat))
+        _say(f"      the demo model (random weights until fine-tuned) says: {_content(reply)!r}")
+        try:
+            chunks = list(api.stream_chat_completion(chat))
+        except CorralAPIError as exc:
+            raise DemoFailed(f"streamed chat failed: {exc}") from None
+        if not chunks:
+            raise DemoFailed("streamed chat failed: no events")
         _say(f"  [ok ] streamed chat: {len(chunks)} server-sent events, token by token")
         openai_chat = {
             "model": "llama3_8b_chat",
@@ -309,71 +349,56 @@ def _session(base_url: str, api_key: str, operator_key: str, dataset_file: Path)
             "max_tokens": 8,
             "temperature": 0,
         }
-        _expect(api.post("/v1/chat/completions", json=openai_chat), 200, "OpenAI-compatible chat")
-        scale = {"model": "demo", "max_replicas": 3}
-        _expect(
-            api.post("/models/scale", json=scale),
-            403,
+        said.step("OpenAI-compatible chat", lambda: api.openai_chat_completion(openai_chat))
+        said.step(
             "a tenant key may not scale the shared demo model",
+            lambda: api.scale_model("demo", max_replicas=3),
+            status=403,
         )
-        operator = {"Authorization": f"Bearer {operator_key}"}
-        _expect(
-            api.post("/models/scale", json=scale, headers=operator),
-            200,
+        said.step(
             "an operator key raises its replica bound in place (stored: it survives a restart)",
+            lambda: operator.scale_model("demo", max_replicas=3),
         )
-        _expect(api.delete("/datasets/delete", params={"dataset_id": "demo-chat"}), 200, "delete")
-        _expect(api.get("/datasets/get", params={"dataset_id": "demo-chat"}), 404, "it is gone")
+        said.step("delete", lambda: api.delete_dataset("demo-chat"))
+        said.step("it is gone", lambda: api.get_dataset("demo-chat"), status=404)
 
 
 def _fine_tune(base_url: str, api_key: str, teach_file: Path) -> None:
-    from corral.cli_jobs import follow
-
-    headers = {"Authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=base_url, headers=headers, timeout=600) as api:
+    said = Transcript()
+    with said.client(base_url, api_key, timeout_s=600) as api:
         dataset = {
             "columns": {"dialog": "dialog"},
             "content_url": teach_file.as_uri(),
             "metadata": {"purpose": "teach one answer"},
         }
-        _expect(
-            api.post("/datasets/create", json={"uuid": "demo-teach", "dataset": dataset}),
-            200,
-            "register the teaching dataset",
+        said.step(
+            "register the teaching dataset", lambda: api.create_dataset("demo-teach", dataset)
         )
-        dataset = _expect(
-            api.get("/datasets/get", params={"dataset_id": "demo-teach"}), 200, "read it back"
-        )
+        stored = said.step("read it back", lambda: api.get_dataset("demo-teach"))
+        assert stored is not None
+        read_back = stored.model_dump(mode="json")
         job_uuid = f"demo-sft-{secrets.token_hex(4)}"
-        request = teaching_request(job_uuid, dataset, dataset)
+        request = teaching_request(job_uuid, read_back, read_back)
         bad = request | {"hyperparam_search_config": {"lr": [1e-3, 1e-2]}}
-        _expect(
-            api.post("/post_training/supervised_fine_tune/", json=bad),
-            422,
-            "a sweep is refused up front",
-        )
-        _expect(
-            api.post("/post_training/supervised_fine_tune/", json=request),
-            200,
-            "submit a LoRA fine-tuning job (it runs as a Ray job)",
+        said.step("a sweep is refused up front", lambda: api.submit_sft(bad), status=422)
+        said.step(
+            "submit a LoRA fine-tuning job (it runs as a Ray job)", lambda: api.submit_sft(request)
         )
         _say("  progress (steps done / planned, last loss):")
-        job = follow(api, job_uuid, out=sys.stdout, poll_s=1.0, timeout_s=900)
-        if job["status"] != "completed":
-            raise DemoFailed(f"the fine-tuning job ended {job['status']}: {job.get('error')}")
-        logs = _expect(
-            api.get("/post_training/job/logs", params={"job_uuid": job_uuid}), 200, "its log"
-        )
-        losses = [line for line in logs["log_lines"] if "validation loss" in line]
+        try:
+            job = follow(api, job_uuid, out=sys.stdout, poll_s=1.0, timeout_s=900)
+        except WaitTimeout as exc:
+            raise DemoFailed(str(exc)) from None
+        if job.status != "completed":
+            raise DemoFailed(f"the fine-tuning job ended {job.status}: {job.error}")
+        log_lines = said.step("its log", lambda: api.job_logs(job_uuid)) or []
+        losses = [line for line in log_lines if "validation loss" in line]
         _say(f"      {losses[0]} ... {losses[-1]}")
-        artifacts = _expect(
-            api.get("/post_training/job/artifacts", params={"job_uuid": job_uuid}),
-            200,
-            "its checkpoints",
-        )
-        adapter = Path(unquote(urlsplit(artifacts["checkpoints"][-1]["path"]).path))
-        models = _expect(api.get("/models"), 200, "where the base model's weights are")
-        base = next(m for m in models["data"] if m["name"] == "demo")["checkpoint_dir"]
+        artifacts = said.step("its checkpoints", lambda: api.job_artifacts(job_uuid))
+        assert artifacts is not None
+        adapter = Path(unquote(urlsplit(artifacts.checkpoints[-1].path).path))
+        models = said.step("where the base model's weights are", api.list_models) or []
+        base = next(m for m in models if m.name == "demo").checkpoint_dir
         # Registered under the spec's model name, it answers for this tenant in place of
         # the file model of that name (until deleted).
         register = {
@@ -382,22 +407,20 @@ def _fine_tune(base_url: str, api_key: str, teach_file: Path) -> None:
             "adapter_dir": str(adapter),
             "source_job_uuid": job_uuid,
         }
-        _expect(api.post("/models/register", json=register), 200, "serve the LoRA checkpoint")
-        reply = _expect(
-            api.post(
-                "/inference/chat_completion", json=greedy_chat(register["name"], TEACH_QUESTION)
-            ),
-            200,
+        said.step("serve the LoRA checkpoint", lambda: api.register_model(register))
+        reply = said.step(
             f"ask the fine-tuned model {TEACH_QUESTION!r}",
+            lambda: api.chat_completion(greedy_chat(TUNED_MODEL, TEACH_QUESTION)),
         )
-        _say(f"      it answers: {reply['content']!r}")
-        if reply["content"].strip() != TEACH_ANSWER:
+        _say(f"      it answers: {_content(reply)!r}")
+        if _content(reply).strip() != TEACH_ANSWER:
             raise DemoFailed(f"the fine-tuned model did not learn {TEACH_ANSWER!r}")
-        _expect(
-            api.delete("/models/delete", params={"model": register["name"]}),
-            200,
-            "stop serving it",
-        )
+        said.step("stop serving it", lambda: api.delete_model(TUNED_MODEL))
+
+
+def _content(reply: ChatCompletionResponse | None) -> str:
+    """A reply's text (the demo asks for text, not attachments)."""
+    return reply.content if reply is not None and isinstance(reply.content, str) else ""
 
 
 def _message(text: str) -> dict[str, Any]:

@@ -6,9 +6,12 @@ from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
+from corral.errors import CapabilityUnavailable
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.jobs import JobsService
+from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
 
 
@@ -33,12 +36,24 @@ def _post_training(services: Annotated[Services, Depends(_services)]) -> PostTra
     return services.post_training
 
 
+def _jobs(services: Annotated[Services, Depends(_services)]) -> JobsService:
+    return services.jobs
+
+
 def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceService:
     return services.inference
+
+
+def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
+    if services.models is None:
+        raise CapabilityUnavailable("models", "this server has no Ray connection")
+    return services.models
 
 
 TenantDep = Annotated[str, Depends(_tenant)]
 OperatorDep = Annotated[bool, Depends(_operator)]
 DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
+JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
+ModelServiceDep = Annotated[ModelService, Depends(_models)]

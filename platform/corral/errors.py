@@ -39,6 +39,13 @@ class Forbidden(CorralError):
     code = "forbidden"
 
 
+class QuotaExceeded(CorralError):
+    """What a tenant asks for lies beyond a limit the operator set for each tenant (e.g.
+    replicas or GPUs of its registered models); nothing was changed."""
+
+    code = "quota_exceeded"
+
+
 class ContentUnavailable(CorralError):
     """A URL the user gave could not be fetched or is not allowed."""
 
@@ -83,6 +90,7 @@ HTTP_STATUS: dict[type[CorralError], int] = {
     InvalidRequest: 422,
     Unauthorized: 401,
     Forbidden: 403,
+    QuotaExceeded: 403,
     NotFound: 404,
     Conflict: 409,
     ContentUnavailable: 422,

@@ -30,9 +30,9 @@ from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import RayJobLauncher
+from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 
@@ -52,7 +52,7 @@ def serve_forever(config: dict[str, Any]) -> None:
     engine = partial(
         scripted_engine, ScriptedEngineConfig(config["reply"], config["seconds_per_step"])
     )
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(engine_factory=engine),
         file_models=[

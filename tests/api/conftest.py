@@ -19,9 +19,9 @@ from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import JobLauncher
 from corral.services.fine_tuning import ClusterResources
+from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.tenancy import tenant_dir
 from tests.api import response_validation
@@ -85,7 +85,7 @@ def training_app(
 ) -> FastAPI:
     """An app that can submit fine-tuning jobs: a real model registry (not started: no
     Serve needed to locate weights) with `model_dir` as `llama3_8b`, and `launcher`."""
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=model_dir)],

@@ -17,9 +17,9 @@ from corral.api.common import MAX_ID_LENGTH, MAX_JSON_DEPTH
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
+from corral.services.models import build_model_service
 from corral.serving.catalog import model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from tests.api.conftest import ALPHA, API_KEYS
@@ -44,7 +44,7 @@ def client(
     migrate.upgrade(url)
     database = Database(url)
     settings = Settings(home=home / "home", api_keys=API_KEYS, dataset_roots=str(home))
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[],

@@ -7,7 +7,6 @@ end-to-end test)."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import shutil
@@ -267,6 +266,8 @@ def _bad(request: dict[str, Any], dataset_root: Path, case: str) -> dict[str, An
         bad["hyperparam_search_config"] = {"lr": [1e-3, 1e-4]}
     elif case == "logger":
         bad["logger_config"] = {"wandb": {"project": "x"}}
+    elif case == "tensorboard not a flag":
+        bad["logger_config"] = {"tensorboard": "yes"}
     elif case == "bad optimizer":
         bad["optimizer_config"]["lr_min"] = 1.0
     elif case == "no epochs":
@@ -288,6 +289,7 @@ def _bad(request: dict[str, Any], dataset_root: Path, case: str) -> dict[str, An
         ("unreachable dataset", "dataset"),
         ("hyperparam search", "hyperparam_search_config is not supported"),
         ("logger", "logger_config is not supported"),
+        ("tensorboard not a flag", "logger_config is not supported as sent (tensorboard:"),
         ("bad optimizer", "lr_min"),
         ("no epochs", "n_epochs"),
     ],
@@ -446,15 +448,16 @@ def test_list_filters_by_status_pages_and_keeps_tenants_apart(
     assert client.get("/post_training/jobs", headers=BETA).json()["data"] == []
 
 
-def test_one_job_shows_progress_from_its_log(
+def test_one_job_shows_progress_from_its_metrics(
     client: TestClient, database: Database, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-p")
     reporter = JobReporter(database, A("job-p"))
     reporter.started(resources_allocated={"num_workers": 2})
     reporter.plan(total_steps=8, detail="2 epochs")
-    reporter.log("step 1 loss 2.5000 lr 1.000e-03 tokens/s 100")
-    reporter.log("step 2 loss 2.2500 lr 1.000e-03 tokens/s 100")
+    reporter.metrics(step=1, epoch=1, loss=2.5, learning_rate=1e-3, tokens_per_second=100)
+    reporter.metrics(step=2, epoch=1, loss=2.25, learning_rate=1e-3, tokens_per_second=100)
+    reporter.log("step 9 loss 0.1000")  # log lines are for people: progress ignores them
     reporter.checkpoint(iters=2, path="/tmp/x")
     body = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=ALPHA).json()
     assert body["status"] == "running"
@@ -462,6 +465,23 @@ def test_one_job_shows_progress_from_its_log(
     assert body["checkpoints"] == 1
     missing = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=BETA)
     assert missing.status_code == 404
+
+
+def test_tensorboard_files_are_asked_for_in_logger_config_and_listed(
+    client: TestClient, settings: Settings, sft_request: dict[str, Any]
+) -> None:
+    _submit(client, sft_request | {"logger_config": {"tensorboard": True}}, "job-tb")
+    _submit(client, sft_request, "job-plain")
+    body = client.get("/post_training/job", params={"job_uuid": "job-tb"}, headers=ALPHA).json()
+    output_dir = job_checkpoint_dir(settings.checkpoints_dir, "alpha", "job-tb")
+    assert body["tensorboard_url"] == (output_dir / "tensorboard").resolve().as_uri()
+    plain = client.get("/post_training/job", params={"job_uuid": "job-plain"}, headers=ALPHA)
+    assert plain.json()["tensorboard_url"] is None
+    # The spec's artifacts hold checkpoints only.
+    artifacts = client.get(
+        "/post_training/job/artifacts", params={"job_uuid": "job-tb"}, headers=ALPHA
+    )
+    assert artifacts.json() == {"job_uuid": "job-tb", "checkpoints": []}
 
 
 def test_cancel_records_the_end_stops_ray_and_a_late_completion_cannot_undo_it(
@@ -513,18 +533,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from corral import cli_jobs
-    from corral.cli import CliError, build_parser
+    from corral.cli import CliError, remote, run
+    from corral.client import CorralClient
 
     client.headers.update(ALPHA)
-    # The commands' own HTTP client is swapped for the test client (same httpx API).
-    monkeypatch.setattr(cli_jobs, "client_from_args", lambda _args: contextlib.nullcontext(client))
-    parser = build_parser()
-    settings = Settings(home=tmp_path)
+    # The commands' own HTTP client is swapped for one on the test client.
+    monkeypatch.setattr(remote, "connect", lambda _url: CorralClient.over(client))
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
 
     def corral(*argv: str) -> str:
-        args = parser.parse_args(["jobs", *argv])
-        args.handler(settings, args)
+        assert run(["jobs", *argv]) == 0
         return capsys.readouterr().out
 
     request_file = tmp_path / "request.json"
@@ -544,6 +562,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
         for step in range(1, 5):
             time.sleep(0.3)
             reporter.log(f"step {step} loss {3.0 / step:.4f} lr 1.000e-03 tokens/s 50")
+            reporter.metrics(step=step, epoch=1, loss=3.0 / step)
         reporter.checkpoint(iters=4, path="/srv/checkpoints/cli-1/iter-4")
         reporter.completed()
 
@@ -568,6 +587,16 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     ]
     with pytest.raises(CliError, match="already completed"):
         corral("cancel", "cli-1")
+
+    # The same, as JSON for scripts.
+    listed = json.loads(corral("list", "--status", "cancelled", "--json"))
+    assert [job["job_uuid"] for job in listed["data"]] == ["cli-3"]
+    status = json.loads(corral("status", "cli-1", "--json"))
+    assert status["job"]["progress"] == {"step": 4, "total_steps": 4, "loss": 0.75}
+    assert status["status"]["status"] == "completed"
+    assert json.loads(corral("artifacts", "cli-1", "--json"))["checkpoints"][0]["iters"] == 4
+    log_lines = [json.loads(line) for line in corral("logs", "cli-1", "--json").splitlines()]
+    assert "step 4 loss 0.7500 lr 1.000e-03 tokens/s 50" in log_lines
 
 
 @pytest.mark.parametrize(

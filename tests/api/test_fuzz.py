@@ -42,9 +42,9 @@ from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import RayJobInfo
+from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from tests.api.conftest import ALPHA, API_KEYS
@@ -107,7 +107,7 @@ class RequestsOnly:
 @pytest.fixture
 def fuzz_app(
     serve_instance: None, database: Database, tmp_path: Path
-) -> Iterator[tuple[FastAPI, ModelRegistry]]:
+) -> Iterator[tuple[FastAPI, ModelService]]:
     checkpoint = tmp_path / "scripted"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")  # the scripted engine reads no weights
@@ -117,7 +117,7 @@ def fuzz_app(
         dataset_roots=str(tmp_path),
         fetch_timeout_s=2.0,
     )
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(
             engine_factory=partial(scripted_engine, ScriptedEngineConfig("a scripted reply"))
@@ -149,7 +149,7 @@ def fuzz_app(
         serve.delete(file_app_name(MODEL))
 
 
-def _wait_until_running(registry: ModelRegistry) -> None:
+def _wait_until_running(registry: ModelService) -> None:
     deadline = time.monotonic() + DEPLOY_DEADLINE_S
     status = "unknown"
     while time.monotonic() < deadline:
@@ -268,7 +268,7 @@ def _run_stateful(schema: Any, validator: ResponseValidator) -> int:
 
 
 def test_every_operation_survives_the_fuzzer(
-    fuzz_app: tuple[FastAPI, ModelRegistry], response_validator: ResponseValidator
+    fuzz_app: tuple[FastAPI, ModelService], response_validator: ResponseValidator
 ) -> None:
     app, _registry = fuzz_app
     schema = schemathesis.openapi.from_dict(openapi_doc.committed())

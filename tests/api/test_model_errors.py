@@ -27,9 +27,9 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.models import build_model_service
 from corral.serving.catalog import ModelRoots, ModelSpec, file_app_name, tenant_app_name
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from tests.conftest import add_registered_model_row
@@ -66,7 +66,7 @@ def client(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> It
         cpus_per_replica=0.25,
     )
     database = _database(home)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[spec],
@@ -223,7 +223,7 @@ def test_a_deploy_that_fails_is_503_and_a_failed_app_answers_503(
     roots = tmp_path / "models"
     checkpoint = _checkpoint(roots / "oom")
     database = _database(tmp_path)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[],

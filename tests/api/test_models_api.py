@@ -3,8 +3,6 @@ commands that call them, against a registry on a real local Ray Serve (scripted 
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,19 +16,20 @@ from ray import serve
 from ray.serve.context import _get_global_client
 from sqlalchemy import select
 
-from corral import cli_models
 from corral.app import create_app
-from corral.cli import CliError
+from corral.cli import CliError, remote, run
+from corral.client import CorralClient
 from corral.config import Settings
+from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from corral.store.tables import FileModelScale
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from serve_apps.options import ReplicaOptions
 
 API_KEYS = "alpha:key-alpha,beta:key-beta"
 OPERATOR_KEYS = "ops:key-ops"
@@ -39,8 +38,10 @@ BETA = {"Authorization": "Bearer key-beta"}
 OPS = {"Authorization": "Bearer key-ops"}
 
 
-def _app(settings: Settings, database: Database | None = None) -> FastAPI:
-    return create_app(settings, database=database)
+def _app(
+    settings: Settings, database: Database | None = None, models: ModelService | None = None
+) -> FastAPI:
+    return create_app(settings, database=database, models=models)
 
 
 def _checkpoint(directory: Path) -> Path:
@@ -53,7 +54,7 @@ def _checkpoint(directory: Path) -> Path:
 def served(
     serve_instance: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[TestClient, Path, str]]:
-    """An API server whose `app.state.models` is a started registry with one file model;
+    """An API server whose models service is started, with one file model;
     yields the client, CORRAL_HOME and the file model's name. Tenants alpha and beta,
     and an operator (tenant ops)."""
     home = tmp_path_factory.mktemp("models-api") / "home"
@@ -62,7 +63,7 @@ def served(
     url = f"sqlite:///{home.parent / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[
@@ -76,19 +77,21 @@ def served(
         ],
         model_roots=model_roots(Settings(home=home)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("hello there")),
-        registered_cpus_per_replica=0.25,
+        registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
+        quota=TenantQuota.from_settings(Settings(home=home, tenant_max_gpus_per_model=1)),
     )
     registry.start()
     app = _app(
-        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS), database=database
+        Settings(home=home, api_keys=API_KEYS, operator_keys=OPERATOR_KEYS),
+        database=database,
+        models=registry,
     )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
-            app.state.models = registry
             yield client, home, shared
     finally:
         for name in list(serve.status().applications):
-            if token in name or name.startswith("llm-tuned@"):
+            if token in name or name.startswith(("llm-tuned@", "llm-opts@")):
                 serve.delete(name, _blocking=False)
         database.dispose()
 
@@ -118,6 +121,44 @@ def test_models_routes_are_tagged_outside_the_spec(tmp_path: Path) -> None:
         ("delete", "/models/delete"),
     }
     assert all(tags == ["Corral"] for tags in operations.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_register_takes_every_option_and_refuses_what_cannot_be_served(
+    served: tuple[TestClient, Path, str],
+) -> None:
+    client, home, shared = served
+    checkpoint = _checkpoint(job_checkpoint_dir(home / "checkpoints", "beta", "job-9") / "final")
+    body = {"name": "opts", "checkpoint_dir": str(checkpoint)}
+    for fields, status, code in [
+        ({"kind": "reward"}, 422, "invalid_request"),  # a kind without an app yet
+        ({"kind": "poem"}, 422, "validation_error"),
+        ({"engine": "vllm"}, 422, "invalid_request"),
+        ({"cpus_per_replica": 0}, 422, "validation_error"),
+        ({"gpus_per_replica": 1, "max_replicas": 2}, 403, "quota_exceeded"),  # 2 GPUs > 1
+    ]:
+        refused = client.post("/models/register", json=body | fields, headers=BETA)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (status, code), fields
+        assert [m["name"] for m in client.get("/models", headers=BETA).json()["data"]] == [shared]
+
+    options = {
+        "device": "cpu",
+        "dtype": "float32",
+        "cpus_per_replica": 0.25,
+        "max_queued_requests": 7,
+        "batch_wait_timeout_s": 0.02,
+        "upscale_delay_s": 1.0,
+    }
+    registered = client.post("/models/register", json=body | options, headers=BETA)
+    assert registered.status_code == 200, registered.text
+    listed = [m for m in client.get("/models", headers=BETA).json()["data"] if m["name"] == "opts"]
+    assert listed == [registered.json()]
+    assert {name: listed[0][name] for name in options} == options
+    assert (listed[0]["kind"], listed[0]["engine"]) == ("llm", "transformers")
+    assert (
+        client.delete("/models/delete", params={"model": "opts"}, headers=BETA).status_code == 200
+    )
 
 
 @pytest.mark.integration
@@ -250,15 +291,11 @@ def test_the_cli_lists_and_scales_through_the_api(
     client, home, shared = served
     client.headers.update(ALPHA)  # a tenant's key, as CORRAL_API_KEY would carry it
     try:
-        # The commands' own HTTP client is swapped for the test client (same httpx API).
-        monkeypatch.setattr(
-            cli_models, "client_from_args", lambda _args: contextlib.nullcontext(client)
-        )
-        parser = _parser()
-        settings = Settings(home=home)
+        # The commands' own HTTP client is swapped for one on the test client.
+        monkeypatch.setattr(remote, "connect", lambda _url: CorralClient.over(client))
+        monkeypatch.setenv("CORRAL_HOME", str(home))
 
-        args = parser.parse_args(["models", "list"])
-        args.handler(settings, args)
+        assert run(["models", "list"]) == 0
         table = capsys.readouterr().out.splitlines()
         assert table[0].split() == [
             "NAME",
@@ -281,57 +318,44 @@ def test_the_cli_lists_and_scales_through_the_api(
             f"{shared}-alias",
         ]
 
-        args = parser.parse_args(["models", "scale", f"{shared}-alias", "--min", "2", "--wait"])
+        scale = ["models", "scale", f"{shared}-alias", "--min", "2", "--wait"]
         with pytest.raises(CliError, match=r"403 model .* only an operator key scales it"):
-            args.handler(settings, args)
+            run(scale)
         client.headers.update(OPS)  # an operator's key
-        args.handler(settings, args)
+        assert run(scale) == 0
         out = capsys.readouterr().out
         assert f"{shared}: replicas 2..2" in out
         assert f"{shared}: 2 running" in out
 
-        args = parser.parse_args(["models", "scale", "nothing", "--replicas", "1"])
         with pytest.raises(CliError, match="404 no model 'nothing'"):
-            args.handler(settings, args)
+            run(["models", "scale", "nothing", "--replicas", "1"])
         # Back to one replica for whoever uses the shared model next.
-        cli_models.scale_model(client, shared, min_replicas=1)
+        CorralClient.over(client).scale_model(shared, min_replicas=1)
     finally:
         for key in ALPHA:
             client.headers.pop(key, None)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="corral")
-    commands = parser.add_subparsers(dest="command", required=True)
-    models = commands.add_parser("models").add_subparsers(dest="models_command", required=True)
-    cli_models.add_models_commands(models)
-    return parser
-
-
 def test_the_cli_checks_its_arguments(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = _parser()
-    settings = Settings(home=tmp_path)
+    monkeypatch.setenv("CORRAL_HOME", str(tmp_path))
     for argv, message in (
         (["models", "scale", "m", "--replicas", "2", "--max", "3"], "either --replicas"),
         (["models", "scale", "m"], "give --replicas, --min or --max"),
     ):
-        args = parser.parse_args(argv)
         with pytest.raises(CliError, match=message):
-            args.handler(settings, args)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["models", "scale", "m", "--replicas", "0"])
+            run(argv)
+    assert run(["models", "scale", "m", "--replicas", "0"]) == 2  # a usage error
     assert "must be at least 1" in capsys.readouterr().err
 
-    monkeypatch.setenv(cli_models.API_KEY_ENV, "secret")
-    args = parser.parse_args(["models", "list", "--url", "http://127.0.0.1:9"])
+    monkeypatch.setenv(remote.API_KEY_ENV, "secret")
     with pytest.raises(CliError, match=r"cannot reach the Corral server at http://127\.0\.0\.1:9"):
-        args.handler(settings, args)
+        run(["models", "list", "--url", "http://127.0.0.1:9"])
 
 
 def test_api_client_sends_the_bearer_key() -> None:
-    with cli_models.api_client("http://server:1", "k") as client:
-        assert client.headers["Authorization"] == "Bearer k"
-    with cli_models.api_client("http://server:1", None) as client:
-        assert "Authorization" not in client.headers
+    with CorralClient("http://server:1", api_key="k") as client:
+        assert client.http.headers["Authorization"] == "Bearer k"
+    with CorralClient("http://server:1") as client:
+        assert "Authorization" not in client.http.headers

@@ -4,7 +4,7 @@ text and tool calls, the real engine on the demo model for sampling, logprobs an
 streaming. The conversions (messages, tools, stop strings) are also tested on their own.
 
 Here a small router maps names to those apps (one registry has one engine for all its
-models); `/v1/models` with the real ModelRegistry is tested in test_openai_models.py.
+models); `/v1/models` with the real ModelService is tested in test_openai_models.py.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_an_error_after_the_stream_started_is_sent_as_an_error_event() -> None:
 
 class TenantRouter:
     """Model names to fixed handles; tenant beta may use only oa-plain. Implements the
-    same ModelRouter and ModelNames protocols as the ModelRegistry (tested against the
+    same ModelRouter and ModelNames protocols as the models resolver and service (tested against the
     real one in test_openai_models.py)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle[Any]]) -> None:

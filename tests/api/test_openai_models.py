@@ -1,4 +1,4 @@
-"""`/v1/models` with the real ModelRegistry: a tenant sees the file models under their
+"""`/v1/models` with the real ModelService: a tenant sees the file models under their
 names and every alias, and its own registered models, each name once (a registered name
 that shadows a file model's is the tenant's), and every listed name answers. Without Ray
 (the listing reads the models file and the database only), then with the official
@@ -22,12 +22,13 @@ from ray import serve
 from corral.api.models import RegisterModelRequest
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.models import build_model_service
 from corral.serving.catalog import SPEC_MODEL_NAMES, ModelRoots, ModelSpec, embedded_default
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.options import ReplicaOptions
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.live_server import live_server
 from tests.conftest import add_registered_model_row
@@ -45,7 +46,7 @@ def test_the_embedded_default_lists_the_spec_names_per_tenant(
     database: Database, tmp_path: Path
 ) -> None:
     settings = Settings(home=tmp_path / "home", api_keys=API_KEYS)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=embedded_default(settings.home),
@@ -99,7 +100,7 @@ def server(
     url = f"sqlite:///{home.parent / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[
@@ -112,7 +113,7 @@ def server(
         ],
         model_roots=ModelRoots(shared=(home / "models",)),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig(REPLY)),
-        registered_cpus_per_replica=0.25,
+        registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
     )
     try:
         registry.start()

@@ -73,6 +73,12 @@ AVAILABLE = {
     "GET /post_training/jobs",
     "GET /post_training/job",
     "POST /post_training/job/cancel",
+    "GET /post_training/job/metrics",
+    "GET /jobs",
+    "GET /jobs/{job_uuid}",
+    "GET /jobs/{job_uuid}/logs",
+    "GET /jobs/{job_uuid}/metrics",
+    "POST /jobs/{job_uuid}/cancel",
 }
 
 SHIELD = ShieldConfig(shield_type="llama_guard", params={"threshold": 0.5})

@@ -14,9 +14,9 @@ from ray import serve
 from corral.app import create_app
 from corral.config import Settings
 from corral.demo_model import build_demo_model
+from corral.services.models import build_model_service
 from corral.serving.catalog import model_roots
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
 from tests.conftest import make_lora_adapter
@@ -29,7 +29,7 @@ KEY = {"Authorization": "Bearer key-ft"}
 @pytest.fixture
 def client(serve_instance: None, tmp_path: Path, sqlite_database: Database) -> Iterator[TestClient]:
     home = tmp_path / "home"
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],

@@ -31,13 +31,14 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.models import build_model_service
 from corral.serving.catalog import model_roots, tenant_app_name
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.options import ReplicaOptions
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.test_fine_tuning_api import RecordingLauncher
 from tests.api.training_requests import lora_sft_request
@@ -260,6 +261,10 @@ def _plain(method: str, path: str) -> Callable[[str, World], Call]:
     return lambda oid, world: (method, path, {})
 
 
+def _path(method: str, template: str) -> Callable[[str, World], Call]:
+    return lambda oid, world: (method, template.format(oid), {})
+
+
 def _bank(path: str) -> Callable[[str, World], Call]:
     return lambda oid, world: ("POST", path, {"params": {"bank_uuid": oid}, "json": []})
 
@@ -305,6 +310,17 @@ ROUTES: list[Route] = [
         fresh=True,
     ),
     Route("GET /post_training/jobs", "job", _plain("GET", "/post_training/jobs"), _ids("job_uuid")),
+    Route(
+        "GET /post_training/job/metrics",
+        "job",
+        _query("GET", "/post_training/job/metrics", "job_uuid"),
+    ),
+    # Corral's routes for jobs of every kind
+    Route("GET /jobs", "job", _plain("GET", "/jobs"), _ids("job_uuid")),
+    Route("GET /jobs/{job_uuid}", "job", _path("GET", "/jobs/{}")),
+    Route("GET /jobs/{job_uuid}/logs", "job", _path("GET", "/jobs/{}/logs")),
+    Route("GET /jobs/{job_uuid}/metrics", "job", _path("GET", "/jobs/{}/metrics")),
+    Route("POST /jobs/{job_uuid}/cancel", "job", _path("POST", "/jobs/{}/cancel"), fresh=True),
     # models: Corral's routes, the OpenAI-compatible ones and the spec's inference
     Route("GET /models", "chat_model", _plain("GET", "/models"), _ids("name")),
     Route(
@@ -414,13 +430,13 @@ def world(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     database = Database(url)
     # No periodic reconciliation during the module: alpha's witnesses must hold still.
     settings = Settings(home=home, api_keys=API_KEYS, reconcile_interval_s=3600)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[],
         model_roots=model_roots(settings),
         engine_factory=partial(scripted_engine, ScriptedEngineConfig("scripted reply")),
-        registered_cpus_per_replica=0.25,
+        registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
     )
     app = create_app(settings, database=database, models=registry, launcher=RecordingLauncher())
     try:

@@ -22,8 +22,8 @@ from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.tenancy import job_key
+from jobs.config import DPOJobConfig
 from jobs.dpo import (
-    DPOJobConfig,
     dpo_loss,
     main,
     pair_logps,
@@ -452,6 +452,28 @@ def test_dpo_learns_to_prefer_the_chosen_reply(
     last_metrics = checkpoints[-1][2]
     assert last_metrics["validation_loss"] == pytest.approx(
         _field(validation[-1], "loss"), abs=1e-4
+    )
+
+    # The figures as data: a row per step, rewards of both replies, validation merged in.
+    with module_database.transaction() as session:
+        rows = {m.step: m.values for m in JobStore(session).metrics(_key("dpo-first"))}
+    assert sorted(rows) == list(range(9))
+    assert set(rows[1]) == {
+        "loss",
+        "learning_rate",
+        "tokens_per_second",
+        "reward_accuracy",
+        "reward_margin",
+        "chosen_reward",
+        "rejected_reward",
+    }
+    assert rows[1]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[8]["chosen_reward"] - rows[8]["rejected_reward"] == pytest.approx(
+        rows[8]["reward_margin"], abs=1e-5
+    )
+    assert rows[0]["validation_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert rows[8]["validation_reward_margin"] == pytest.approx(
+        last_metrics["validation_reward_margin"]
     )
 
     # The saved policy loads as a plain causal LM and, scored against the original model,

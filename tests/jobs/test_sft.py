@@ -18,7 +18,8 @@ from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.tenancy import job_key
-from jobs.sft import SFTJobConfig, main
+from jobs.config import SFTJobConfig
+from jobs.sft import main
 from tests.conftest import PEFT_DEPRECATION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -58,11 +59,23 @@ VALIDATION_ROWS = [_dialog("You are a new assistant."), _dialog("Say it plainly.
 
 
 def _config(
-    db: Database, model_dir: Path, output_dir: Path, job_uuid: str, **overrides: Any
+    db: Database,
+    model_dir: Path,
+    output_dir: Path,
+    job_uuid: str,
+    *,
+    logger_config: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> SFTJobConfig:
+    """The job's row (its request's `logger_config`, its launch's `output_dir`, as the API
+    stores them) and its recipe config."""
     with db.transaction() as session:
         JobStore(session).create(
-            job_uuid=job_uuid, tenant=TENANT, kind=JobKind.SUPERVISED_FINE_TUNE, request={}
+            job_uuid=job_uuid,
+            tenant=TENANT,
+            kind=JobKind.SUPERVISED_FINE_TUNE,
+            request={"logger_config": logger_config or {}},
+            launch={"output_dir": str(output_dir)},
         )
     settings: dict[str, Any] = {
         "job_key": _key(job_uuid),
@@ -96,7 +109,13 @@ def _validation_losses(lines: list[str]) -> list[float]:
 def test_lora_sft_learns_and_reports(
     ray_cluster: Any, sqlite_database: Database, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    config = _config(sqlite_database, demo_model_dir, tmp_path / "out", "sft-lora")
+    config = _config(
+        sqlite_database,
+        demo_model_dir,
+        tmp_path / "out",
+        "sft-lora",
+        logger_config={"tensorboard": True},
+    )
     main(config)
 
     with sqlite_database.transaction() as session:
@@ -104,6 +123,8 @@ def test_lora_sft_learns_and_reports(
         job = store.get("sft-lora", tenant=TENANT)
         lines = [line.line for line in store.log_lines(_key("sft-lora"))]
         checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints(_key("sft-lora"))]
+        metrics = [(m.step, m.epoch, m.values) for m in store.metrics(_key("sft-lora"))]
+        progress = store.progress(job)
     assert job.status == JobStatus.COMPLETED, lines
     assert job.started_at is not None and job.completed_at is not None
     assert job.resources_allocated == {"num_workers": 2, "use_gpu": False}
@@ -120,6 +141,27 @@ def test_lora_sft_learns_and_reports(
         assert (Path(path) / "adapter_config.json").is_file()
         assert metrics is not None and set(metrics) == {"loss", "validation_loss"}
     assert checkpoints[-1][2]["validation_loss"] == pytest.approx(losses[-1], abs=1e-4)
+
+    # The same figures as data: a row per step (0: the baseline validation), the epoch's
+    # validation loss on its last step, the planned total on the job.
+    assert [(step, epoch) for step, epoch, _ in metrics] == [(0, 0)] + [
+        (step, (step - 1) // 4 + 1) for step in range(1, 13)
+    ]
+    assert metrics[0][2] == {"validation_loss": pytest.approx(losses[0], abs=1e-4)}
+    assert set(metrics[1][2]) == {"loss", "learning_rate", "tokens_per_second"}
+    assert metrics[1][2]["learning_rate"] == pytest.approx(3e-3)
+    assert [s for s, _, values in metrics if "validation_loss" in values] == [0, 4, 8, 12]
+    assert metrics[-1][2]["validation_loss"] == pytest.approx(losses[-1], abs=1e-4)
+    assert metrics[-1][2]["loss"] == pytest.approx(checkpoints[-1][2]["loss"])
+    assert progress is not None and (progress.step, progress.total_steps) == (12, 12)
+    # ... and as TensorBoard event files beside the checkpoints (`logger_config`).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == [(s, pytest.approx(v["loss"])) for s, _, v in metrics[1:]]
+    assert [e.step for e in events.Scalars("validation_loss")] == [0, 4, 8, 12]
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -17,7 +17,8 @@ from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.tenancy import job_key
-from jobs.sft import SFTJobConfig, main
+from jobs.config import SFTJobConfig
+from jobs.sft import main
 from tests.conftest import PEFT_DEPRECATION
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

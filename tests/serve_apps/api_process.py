@@ -19,9 +19,9 @@ import uvicorn
 
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.models import build_model_service
 from corral.serving.catalog import ModelRoots, ModelSpec
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 
@@ -32,7 +32,7 @@ def main(ray_address: str, home: str, spec_json: str) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     migrate.upgrade(settings.resolved_database_url)
     database = Database(settings.resolved_database_url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[ModelSpec.model_validate(json.loads(spec_json))],

@@ -35,6 +35,8 @@ from serve_apps.engines.protocol import (
     StopReason,
     TokenDelta,
 )
+from serve_apps.engines.scripted import ScriptedEngine, ScriptedEngineConfig
+from serve_apps.llm import LLMAppConfig
 
 RELEASE = "release"
 HOLD_LIMIT_S = 120.0
@@ -175,3 +177,12 @@ def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
         time.sleep(0.05)
+
+
+def options_engine(config: LLMAppConfig) -> ScriptedEngine:
+    """A scripted engine whose reply names the options its replica was built with: its
+    device, dtype, CPUs and queue bound."""
+    reply = (
+        f"{config.device} {config.dtype} {config.cpus_per_replica:g} {config.max_queued_requests}"
+    )
+    return ScriptedEngine(ScriptedEngineConfig(reply))

@@ -29,9 +29,9 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.models import build_model_service
 from corral.serving.catalog import ModelRoots, ModelSpec, file_app_name
 from corral.serving.deployer import ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store import migrate
 from corral.store.db import Database
 from tests.api.live_server import live_server
@@ -69,7 +69,7 @@ def spec(
     url = f"sqlite:///{home / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=[spec],
@@ -149,7 +149,7 @@ def in_process_api(spec: ModelSpec, tmp_path_factory: pytest.TempPathFactory) ->
     url = f"sqlite:///{home / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[spec],

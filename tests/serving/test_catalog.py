@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from corral.api.models import ModelInfo, RegisterModelRequest
 from corral.config import Settings
 from corral.serving.catalog import (
     SPEC_MODEL_NAMES,
@@ -19,6 +20,7 @@ from corral.serving.catalog import (
     tenant_app_name,
 )
 from serve_apps.llm import LLMAppConfig
+from serve_apps.options import ReplicaOptions
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -54,6 +56,48 @@ models:
     assert sft.engine == "transformers"
 
 
+def test_a_models_file_entry_takes_every_option_a_registration_takes(tmp_path: Path) -> None:
+    # One declaration: every shape a model's options take has them with the same bounds.
+    for shape in (ModelSpec, LLMAppConfig, RegisterModelRequest, ModelInfo):
+        for name, field in ReplicaOptions.model_fields.items():
+            mine = shape.model_fields[name]
+            assert (mine.annotation, mine.metadata) == (field.annotation, field.metadata), name
+    (spec,) = load_models_file(
+        _write(
+            tmp_path,
+            """
+models:
+  - name: a
+    kind: llm
+    checkpoint_dir: /a
+    device: cpu
+    dtype: bfloat16
+    cpus_per_replica: 2
+    initial_replicas: 1
+    max_queued_requests: 9
+    batch_wait_timeout_s: 0.05
+    upscale_delay_s: 1
+    downscale_delay_s: 60
+    look_back_period_s: 20
+""",
+        )
+    )
+    assert (spec.kind, spec.device, spec.dtype, spec.cpus_per_replica) == (
+        "llm",
+        "cpu",
+        "bfloat16",
+        2,
+    )
+    assert (spec.initial_replicas, spec.max_queued_requests, spec.batch_wait_timeout_s) == (
+        1,
+        9,
+        0.05,
+    )
+    assert (spec.upscale_delay_s, spec.downscale_delay_s, spec.look_back_period_s) == (1, 60, 20)
+    config = spec.app_config(app_name="llm-a")
+    assert {name: config[name] for name in ReplicaOptions.model_fields} == spec.option_values()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -82,6 +126,14 @@ models:
         (
             "models:\n  - {name: a, checkpoint_dir: /a, engine: vllm}",
             "entry 1 ('a'): engine:",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: reward}",
+            "entry 1 ('a'): kind: 'reward' models cannot be served yet (served kinds: llm)",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: poem}",
+            "entry 1 ('a'): kind:",
         ),
     ],
 )

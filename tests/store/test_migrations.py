@@ -7,14 +7,19 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from corral.store import migrate
 from corral.store.db import Database, make_engine
-from corral.store.jobs import JobStore
+from corral.store.jobs import JobStore, Progress
+from corral.store.models import ServedModelStore
 from corral.store.tables import Base, ServedModel
+from corral.tenancy import job_key
+from serve_apps.options import ReplicaOptions
 
 EXPECTED_TABLES = {
     "jobs",
+    "job_metrics",
     "job_log_lines",
     "checkpoints",
     "datasets",
@@ -149,5 +154,149 @@ def test_job_keys_migration_keeps_existing_jobs_their_logs_and_checkpoints(
             assert conn.execute(text("SELECT source_job_uuid FROM served_models")).all() == [
                 ("old-job",)
             ]
+    finally:
+        engine.dispose()
+
+
+def test_model_options_migration_carries_every_registered_model_over_and_back(
+    empty_database_url: str,
+) -> None:
+    """0005 moves a registered model's sizing columns into its one `options` object (with
+    the CPUs it was served with) and makes it an LLM; the way back restores the columns."""
+    url = empty_database_url
+    migrate.upgrade(url, "0004")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO served_models (tenant, name, checkpoint_dir, adapter_dir, engine,"
+                    " gpus_per_replica, min_replicas, max_replicas, target_ongoing_requests,"
+                    " max_batch_size, source_job_uuid, created_at, updated_at) VALUES"
+                    " ('alpha', 'mine', '/ckpt/a', '/ckpt/a/adapter', 'transformers', 0.5, 0, 3,"
+                    " 4, 16, NULL, :now, :now)"
+                ),
+                {"now": "2026-11-30 12:00:00+00:00"},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            model = ServedModelStore(session).get(tenant="alpha", name="mine")
+        assert model is not None
+        assert (model.kind, model.checkpoint_dir, model.adapter_dir) == (
+            "llm",
+            "/ckpt/a",
+            "/ckpt/a/adapter",
+        )
+        assert model.options == ReplicaOptions(
+            engine="transformers",
+            gpus_per_replica=0.5,
+            cpus_per_replica=0.5,
+            min_replicas=0,
+            max_replicas=3,
+            target_ongoing_requests=4,
+            max_batch_size=16,
+        )
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "0004")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(
+                text(
+                    "SELECT name, engine, gpus_per_replica, min_replicas, max_replicas,"
+                    " target_ongoing_requests, max_batch_size FROM served_models"
+                )
+            ).all() == [("mine", "transformers", 0.5, 0, 3, 4.0, 16)]
+        # The CHECK constraint on the bounds is back with the columns.
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(text("UPDATE served_models SET min_replicas = 5"))
+    finally:
+        engine.dispose()
+
+
+def test_job_metrics_migration_carries_old_progress_over_and_back(
+    empty_database_url: str,
+) -> None:
+    """A job from before metrics were data keeps its progress: its planned total and its
+    step figures come over from its log lines (the last line of a step logged twice
+    wins); the way back drops them and keeps the job and its lines."""
+    url = empty_database_url
+    migrate.upgrade(url, "0005")
+    key = job_key("alpha", "old-job")
+    lines = [
+        "attempt 0: lora on 2 workers",
+        "plan: 4 steps (2 epochs of 2)",
+        "step 1 loss 2.5000 lr 1.000e-03 tokens/s 100",
+        "step 2 loss nan lr 9.000e-04 tokens/s 90",
+        "epoch 1 validation loss 2.0000",
+        "step 2 loss 2.2500 lr 9.000e-04 tokens/s 95 reward_accuracy 0.50 reward_margin 0.1",
+    ]
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (key, uuid, tenant, kind, status, request, request_digest,"
+                    " scheduled_at, updated_at, attempt) VALUES"
+                    " (:key, 'old-job', 'alpha', 'supervised_fine_tune', 'running', '{}', 'd',"
+                    " '2026-11-30 12:00:00+00:00', '2026-11-30 12:00:00+00:00', 0)"
+                ),
+                {"key": key},
+            )
+            for second, line in enumerate(lines):
+                conn.execute(
+                    text(
+                        "INSERT INTO job_log_lines (job_key, logged_at, line)"
+                        " VALUES (:key, :at, :line)"
+                    ),
+                    {"key": key, "at": f"2026-11-30 12:00:0{second}+00:00", "line": line},
+                )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url, "0006")
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            store = JobStore(session)
+            job = store.get("old-job", tenant="alpha")
+            assert job.total_steps == 4
+            rows = [(m.step, m.epoch, m.values) for m in store.metrics(key)]
+            assert rows == [
+                (1, None, {"loss": 2.5, "learning_rate": 1e-3, "tokens_per_second": 100.0}),
+                (
+                    2,
+                    None,
+                    {
+                        "loss": 2.25,
+                        "learning_rate": 9e-4,
+                        "tokens_per_second": 95.0,
+                        "reward_accuracy": 0.5,
+                        "reward_margin": 0.1,
+                    },
+                ),
+            ]
+            assert store.progress(job) == Progress(step=2, total_steps=4, loss=2.25)
+            assert len(store.log_lines(key)) == len(lines)
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "-1")
+    assert "job_metrics" not in _tables(url)
+    engine = make_engine(url)
+    try:
+        assert "total_steps" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT uuid, status FROM jobs")).all() == [
+                ("old-job", "running")
+            ]
+            assert conn.execute(text("SELECT count(*) FROM job_log_lines")).scalar() == len(lines)
     finally:
         engine.dispose()

@@ -1,5 +1,6 @@
-"""Corral's own view of post-training jobs (not part of the Llama Stack spec): listing with
-a status filter, one job's lifecycle and progress, and cancellation."""
+"""Corral's own view of jobs of every kind (not part of the Llama Stack spec): listing with
+kind and status filters, one job's lifecycle and progress, its log lines, its per-step
+metrics, and cancellation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ JobKindName = Literal["supervised_fine_tune", "preference_optimize", "synthetic_
 
 
 class JobProgress(BaseModel):
-    """How far training got: the last optimizer step logged, out of the planned total."""
+    """How far the job got: the step it recorded last, out of the planned total, and that
+    step's loss (from its metrics)."""
 
     step: int
     total_steps: int | None = None
@@ -38,6 +40,9 @@ class JobSummary(BaseModel):
     # Cancelled, but Ray has not yet confirmed that the job's Ray job ended (e.g. Ray
     # could not be reached when it was cancelled): the reconciler stops it.
     stop_pending: bool = False
+    # Where the job writes TensorBoard event files, when its `logger_config` asked for
+    # them (`{"tensorboard": true}`): `tensorboard --logdir` on that directory.
+    tensorboard_url: str | None = None
 
 
 class JobList(BaseModel):
@@ -50,3 +55,26 @@ class CancelJobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     job_uuid: Id
+
+
+class JobLogs(BaseModel):
+    job_uuid: str
+    log_lines: list[str]
+
+
+class JobMetric(BaseModel):
+    """What the job measured at one step (epoch 0: before training), e.g. `loss`,
+    `learning_rate`, `tokens_per_second`, `validation_loss`; DPO adds `reward_accuracy`,
+    `reward_margin`, `chosen_reward` and `rejected_reward` (and their `validation_`s)."""
+
+    step: int
+    epoch: int | None
+    recorded_at: AwareDatetime
+    values: dict[str, float]
+
+
+class JobMetrics(BaseModel):
+    job_uuid: str
+    data: list[JobMetric]
+    # Pass as `after_step` for the next page; null on the last page.
+    next_after_step: int | None

@@ -1,6 +1,6 @@
 """Corral's models routes (tag "Corral": not part of the Llama Stack spec): list what is
 served, register a checkpoint or adapter, scale replicas, delete. HTTP only; the
-ModelRegistry does the work, and decides what only an operator may do (scaling a shared
+ModelService does the work, and decides what only an operator may do (scaling a shared
 model); `GET /models?all=true` (every tenant's models) is for operators only. Handlers
 are sync: they wait on Ray, so FastAPI runs them in its thread pool."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from corral.api.common import Id
@@ -19,31 +19,19 @@ from corral.api.models import (
     ScaleModelRequest,
     ScaleModelResponse,
 )
-from corral.deps import OperatorDep, TenantDep
-from corral.errors import CapabilityUnavailable, Forbidden
+from corral.deps import ModelServiceDep, OperatorDep, TenantDep
+from corral.errors import Forbidden
 from corral.routes.responses import OK, empty_ok
-from corral.serving.registry import ModelRegistry
 
 TAG = "Corral"
 router = APIRouter(tags=[TAG])
-
-
-def _models(request: Request) -> ModelRegistry:
-    registry = getattr(request.app.state, "models", None)
-    if registry is None:
-        raise CapabilityUnavailable("models", "this server has no Ray connection")
-    assert isinstance(registry, ModelRegistry)
-    return registry
-
-
-ModelRegistryDep = Annotated[ModelRegistry, Depends(_models)]
 
 
 @router.get("/models", response_description=OK)
 def list_models(
     tenant: TenantDep,
     operator: OperatorDep,
-    models: ModelRegistryDep,
+    models: ModelServiceDep,
     all_tenants: Annotated[
         bool,
         Query(
@@ -60,14 +48,14 @@ def list_models(
 
 @router.post("/models/register", response_description=OK)
 def register_model(
-    body: RegisterModelRequest, tenant: TenantDep, models: ModelRegistryDep
+    body: RegisterModelRequest, tenant: TenantDep, models: ModelServiceDep
 ) -> ModelInfo:
     return models.register(tenant=tenant, request=body)
 
 
 @router.post("/models/scale", response_description=OK)
 def scale_model(
-    body: ScaleModelRequest, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
+    body: ScaleModelRequest, tenant: TenantDep, operator: OperatorDep, models: ModelServiceDep
 ) -> ScaleModelResponse:
     info = models.scale(
         tenant=tenant,
@@ -87,7 +75,7 @@ def scale_model(
 
 @router.delete("/models/delete", response_class=Response, response_description=OK)
 def delete_model(
-    model: Id, tenant: TenantDep, operator: OperatorDep, models: ModelRegistryDep
+    model: Id, tenant: TenantDep, operator: OperatorDep, models: ModelServiceDep
 ) -> Response:
     models.unregister(tenant=tenant, model=model, operator=operator)
     return empty_ok()

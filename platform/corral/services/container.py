@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.jobs import JobsService
+from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
 
@@ -13,6 +15,9 @@ from corral.services.post_training import PostTrainingService
 @dataclass(frozen=True)
 class Services:
     datasets: DatasetService
+    jobs: JobsService
     post_training: PostTrainingService
     inference: InferenceService
     openai: OpenAIService
+    # None on a server without a Ray connection (the models routes answer 501).
+    models: ModelService | None = None

@@ -3,8 +3,10 @@
 Everything that can be checked before a GPU is spent is checked here, so a bad request is
 a 4xx at submission rather than a failed job later: the job uuid's alphabet, the model
 (known, and a full checkpoint), `algorithm_config` against `algorithm`, the options Corral
-does not offer, both datasets (reachable, declaring and carrying the columns the method
-needs), and finally the recipe's own config validation.
+does not offer (a hyperparameter search; a `logger_config` other than `{}` or
+`{"tensorboard": true}`), both datasets (reachable, declaring and carrying the columns the
+method needs), and finally the recipe's own config validation (jobs/config.py: pydantic
+only, so validating a submission loads no torch into the API process).
 
 Columns each method needs (the dataset must declare them with these types):
 - supervised_fine_tune: `dialog` (dialog) — the assistant turns are what is learnt.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from corral.api.datasets import Dataset
 from corral.api.post_training import (
@@ -38,13 +40,15 @@ from corral.api.post_training import (
 from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
-from corral.serving.registry import ResolvedModel
+from corral.serving.resolver import ResolvedModel
 from corral.tenancy import job_checkpoint_dir, job_key
+from jobs.config import DPOJobConfig, SFTJobConfig, TrainingJobConfig
+from jobs.logger_config import LoggerConfig
 from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
 
 
 class ModelLocator(Protocol):
-    """Where a model's weights are (the model registry)."""
+    """Where a model's weights are (the models service)."""
 
     def resolve(self, *, tenant: str, model: str, fresh: bool = False) -> ResolvedModel: ...
 
@@ -109,8 +113,6 @@ class LaunchPlanner:
         self._cluster_resources = cluster_resources
 
     def plan_sft(self, *, tenant: str, request: PostTrainingSFTRequest) -> dict[str, Any]:
-        from jobs.sft import SFTJobConfig
-
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)
         try:
             model = self._models.resolve(tenant=tenant, model=request.model, fresh=True)
@@ -146,8 +148,6 @@ class LaunchPlanner:
         )
 
     def plan_dpo(self, *, tenant: str, request: PostTrainingRLHFRequest) -> dict[str, Any]:
-        from jobs.dpo import DPOJobConfig
-
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)
         model_dir = self._model_dir_from_url(tenant, str(request.finetuned_model))
         rows = self._rows(tenant, request.dataset, PREFERENCE_COLUMNS, "dataset")
@@ -170,7 +170,7 @@ class LaunchPlanner:
 
     def _checked(
         self,
-        config_class: type[BaseModel],
+        config_class: type[TrainingJobConfig],
         *,
         tenant: str,
         job_uuid: str,
@@ -179,7 +179,8 @@ class LaunchPlanner:
         training: TrainingConfig,
         **specific: Any,
     ) -> dict[str, Any]:
-        """The launch config, validated by the recipe's own config class. The job writes
+        """The launch config, validated by the recipe's config class (jobs/config.py,
+        which the job process validates the stored config with again). The job writes
         under its tenant's own checkpoints directory, in a folder named by its uuid."""
         launch: dict[str, Any] = {
             "job_key": job_key(tenant, job_uuid),
@@ -262,14 +263,22 @@ def _distribution(training: TrainingConfig, default_stage: int | None) -> dict[s
 
 
 def _reject_unsupported(hyperparam_search: dict[str, Any], logger: dict[str, Any]) -> None:
-    """Corral runs one configuration per job and logs to the SQL store; a sweep or an
-    external logger would be silently ignored otherwise."""
+    """Corral runs one configuration per job, and its metrics always go to the SQL store
+    (`logger_config` may add TensorBoard files: jobs/logger_config.py); a sweep or another
+    logger would be silently ignored otherwise."""
     if hyperparam_search:
         raise InvalidRequest(
             "hyperparam_search_config is not supported: submit one job per configuration "
             "and send {}"
         )
-    if logger:
-        raise InvalidRequest(
-            "logger_config is not supported: progress is in /post_training/job/logs; send {}"
+    try:
+        LoggerConfig.model_validate(logger)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
+        raise InvalidRequest(
+            f"logger_config is not supported as sent ({problems}): send {{}} (metrics are "
+            'in /post_training/job/metrics) or {"tensorboard": true} (TensorBoard event '
+            "files beside the checkpoints as well)"
+        ) from None

@@ -76,7 +76,7 @@ _FINISH_REASONS: dict[str, FinishReason] = {
 @runtime_checkable
 class ModelNames(Protocol):
     """Lists the model names a tenant can use (the same names `handle_for` accepts), each
-    once; `ModelRegistry` implements it."""
+    once; `ModelService` implements it."""
 
     def model_names(self, *, tenant: str) -> list[ServedName]: ...
 

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from corral.config import Settings
+from corral.serving.kinds import NotServable, check_servable
 from corral.tenancy import tenant_slug
+from serve_apps.options import MODEL_NAME_PATTERN, ModelKind, ReplicaOptions
 
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 APP_PREFIX = "llm-"
-# Far beyond any cluster Corral runs on; it keeps a typo from asking Serve for 10^6 actors.
-MAX_REPLICAS = 256
 DEMO_MODEL_NAME = "demo"
 # The Llama Stack draft spec's model names; the embedded default answers to all of them.
 SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
@@ -34,31 +33,19 @@ class ModelsFileError(ValueError):
     """The models file cannot be used; the message names the file and the entry."""
 
 
-class ModelSpec(BaseModel):
-    """One served model: where its weights are and how its Serve app is sized."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ModelSpec(ReplicaOptions):
+    """One served model: what it is, where its weights are, and its `ReplicaOptions`
+    (flat: a models file entry or a registration names them beside `name`)."""
 
     name: ModelName
+    kind: ModelKind = "llm"
     aliases: list[ModelName] = Field(default_factory=list)
     checkpoint_dir: Path
     # A LoRA adapter served over `checkpoint_dir`, its base model.
     adapter_dir: Path | None = None
-    engine: Literal["transformers"] = "transformers"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    gpus_per_replica: float = Field(default=0.0, ge=0)
-    cpus_per_replica: float = Field(default=0.5, gt=0)
-    min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
-    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
-    target_ongoing_requests: float = Field(default=2.0, gt=0)
-    max_batch_size: int = Field(default=8, ge=1)
-    max_queued_requests: int = Field(default=64, ge=1)
 
     @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be at least min_replicas")
+    def _check_aliases(self) -> ModelSpec:
         if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
             raise ValueError("aliases must be distinct from each other and from the name")
         return self
@@ -68,25 +55,21 @@ class ModelSpec(BaseModel):
         """Every name this model answers to, its own first."""
         return (self.name, *self.aliases)
 
+    def with_options(self, options: ReplicaOptions) -> ModelSpec:
+        """This model with other options (validated: bounds that do not hold raise)."""
+        return ModelSpec.model_validate(self.model_dump() | options.option_values())
+
     def app_config(self, *, app_name: str) -> dict[str, Any]:
-        """The `serve_apps.llm.LLMAppConfig` (as a dict) that runs this model as the Serve
-        app `app_name`, which must start with `llm-` (LLMAppConfig adds that prefix)."""
+        """The app config (as a dict; `serve_apps.llm.LLMAppConfig` for an LLM) that runs
+        this model as the Serve app `app_name`, which must start with `llm-` (the app's
+        config adds that prefix)."""
         if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
             raise ValueError(f"Serve app name {app_name!r} must start with {APP_PREFIX!r}")
         return {
             "name": app_name.removeprefix(APP_PREFIX),
             "model_dir": str(self.checkpoint_dir),
             "adapter_dir": str(self.adapter_dir) if self.adapter_dir is not None else None,
-            "engine": self.engine,
-            "device": self.device,
-            "dtype": self.dtype,
-            "gpus_per_replica": self.gpus_per_replica,
-            "cpus_per_replica": self.cpus_per_replica,
-            "min_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-            "max_batch_size": self.max_batch_size,
-            "max_queued_requests": self.max_queued_requests,
+            **self.option_values(),
         }
 
 
@@ -144,6 +127,10 @@ def load_models_file(path: Path) -> list[ModelSpec]:
             spec = ModelSpec.model_validate(entry)
         except ValidationError as exc:
             raise ModelsFileError(f"{where}: {_problems(exc)}") from None
+        try:
+            check_servable(spec.kind, spec.engine)
+        except NotServable as exc:
+            raise ModelsFileError(f"{where}: {exc}") from None
         spec = spec.model_copy(
             update={
                 "checkpoint_dir": _relative_to(path, spec.checkpoint_dir),
@@ -209,7 +196,7 @@ class ModelRoots:
     `checkpoints`: the fine-tuning jobs' checkpoints directory, partitioned by tenant
     (`corral.tenancy.job_checkpoint_dir`): a path under it is accepted only inside the
     caller's own `tenant_dir(checkpoints, tenant)`. The directories the models file names
-    are shared too; the registry knows them from its file models."""
+    are shared too; `corral.services.model_dirs` knows them from the file models."""
 
     shared: tuple[Path, ...]
     checkpoints: Path | None = None

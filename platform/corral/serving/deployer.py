@@ -34,9 +34,13 @@ from ray.serve.schema import ApplicationStatus
 import corral
 from corral.errors import BackendUnavailable, Overloaded
 from corral.serving.catalog import ModelSpec
-from serve_apps.llm import DEPLOYMENT_NAME, EngineFactory, build_app, transformers_engine
+from corral.serving.kinds import check_servable
 
-# LLMAppConfig fields Serve applies without restarting a replica.
+# An engine factory injected into every app (tests: a scripted engine), in place of the
+# engine each app's config names. Its signature is the app kind's own.
+EngineFactory = Callable[..., Any]
+
+# ReplicaOptions fields Serve applies without restarting a replica.
 AUTOSCALING_FIELDS = frozenset(
     {
         "min_replicas",
@@ -58,7 +62,7 @@ _POLL_S = 0.25
 
 class ModelDeployError(BackendUnavailable):
     """A model's Serve app did not start (Serve's own message included). By then the
-    request has passed every check that can be made before deploying (the registry
+    request has passed every check that can be made before deploying (the models service
     refuses a missing or unreadable checkpoint with 422), so what is left is the server's
     condition: a replica out of memory, no free resources, weights that fail to load, a
     start-up past the deadline. Hence 503 with `Retry-After`, not the client's 422."""
@@ -93,10 +97,12 @@ NOT_STARTED = AppState(status="NOT_STARTED", message="", running_replicas=0)
 
 
 class ServeDeployer:
+    """Builds each model's app through the kind table (`corral.serving.kinds`)."""
+
     def __init__(
         self,
         *,
-        engine_factory: EngineFactory = transformers_engine,
+        engine_factory: EngineFactory | None = None,
         deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
     ) -> None:
         self._engine_factory = engine_factory
@@ -118,8 +124,11 @@ class ServeDeployer:
         """Create or update the app `app_name` for `spec`. With `blocking`, wait until it
         is RUNNING: ModelDeployError if Serve gives up on it or the wait times out."""
         factory = engine_factory or self._engine_factory
+        build_app = check_servable(spec.kind, spec.engine).build_app
         config = spec.app_config(app_name=app_name)
-        app = _with_code_version(build_app(config, engine_factory=factory), config, factory)
+        app = _with_code_version(
+            build_app(config, engine_factory=factory), config, spec.kind, factory
+        )
         serve.run_many(
             [RunTarget(target=app, name=app_name, route_prefix=None)],
             wait_for_applications_running=False,
@@ -183,13 +192,17 @@ class ServeDeployer:
         return self.statuses().get(app_name, NOT_STARTED)
 
     def statuses(self) -> dict[str, AppState]:
-        """Every Serve app, from one call to the controller."""
+        """Every Serve app, from one call to the controller. An app's replicas are its
+        RUNNING replicas over all its deployments (one, for every kind so far)."""
         states: dict[str, AppState] = {}
         for name, app in serve.status().applications.items():
-            deployment = app.deployments.get(DEPLOYMENT_NAME)
-            replica_states = deployment.replica_states if deployment else {}
             # ReplicaState is a str enum that Serve does not export publicly.
-            running = sum(n for state, n in replica_states.items() if state == "RUNNING")
+            running = sum(
+                n
+                for deployment in app.deployments.values()
+                for state, n in deployment.replica_states.items()
+                if state == "RUNNING"
+            )
             messages = [app.message] + [d.message for d in app.deployments.values()]
             states[name] = AppState(
                 status=ApplicationStatus(app.status).value,
@@ -227,7 +240,7 @@ class ServeDeployer:
             serve.delete(app_name)
 
     def handle(self, app_name: str) -> DeploymentHandle[Any]:
-        """A handle to the app's LLMServer; ModelUnavailable if there is no such app, or
+        """A handle to the app's ingress deployment; ModelUnavailable if there is no such app, or
         if it failed to deploy (a request to it would wait for a replica that never
         comes: Serve raises nothing then). Handles outlive redeploys of the same app,
         so they are kept."""
@@ -257,14 +270,18 @@ def _summary(message: str, limit: int = 500) -> str:
     return last if len(last) <= limit else last[:limit] + "..."
 
 
-def code_version(config: dict[str, Any], engine_factory: EngineFactory) -> str:
-    """What a replica is built from, minus the autoscaling options, as a digest."""
+def code_version(
+    config: dict[str, Any], engine_factory: EngineFactory | None = None, *, kind: str = "llm"
+) -> str:
+    """What a replica is built from, minus the autoscaling options, as a digest: the app
+    kind, its config, and an injected engine factory (None: the engine the config names)."""
     built_from = {key: value for key, value in config.items() if key not in AUTOSCALING_FIELDS}
     text = json.dumps(
         {
             "corral": corral.__version__,
+            "kind": kind,
             "config": built_from,
-            "engine": _describe_factory(engine_factory),
+            "engine": _describe_factory(engine_factory) if engine_factory else None,
         },
         sort_keys=True,
         default=str,
@@ -279,11 +296,11 @@ def _describe_factory(factory: Callable[..., Any]) -> str:
 
 
 def _with_code_version(
-    app: Application, config: dict[str, Any], factory: EngineFactory
+    app: Application, config: dict[str, Any], kind: str, factory: EngineFactory | None
 ) -> Application:
     # Serve sets this itself for config-file deploys (from import_path and args); the
     # imperative API has no public spelling for it, hence `_internal`.
     deployment = app._bound_deployment.options(
-        version=code_version(config, factory), _internal=True
+        version=code_version(config, factory, kind=kind), _internal=True
     )
     return Application(deployment)

@@ -1,4 +1,5 @@
-"""Job lifecycle: the status enum, its legal moves, and the one function that makes them."""
+"""Job lifecycle: the status enum, its legal moves, and the one function that makes them;
+and the reads every job kind shares (logs, checkpoints, per-step metrics, progress)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from corral.errors import Conflict, NotFound
 from corral.store.digest import request_digest
-from corral.store.tables import Checkpoint, Job, JobLogLine, utcnow
+from corral.store.tables import Checkpoint, Job, JobLogLine, JobMetric, utcnow
 from corral.tenancy import job_key
 
 
@@ -57,6 +58,15 @@ class JobKind(enum.StrEnum):
     PREFERENCE_OPTIMIZE = "preference_optimize"
     SYNTHETIC_DATA_GENERATION = "synthetic_data_generation"
 
+    @property
+    def is_training(self) -> bool:
+        """A post-training job (what the /post_training routes show)."""
+        return self in _TRAINING
+
+
+_TRAINING = frozenset({JobKind.SUPERVISED_FINE_TUNE, JobKind.PREFERENCE_OPTIMIZE})
+TRAINING_KINDS = tuple(kind for kind in JobKind if kind.is_training)
+
 
 class IllegalTransition(ValueError):
     """A move the lifecycle never allows, asked for by code (a bug, not a race)."""
@@ -76,6 +86,16 @@ class TransitionOutcome:
     applied: bool
     status: JobStatus
     refused: Literal["illegal", "stale"] | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a job got: the step it recorded last (0 before its first), out of the
+    planned total, with the loss of that step where it has one."""
+
+    step: int
+    total_steps: int | None
+    loss: float | None
 
 
 @dataclass(frozen=True)
@@ -161,10 +181,11 @@ class JobStore:
             query = query.execution_options(populate_existing=True)
         return self._session.scalars(query).one_or_none()
 
-    def get(self, job_uuid: str, *, tenant: str) -> Job:
-        """The tenant's job `job_uuid`; NotFound for any other tenant's."""
+    def get(self, job_uuid: str, *, tenant: str, kinds: Sequence[JobKind] = ()) -> Job:
+        """The tenant's job `job_uuid`; NotFound for any other tenant's, and with `kinds`,
+        for a job of another kind."""
         job = self._find(tenant, job_uuid)
-        if job is None:
+        if job is None or (kinds and JobKind(job.kind) not in kinds):
             raise NotFound(f"no job {job_uuid[:200]!r}")
         return job
 
@@ -183,15 +204,16 @@ class JobStore:
         *,
         tenant: str,
         statuses: Sequence[JobStatus] = (),
-        kind: JobKind | None = None,
+        kinds: Sequence[JobKind] = (),
         limit: int = 100,
         offset: int = 0,
     ) -> list[Job]:
+        """The tenant's jobs, newest first; empty `statuses` or `kinds` mean any."""
         query = select(Job).where(Job.tenant == tenant)
         if statuses:
             query = query.where(Job.status.in_([s.value for s in statuses]))
-        if kind is not None:
-            query = query.where(Job.kind == kind.value)
+        if kinds:
+            query = query.where(Job.kind.in_([k.value for k in kinds]))
         query = query.order_by(Job.scheduled_at.desc(), Job.key).limit(limit).offset(offset)
         return list(self._session.scalars(query))
 
@@ -313,3 +335,82 @@ class JobStore:
     def checkpoints(self, key: str) -> list[Checkpoint]:
         query = select(Checkpoint).where(Checkpoint.job_key == key).order_by(Checkpoint.iters)
         return list(self._session.scalars(query))
+
+    def checkpoint_counts(self, keys: Sequence[str]) -> dict[str, int]:
+        """How many checkpoints each of these jobs has (jobs with none are left out)."""
+        if not keys:
+            return {}
+        query = (
+            select(Checkpoint.job_key, func.count())
+            .where(Checkpoint.job_key.in_(keys))
+            .group_by(Checkpoint.job_key)
+        )
+        return {key: count for key, count in self._session.execute(query).tuples()}
+
+    # ------------------------------------------------------------------ metrics
+
+    def set_total_steps(self, key: str, total_steps: int) -> None:
+        self._session.execute(
+            update(Job)
+            .where(Job.key == key)
+            .values(total_steps=total_steps)
+            .execution_options(synchronize_session=False)
+        )
+
+    def record_metrics(
+        self,
+        key: str,
+        *,
+        step: int,
+        values: dict[str, float],
+        epoch: int | None = None,
+        at: datetime | None = None,
+    ) -> JobMetric:
+        """Merge `values` into the job's row for `step` (made if it has none): a step's
+        training and validation figures arrive apart, and a retried attempt that runs a
+        step again overwrites what the step measured before."""
+        recorded_at = at or utcnow()
+        row = self._session.scalars(
+            select(JobMetric).where(JobMetric.job_key == key, JobMetric.step == step)
+        ).one_or_none()
+        if row is None:
+            row = JobMetric(
+                job_key=key, step=step, epoch=epoch, recorded_at=recorded_at, values=values
+            )
+            self._session.add(row)
+        else:
+            row.values = {**row.values, **values}
+            row.recorded_at = recorded_at
+            if epoch is not None:
+                row.epoch = epoch
+        self._session.flush()
+        return row
+
+    def metrics(
+        self, key: str, *, after_step: int | None = None, limit: int | None = None
+    ) -> list[JobMetric]:
+        """The job's per-step rows in step order, those after `after_step` only if given."""
+        query = select(JobMetric).where(JobMetric.job_key == key).order_by(JobMetric.step)
+        if after_step is not None:
+            query = query.where(JobMetric.step > after_step)
+        if limit is not None:
+            query = query.limit(limit)
+        return list(self._session.scalars(query))
+
+    def progress(self, job: Job) -> Progress | None:
+        """From the row recorded last (a resumed attempt is where it is now, not where
+        the lost one got to); None for a job that has planned and recorded nothing."""
+        last = self._session.scalars(
+            select(JobMetric)
+            .where(JobMetric.job_key == job.key)
+            .order_by(JobMetric.recorded_at.desc(), JobMetric.step.desc())
+            .limit(1)
+        ).one_or_none()
+        if last is None and job.total_steps is None:
+            return None
+        loss = last.values.get("loss") if last is not None else None
+        return Progress(
+            step=last.step if last is not None else 0,
+            total_steps=job.total_steps,
+            loss=float(loss) if isinstance(loss, int | float) else None,
+        )

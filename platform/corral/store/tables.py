@@ -111,6 +111,8 @@ class Job(Base):
     # Cancelled while its Ray job may still run: the reconciler stops that Ray job and
     # clears this once Ray says it has ended.
     stop_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The optimizer steps the run plans to take (`JobReporter.plan`): what progress counts to.
+    total_steps: Mapped[int | None] = mapped_column(Integer)
 
 
 class JobLogLine(Base):
@@ -123,6 +125,26 @@ class JobLogLine(Base):
     )
     logged_at: Mapped[datetime]
     line: Mapped[str] = mapped_column(Text)
+
+
+class JobMetric(Base):
+    """What a job measured at one step (loss, learning rate, tokens/s, validation figures),
+    as data: one row per step, the figures of a step merged into it as they come."""
+
+    __tablename__ = "job_metrics"
+    __table_args__ = (UniqueConstraint("job_key", "step"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_key: Mapped[str] = mapped_column(
+        String(JOB_KEY_LENGTH), ForeignKey("jobs.key", ondelete="CASCADE")
+    )
+    step: Mapped[int] = mapped_column(Integer)
+    # The epoch the step belongs to (0: before training); None where it is not known
+    # (figures carried over from log lines by migration 0006).
+    epoch: Mapped[int | None] = mapped_column(Integer)
+    recorded_at: Mapped[datetime]
+    # Metric name -> a finite number.
+    values: Mapped[dict[str, Any]]
 
 
 class Checkpoint(Base):
@@ -176,23 +198,18 @@ class MemoryBank(Base):
 
 
 class ServedModel(Base):
-    """A model Corral serves: a checkpoint directory (or a LoRA adapter over a base)."""
+    """A model a tenant registered: a checkpoint directory (or a LoRA adapter over a
+    base), its kind, and its `serve_apps.options.ReplicaOptions` as one JSON object
+    (validated by that model whenever it is read or written: `corral.store.models`)."""
 
     __tablename__ = "served_models"
-    __table_args__ = (
-        CheckConstraint("min_replicas >= 0 AND max_replicas >= min_replicas", name="replicas"),
-    )
 
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
     checkpoint_dir: Mapped[str] = mapped_column(Text)
     adapter_dir: Mapped[str | None] = mapped_column(Text)
-    engine: Mapped[str] = mapped_column(String(32))
-    gpus_per_replica: Mapped[float]
-    min_replicas: Mapped[int] = mapped_column(Integer)
-    max_replicas: Mapped[int] = mapped_column(Integer)
-    target_ongoing_requests: Mapped[float]
-    max_batch_size: Mapped[int] = mapped_column(Integer)
+    options: Mapped[dict[str, Any]]
     # The uuid (in this tenant's namespace) of the job whose checkpoint this is.
     source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     created_at: Mapped[datetime]

@@ -18,7 +18,9 @@ from sqlalchemy import select
 
 from corral.api.models import RegisterModelRequest
 from corral.config import Settings
-from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from corral.demo_model import build_demo_model
+from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
+from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import (
     ModelRoots,
     ModelSpec,
@@ -28,15 +30,15 @@ from corral.serving.catalog import (
     tenant_app_name,
 )
 from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDeployer
-from corral.serving.registry import ModelRegistry
 from corral.store.db import Database
 from corral.store.tables import FileModelScale, ServedModel
 from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
+from serve_apps.options import ReplicaOptions
 from tests.conftest import add_registered_model_row
-from tests.serve_apps.probe_engine import Records, probe_engine
+from tests.serve_apps.probe_engine import Records, options_engine, probe_engine
 
 REPLY = "one two three four"
 REQUEST = GenerationRequest(prompt="hi", sampling=SamplingOptions())
@@ -97,21 +99,25 @@ def tenant(token: str) -> str:
     return f"tenant-{token}"
 
 
-RegistryFactory = Callable[..., ModelRegistry]
+RegistryFactory = Callable[..., ModelService]
 
 
 @pytest.fixture
 def make_registry(sqlite_database: Database, home: Path, token: str) -> RegistryFactory:
     def make(
-        *file_models: ModelSpec, engine: Any = None, deploy_timeout_s: float = 60
-    ) -> ModelRegistry:
-        return ModelRegistry(
+        *file_models: ModelSpec,
+        engine: Any = None,
+        deploy_timeout_s: float = 60,
+        quota: TenantQuota | None = None,
+    ) -> ModelService:
+        return build_model_service(
             database=sqlite_database,
             deployer=ServeDeployer(deploy_timeout_s=deploy_timeout_s),
             file_models=list(file_models),
             model_roots=roots(home),
             engine_factory=engine or scripted(),
-            registered_cpus_per_replica=0.25,
+            registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
+            quota=quota,
         )
 
     return make
@@ -129,7 +135,9 @@ def file_model(home: Path, name: str, **fields: Any) -> ModelSpec:
 def rows(database: Database) -> list[tuple[str, str, int, int]]:
     with database.transaction() as session:
         found = session.scalars(select(ServedModel).order_by(ServedModel.name))
-        return [(r.tenant, r.name, r.min_replicas, r.max_replicas) for r in found]
+        return [
+            (r.tenant, r.name, r.options["min_replicas"], r.options["max_replicas"]) for r in found
+        ]
 
 
 def stored_scales(database: Database) -> list[tuple[str, int, int, str]]:
@@ -141,6 +149,15 @@ def stored_scales(database: Database) -> list[tuple[str, int, int, str]]:
 def add_row(database: Database, tenant: str, name: str) -> None:
     """A registered model's row as another API process would have stored it."""
     add_registered_model_row(database, tenant=tenant, name=name, checkpoint_dir="/w")
+
+
+def deployment_config(app_name: str) -> dict[str, Any]:
+    """The deployment options Serve runs the app with."""
+    details = _get_global_client().get_serve_details()
+    config: dict[str, Any] = details["applications"][app_name]["deployments"][DEPLOYMENT_NAME][
+        "deployment_config"
+    ]
+    return config
 
 
 def deployed_bounds(app_name: str) -> tuple[int, int]:
@@ -158,7 +175,7 @@ def test_register_refuses_bad_directories_and_stores_nothing(
     database: Database, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database, deployer=ServeDeployer(), file_models=[], model_roots=roots(home)
     )
     good = own_checkpoint(home, "alpha", "sft-1")
@@ -197,7 +214,7 @@ def test_checkpoints_belong_to_their_tenant_and_shared_directories_to_everyone(
 ) -> None:
     home = tmp_path / "home"
     operator_model = make_checkpoint(tmp_path / "operator" / "base")  # outside every root
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[ModelSpec(name="base", checkpoint_dir=operator_model)],
@@ -251,7 +268,7 @@ def test_a_shared_model_root_may_not_overlap_the_checkpoints(
 ) -> None:
     for shared in (tmp_path, tmp_path / "checkpoints" / "x"):
         with pytest.raises(ValueError, match="partitioned by tenant"):
-            ModelRegistry(
+            build_model_service(
                 database=sqlite_database,
                 deployer=ServeDeployer(),
                 file_models=[],
@@ -260,7 +277,7 @@ def test_a_shared_model_root_may_not_overlap_the_checkpoints(
 
 
 def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],
@@ -281,7 +298,7 @@ def test_scale_and_resolve_refuse_what_they_cannot_do(sqlite_database: Database)
 def test_lookups_are_cached_briefly_and_fresh_reads_see_other_processes(
     sqlite_database: Database,
 ) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(),
         file_models=[],
@@ -304,7 +321,7 @@ def test_a_tenant_may_not_scale_or_delete_a_file_model_and_nothing_is_stored(
     database: Database, tmp_path: Path
 ) -> None:
     spec = file_model(tmp_path, "shared", aliases=["shared-alias"])
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[spec],
@@ -327,7 +344,7 @@ def test_a_tenant_may_not_scale_or_delete_a_file_model_and_nothing_is_stored(
 def test_model_names_are_every_name_that_resolves_once_each(
     database: Database, tmp_path: Path
 ) -> None:
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=database,
         deployer=ServeDeployer(),
         file_models=[
@@ -357,6 +374,66 @@ def test_model_names_are_every_name_that_resolves_once_each(
 # ---------------------------------------------------------------- on Ray Serve
 
 
+def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    registry = build_model_service(
+        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=roots(home)
+    )
+    checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
+    for fields, message in [
+        ({"kind": "reward"}, "kind: 'reward' models cannot be served yet"),
+        ({"engine": "vllm"}, "engine: 'vllm' is not available for llm models"),
+    ]:
+        request = RegisterModelRequest.model_validate(
+            {"name": "m", "checkpoint_dir": checkpoint} | fields
+        )
+        with pytest.raises(InvalidRequest, match=message):
+            registry.register(tenant="alpha", request=request)
+    assert rows(sqlite_database) == []
+
+
+def test_a_tenant_stays_within_its_quota_and_a_refusal_stores_nothing(
+    sqlite_database: Database, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    registry = build_model_service(
+        database=sqlite_database,
+        deployer=ServeDeployer(),
+        file_models=[],
+        model_roots=roots(home),
+        quota=TenantQuota(replicas_per_model=4, gpus_per_model=2, replicas=4, gpus=3),
+    )
+    add_row(sqlite_database, "alpha", "first")  # 1 replica, no GPU
+    for name in ("b1", "b2", "b3", "b4"):  # another tenant's: not counted for alpha
+        add_row(sqlite_database, "beta", name)
+    stored = rows(sqlite_database)
+    checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
+    for fields, message in [
+        ({"max_replicas": 5}, "max_replicas 5 is above the 4 replicas a tenant's model may"),
+        ({"max_replicas": 3, "gpus_per_replica": 1}, r"3 GPUs .* above the 2 GPUs"),
+        ({"max_replicas": 4}, r"would have 5 replicas at most .* the limit is 4"),
+    ]:
+        request = RegisterModelRequest.model_validate(
+            {"name": "second", "checkpoint_dir": checkpoint} | fields
+        )
+        with pytest.raises(QuotaExceeded, match=message):
+            registry.register(tenant="alpha", request=request)
+        assert rows(sqlite_database) == stored
+    with pytest.raises(QuotaExceeded, match="above the 4 replicas"):
+        registry.scale(tenant="alpha", model="first", max_replicas=5)
+    assert rows(sqlite_database) == stored
+
+
+def test_the_quota_sums_gpus_over_a_tenants_models() -> None:
+    quota = TenantQuota(replicas_per_model=8, gpus_per_model=2, replicas=8, gpus=3)
+    two_gpus = ReplicaOptions(max_replicas=2, gpus_per_replica=1)
+    quota.check("m", two_gpus, [ReplicaOptions(max_replicas=3)])  # CPU replicas cost no GPU
+    with pytest.raises(QuotaExceeded, match=r"take 4 GPUs at most .* the limit is 3"):
+        quota.check("m", two_gpus, [two_gpus])
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_file_models_start_and_resolve_by_alias(
@@ -372,7 +449,7 @@ def test_file_models_start_and_resolve_by_alias(
         file_app_name(name),
         "file",
     )
-    handle = registry.handle_for(tenant="anyone", model=f"alias-{name}")
+    handle = registry.resolver.handle_for(tenant="anyone", model=f"alias-{name}")
     assert handle.generate.remote(REQUEST).result().text == REPLY
 
     (info,) = registry.list(tenant)
@@ -457,10 +534,10 @@ def test_register_is_idempotent_and_conflicts_on_a_different_body(
     with pytest.raises(Conflict, match="through /models/scale"):
         registry.register(tenant=tenant, request=request.model_copy(update={"max_replicas": 2}))
 
-    handle = registry.handle_for(tenant=tenant, model="my-sft")
+    handle = registry.resolver.handle_for(tenant=tenant, model="my-sft")
     assert handle.generate.remote(REQUEST).result().text == REPLY
     with pytest.raises(NotFound):  # another tenant's model is invisible
-        registry.handle_for(tenant="someone-else", model="my-sft")
+        registry.resolver.handle_for(tenant="someone-else", model="my-sft")
     assert [m.name for m in registry.list("someone-else")] == []
 
     registry.unregister(tenant=tenant, model="my-sft")
@@ -512,7 +589,7 @@ def test_scaling_changes_replicas_in_place_with_a_request_in_flight(
     deployer = ServeDeployer()
 
     held = GenerationRequest(prompt="id=busy hold", sampling=SamplingOptions())
-    in_flight = registry.handle_for(tenant=tenant, model="busy").generate.remote(held)
+    in_flight = registry.resolver.handle_for(tenant=tenant, model="busy").generate.remote(held)
     # The replica runs the request (and holds it until released) before the scale.
     wait_until(lambda: records.started("busy"), "the replica to start the request")
     scaled = registry.scale(tenant=tenant, model="busy", replicas=2)
@@ -550,12 +627,66 @@ def test_a_restarted_registry_serves_registered_models_again(
     # Ray lost the app (a fresh cluster): the row brings it back.
     serve.delete(app_name)
     with pytest.raises(ModelUnavailable):
-        make_registry().handle_for(tenant=tenant, model="survivor")
+        make_registry().resolver.handle_for(tenant=tenant, model="survivor")
     restarted = make_registry()
     restarted.start()
-    handle = restarted.handle_for(tenant=tenant, model="survivor")
+    handle = restarted.resolver.handle_for(tenant=tenant, model="survivor")
     assert handle.generate.remote(REQUEST).result().text == REPLY
     assert [(m.name, m.status) for m in restarted.list(tenant)] == [("survivor", "RUNNING")]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_every_option_of_a_registration_reaches_its_replicas_and_a_restored_app(
+    serve_instance: None, make_registry: RegistryFactory, home: Path, tenant: str, token: str
+) -> None:
+    """Options beyond the sizing ones (device, dtype, CPUs, queue bound, batch wait) are
+    stored, listed and built into the replicas, also when the row brings the app back.
+    The tenant's quota does not limit an operator's scale of a shared model."""
+    quota = TenantQuota(replicas_per_model=1, gpus_per_model=0, replicas=1, gpus=0)
+    shared = file_model(home, f"shared-{token}")
+    registry = make_registry(shared, engine=options_engine, quota=quota)
+    registry.start()
+    request = RegisterModelRequest(
+        name="tuned",
+        checkpoint_dir=str(own_checkpoint(home, tenant, "job-1")),
+        device="cpu",
+        dtype="float32",
+        cpus_per_replica=0.3,
+        max_queued_requests=5,
+        batch_wait_timeout_s=0.02,
+    )
+    info = registry.register(tenant=tenant, request=request)
+    app_name = tenant_app_name(tenant, "tuned")
+    wanted = ("llm", "cpu", "float32", 0.3, 5, 0.02)
+
+    def served() -> tuple[object, ...]:
+        (listed,) = [m for m in registry.list(tenant) if m.name == "tuned"]
+        config = deployment_config(app_name)
+        reply = registry.resolver.handle_for(tenant=tenant, model="tuned")
+        return (
+            (
+                listed.kind,
+                listed.device,
+                listed.dtype,
+                listed.cpus_per_replica,
+                listed.max_queued_requests,
+                listed.batch_wait_timeout_s,
+            ),
+            (config["ray_actor_options"]["num_cpus"], config["max_queued_requests"]),
+            reply.generate.remote(REQUEST).result().text,
+        )
+
+    assert (info.kind, info.device, info.dtype, info.cpus_per_replica) == wanted[:4]
+    assert served() == (wanted, (0.3, 5), "cpu float32 0.3 5")
+
+    serve.delete(app_name)  # Ray lost the app: the row alone brings it back
+    registry = make_registry(shared, engine=options_engine, quota=quota)
+    registry.start()
+    assert served() == (wanted, (0.3, 5), "cpu float32 0.3 5")
+
+    scaled = registry.scale(tenant="ops", model=shared.name, max_replicas=2, operator=True)
+    assert scaled.max_replicas == 2
 
 
 @pytest.mark.integration
@@ -566,17 +697,17 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
     settings = Settings(home=tmp_path / "home")
     catalog = load_catalog(settings)
     assert catalog.demo_model_dir is not None
-    registry = ModelRegistry(
+    registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=120),
         file_models=catalog.models,
         model_roots=ModelRoots(shared=()),
-        demo_model_dir=catalog.demo_model_dir,
     )
     try:
-        registry.start()  # builds the demo model, then deploys it with the real engine
+        build_demo_model(catalog.demo_model_dir)  # as `corral serve` does before starting
+        registry.start()  # deploys it with the real engine
         assert (catalog.demo_model_dir / "config.json").is_file()
-        handle = registry.handle_for(tenant="default", model="llama3_8b_chat")
+        handle = registry.resolver.handle_for(tenant="default", model="llama3_8b_chat")
         request = GenerationRequest(
             prompt="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n",

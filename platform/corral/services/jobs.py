@@ -1,0 +1,188 @@
+"""The lifecycle every job kind shares: idempotent submission to Ray, listing, one job's
+summary (progress from its metrics), log lines, per-step metrics, and cancellation.
+
+A kind's own service (post-training today, synthetic data next) checks and plans its
+requests and hands them to `submit`; everything after that is here. Every read may be
+narrowed to some kinds (`kinds`): a job of another kind is NotFound there, as if it did
+not exist, so an API area shows its own jobs only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobProgress, JobSummary
+from corral.errors import BackendUnavailable, CapabilityUnavailable, Conflict
+from corral.ray_jobs import JobLauncher
+from corral.services.ids import check_id
+from corral.store.db import Database
+from corral.store.jobs import JobKind, JobStatus, JobStore, Progress
+from corral.store.tables import Job
+from jobs.logger_config import tensorboard_dir
+
+log = logging.getLogger(__name__)
+
+Kinds = Sequence[JobKind]
+
+
+class JobsService:
+    def __init__(self, *, database: Database, launcher: JobLauncher | None = None) -> None:
+        """Without a launcher (no Ray connection) jobs can be read but not submitted, and
+        a cancellation is recorded for the reconciler to carry out."""
+        self._db = database
+        self._launcher = launcher
+
+    def submit(
+        self,
+        *,
+        tenant: str,
+        job_uuid: str,
+        kind: JobKind,
+        body: dict[str, Any],
+        plan: Callable[[], dict[str, Any]],
+    ) -> None:
+        """Store a scheduled job and hand it to Ray. The same request again changes
+        nothing; the same uuid with another request is a Conflict. `plan()` turns the
+        request into the job's launch config (raising for a bad request); it runs only for
+        a new job, outside any transaction. Nothing is stored unless it succeeds."""
+        if self._launcher is None:
+            raise CapabilityUnavailable(kind.value, "this server has no Ray connection")
+        check_id(job_uuid, what="job_uuid")
+        with self._db.transaction() as session:
+            found = JobStore(session).same_request(
+                tenant=tenant, job_uuid=job_uuid, kind=kind, request=body
+            )
+            if found is not None:
+                return  # the same request again: nothing to do
+        launch = plan()
+        with self._db.transaction() as session:
+            created = JobStore(session).create(
+                job_uuid=job_uuid, tenant=tenant, kind=kind, request=body, launch=launch
+            )
+            key = created.job.key
+        if not created.created:
+            return  # a concurrent submission of the same request stored it first
+        try:
+            self._launcher.submit(key)
+        except BackendUnavailable as exc:
+            # The row is stored and scheduled: the reconciler submits it once Ray answers.
+            log.warning("job %s stored but not yet submitted: %s", key, exc)
+            with self._db.transaction() as session:
+                JobStore(session).append_log(key, f"waiting for Ray: {exc.message}")
+
+    def list(
+        self,
+        *,
+        tenant: str,
+        kinds: Kinds = (),
+        statuses: Sequence[JobStatus] = (),
+        limit: int,
+        offset: int,
+    ) -> JobList:
+        """The tenant's jobs, newest first; empty `kinds` or `statuses` mean any."""
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            jobs = store.find(
+                tenant=tenant, kinds=kinds, statuses=statuses, limit=limit + 1, offset=offset
+            )
+            page = jobs[:limit]
+            counts = store.checkpoint_counts([job.key for job in page])
+            summaries = [_summary(job, counts.get(job.key, 0)) for job in page]
+        return JobList(data=summaries, next_offset=offset + limit if len(jobs) > limit else None)
+
+    def get(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobSummary:
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            counts = store.checkpoint_counts([job.key])
+            return _summary(job, counts.get(job.key, 0), progress=store.progress(job))
+
+    def logs(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobLogs:
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            lines = [line.line for line in store.log_lines(job.key)]
+            return JobLogs(job_uuid=job.uuid, log_lines=lines)
+
+    def metrics(
+        self,
+        *,
+        tenant: str,
+        job_uuid: str,
+        after_step: int | None = None,
+        limit: int,
+        kinds: Kinds = (),
+    ) -> JobMetrics:
+        """The job's per-step metrics in step order, a page of `limit` steps after
+        `after_step`; `next_after_step` continues where the page stops."""
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            rows = store.metrics(job.key, after_step=after_step, limit=limit + 1)
+            page = [
+                JobMetric(
+                    step=row.step, epoch=row.epoch, recorded_at=row.recorded_at, values=row.values
+                )
+                for row in rows[:limit]
+            ]
+        more = len(rows) > limit
+        return JobMetrics(
+            job_uuid=job_uuid, data=page, next_after_step=page[-1].step if more else None
+        )
+
+    def cancel(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobSummary:
+        """Record the cancellation first (so a late completion cannot overwrite it), with a
+        pending stop, then stop the Ray job, which frees its workers. The cancellation
+        holds once recorded: if Ray cannot be reached now, the answer still says
+        `cancelled`, with `stop_pending` true, and the reconciler stops the Ray job when
+        Ray answers again. Cancelling a cancelled job only asks Ray to stop again; a job
+        that already completed or failed is a Conflict."""
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            # NotFound for another tenant's (or another kind's) job.
+            key = store.get(job_uuid, tenant=tenant, kinds=kinds).key
+            outcome = store.transition(key, to=JobStatus.CANCELLED, error="cancelled")
+            if outcome.applied:
+                store.set_stop_pending(key, True)
+                store.append_log(key, "cancelled on request")
+        if not outcome.applied and outcome.status is not JobStatus.CANCELLED:
+            raise Conflict(f"job {job_uuid!r} already {outcome.status.value}; nothing to cancel")
+        if self._launcher is not None:
+            try:
+                self._launcher.stop(key)
+            except BackendUnavailable as exc:
+                log.warning("job %s cancelled; its Ray job is stopped later: %s", key, exc)
+                with self._db.transaction() as session:
+                    JobStore(session).append_log(
+                        key,
+                        f"Ray could not be reached to stop the job ({exc.message}); "
+                        "it is stopped once Ray answers",
+                    )
+        return self.get(tenant=tenant, job_uuid=job_uuid, kinds=kinds)
+
+
+def _summary(job: Job, checkpoints: int, *, progress: Progress | None = None) -> JobSummary:
+    tensorboard = tensorboard_dir(job)
+    return JobSummary.model_validate(
+        {
+            "job_uuid": job.uuid,
+            "kind": job.kind,
+            "status": job.status,
+            "scheduled_at": job.scheduled_at,
+            "started_at": job.started_at,
+            "completed_at": job.completed_at,
+            "error": job.error,
+            "attempt": job.attempt,
+            "stop_pending": job.stop_pending,
+            "checkpoints": checkpoints,
+            "progress": (
+                JobProgress(
+                    step=progress.step, total_steps=progress.total_steps, loss=progress.loss
+                )
+                if progress is not None
+                else None
+            ),
+            "tensorboard_url": tensorboard.resolve().as_uri() if tensorboard else None,
+        }
+    )

@@ -1,0 +1,516 @@
+"""The models service: which models a tenant can use, registering, scaling and deleting
+them, and starting them with the server.
+
+File models (the models file, or the embedded default) are shared by every tenant and
+start with the server. Registered models belong to one tenant; their `served_models` row
+is the truth, and `restore` (part of `start`) deploys every row again, so a restarted API
+server serves them again (and, Serve's code version being unchanged, keeps the replicas
+that are still running).
+
+Registration stores the row first, so two concurrent registrations of one name meet at
+the primary key, then deploys and waits for the app to run. If the deploy fails, the row
+and the app are both removed and the caller gets the reason: nothing stays half
+registered, and the same request may simply be sent again. What a tenant's registered
+models ask for stays within the operator's per-tenant limits (`TenantQuota`): beyond
+them a registration or scale is QuotaExceeded and stores nothing.
+
+A tenant may register a name a file model also answers to: for that tenant, its own model
+wins (`corral.serving.resolver`). File models are shared, so only an operator scales them
+(and tenant quotas do not apply); the new bounds are stored (`file_model_scales`) and win
+over the models file's from then on, in every API process and at every start-up, until
+the next scale. Nobody deletes a file model through the API: the models file is the truth
+for which shared models exist.
+
+Mutations (start, register, scale, unregister) take one lock: they are rare, and a deploy
+waiting for its app must not race a scale or delete of the same app. Reads do not.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from corral.api.models import ModelInfo, RegisterModelRequest
+from corral.config import Settings
+from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
+from corral.services.model_dirs import ModelDirs, readable_config
+from corral.serving.catalog import ModelRoots, ModelSpec, ServedName, file_app_name
+from corral.serving.deployer import AppState, EngineFactory, ModelDeployError, ServeDeployer
+from corral.serving.kinds import NotServable, check_servable
+from corral.serving.resolver import ModelResolver, ResolvedModel, resolved_registered
+from corral.store.db import Database
+from corral.store.jobs import JobStore
+from corral.store.models import RegisteredModel, ServedModelStore
+from serve_apps.options import MAX_REPLICAS, ReplicaOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TenantQuota:
+    """What one tenant's registered models may ask for (`CORRAL_TENANT_MAX_*`): per model,
+    its max_replicas and max_replicas x gpus_per_replica; in all, the sums of those over
+    the tenant's registered models."""
+
+    replicas_per_model: int = 32
+    gpus_per_model: float = 64.0
+    replicas: int = 256
+    gpus: float = 256.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TenantQuota:
+        return cls(
+            replicas_per_model=settings.tenant_max_replicas_per_model,
+            gpus_per_model=settings.tenant_max_gpus_per_model,
+            replicas=settings.tenant_max_replicas,
+            gpus=settings.tenant_max_gpus,
+        )
+
+    def check(self, name: str, options: ReplicaOptions, others: Iterable[ReplicaOptions]) -> None:
+        """QuotaExceeded if model `name` with `options`, beside the tenant's `others`,
+        asks for more than this quota allows."""
+        gpus = options.max_replicas * options.gpus_per_replica
+        if options.max_replicas > self.replicas_per_model:
+            raise QuotaExceeded(
+                f"model {name!r}: max_replicas {options.max_replicas} is above the "
+                f"{self.replicas_per_model} replicas a tenant's model may have"
+            )
+        if gpus > self.gpus_per_model:
+            raise QuotaExceeded(
+                f"model {name!r}: {gpus:g} GPUs (max_replicas x gpus_per_replica) is above "
+                f"the {self.gpus_per_model:g} GPUs a tenant's model may have"
+            )
+        others = builtins.list(others)
+        total_replicas = options.max_replicas + sum(o.max_replicas for o in others)
+        total_gpus = gpus + sum(o.max_replicas * o.gpus_per_replica for o in others)
+        if total_replicas > self.replicas:
+            raise QuotaExceeded(
+                f"model {name!r}: your registered models would have {total_replicas} "
+                f"replicas at most (max_replicas summed); the limit is {self.replicas}"
+            )
+        if total_gpus > self.gpus:
+            raise QuotaExceeded(
+                f"model {name!r}: your registered models would take {total_gpus:g} GPUs at "
+                f"most (max_replicas x gpus_per_replica summed); the limit is {self.gpus:g}"
+            )
+
+
+class ModelService:
+    def __init__(
+        self,
+        *,
+        database: Database,
+        deployer: ServeDeployer,
+        resolver: ModelResolver,
+        dirs: ModelDirs,
+        quota: TenantQuota | None = None,
+        engine_factory: EngineFactory | None = None,
+        registration_defaults: ReplicaOptions | None = None,
+    ) -> None:
+        """`engine_factory`: an engine for every app instead of the one each names (tests).
+        `registration_defaults`: the options a registration leaves out (ReplicaOptions'
+        own defaults unless given)."""
+        self._db = database
+        self._deployer = deployer
+        self._resolver = resolver
+        self._dirs = dirs
+        self._quota = quota or TenantQuota()
+        self._engine_factory = engine_factory
+        self._defaults = registration_defaults or ReplicaOptions()
+        self._lock = threading.RLock()
+
+    @property
+    def resolver(self) -> ModelResolver:
+        """What inference resolves model names with."""
+        return self._resolver
+
+    # ------------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        """Deploy every file model and restore the registered ones. A file model that does
+        not start is an error; a registered model that does not start is logged and
+        listed with its status."""
+        with self._lock:
+            with self._db.transaction() as session:
+                specs = self._file_specs(session)
+            for spec in specs.values():
+                if not (spec.checkpoint_dir / "config.json").is_file():
+                    raise ModelDeployError(
+                        f"model {spec.name!r}: no checkpoint (config.json) in {spec.checkpoint_dir}"
+                    )
+                in_file = self._resolver.file_models[spec.name]
+                if (spec.min_replicas, spec.max_replicas) != (
+                    in_file.min_replicas,
+                    in_file.max_replicas,
+                ):
+                    log.info(
+                        "model %s: replicas %d..%d as an operator scaled it (the models file "
+                        "says %d..%d)",
+                        spec.name,
+                        spec.min_replicas,
+                        spec.max_replicas,
+                        in_file.min_replicas,
+                        in_file.max_replicas,
+                    )
+                self._deploy(spec, file_app_name(spec.name), blocking=False)
+            restored = self._deploy_registered()
+            names = [file_app_name(name) for name in self._resolver.file_models]
+            outcome = self._deployer.wait_all([*names, *restored])
+            for app_name in restored:
+                if outcome[app_name] is not None:
+                    log.error("registered model app did not start: %s", outcome[app_name])
+            failed = [str(outcome[name]) for name in names if outcome[name] is not None]
+            if failed:
+                raise ModelDeployError("; ".join(failed))
+
+    def restore(self) -> None:
+        """Deploy every registered model again from its row, waiting for them."""
+        with self._lock:
+            for app_name, error in self._deployer.wait_all(self._deploy_registered()).items():
+                if error is not None:
+                    log.error("registered model app %s did not start: %s", app_name, error)
+
+    def _deploy_registered(self) -> builtins.list[str]:
+        with self._db.transaction() as session:
+            stored = ServedModelStore(session).find(tenant=None)
+        app_names = []
+        for model in stored:
+            resolved = resolved_registered(model)
+            self._deploy(resolved.spec, resolved.app_name, blocking=False)
+            app_names.append(resolved.app_name)
+        return app_names
+
+    # ------------------------------------------------------------------ lookups
+
+    def resolve(self, *, tenant: str, model: str, fresh: bool = False) -> ResolvedModel:
+        """See `ModelResolver.resolve` (fine-tuning locates its base model with it)."""
+        return self._resolver.resolve(tenant=tenant, model=model, fresh=fresh)
+
+    def checked_dir(self, value: str, field: str, required_file: str, *, tenant: str) -> Path:
+        """See `ModelDirs.checked_dir`."""
+        return self._dirs.checked_dir(value, field, required_file, tenant=tenant)
+
+    # ------------------------------------------------------------------ changes
+
+    def register(self, *, tenant: str, request: RegisterModelRequest) -> ModelInfo:
+        """Serve a checkpoint (or adapter) for one tenant. The same request again is a
+        no-op; another request under a registered name is a Conflict."""
+        try:
+            check_servable(request.kind, request.engine)
+        except NotServable as exc:
+            raise InvalidRequest(str(exc)) from None
+        checkpoint_dir = self.checked_dir(
+            request.checkpoint_dir, "checkpoint_dir", "config.json", tenant=tenant
+        )
+        adapter_dir = (
+            self.checked_dir(
+                request.adapter_dir, "adapter_dir", "adapter_config.json", tenant=tenant
+            )
+            if request.adapter_dir is not None
+            else None
+        )
+        # What can be told before deploying is the client's fault (422); a deploy that
+        # fails after this is the server's condition (ModelDeployError, 503).
+        readable_config(checkpoint_dir / "config.json", "checkpoint_dir")
+        if adapter_dir is not None:
+            readable_config(adapter_dir / "adapter_config.json", "adapter_dir")
+        wanted = RegisteredModel(
+            tenant=tenant,
+            name=request.name,
+            kind=request.kind,
+            checkpoint_dir=str(checkpoint_dir),
+            adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
+            options=self._options_of(request),
+            source_job_uuid=request.source_job_uuid,
+        )
+        with self._lock:
+            try:
+                with self._db.transaction() as session:
+                    store = ServedModelStore(session)
+                    existing = store.get(tenant=tenant, name=request.name)
+                    if existing is not None:
+                        _same_or_conflict(existing, wanted)
+                        return self._info(resolved_registered(existing))
+                    if request.source_job_uuid is not None:
+                        try:
+                            JobStore(session).get(request.source_job_uuid, tenant=tenant)
+                        except NotFound:
+                            raise InvalidRequest(
+                                f"no job {request.source_job_uuid[:200]!r}"
+                            ) from None
+                    others = [m.options for m in store.find(tenant=tenant)]
+                    self._quota.check(request.name, wanted.options, others)
+                    store.add(wanted)
+            except IntegrityError:
+                # A concurrent registration of the same name committed first.
+                with self._db.transaction() as session:
+                    existing = ServedModelStore(session).get(tenant=tenant, name=request.name)
+                if existing is None:
+                    raise
+                _same_or_conflict(existing, wanted)
+                return self._info(resolved_registered(existing))
+
+            resolved = resolved_registered(wanted)
+            self._resolver.forget(tenant, request.name)
+            try:
+                self._deploy(resolved.spec, resolved.app_name, blocking=True)
+            except BaseException:
+                self._forget(tenant, request.name, resolved.app_name)
+                raise
+            return self._info(resolved)
+
+    def scale(
+        self,
+        *,
+        tenant: str,
+        model: str,
+        min_replicas: int | None = None,
+        max_replicas: int | None = None,
+        replicas: int | None = None,
+        operator: bool = False,
+    ) -> ModelInfo:
+        """Change a model's replica bounds in place; `replicas=N` pins both to N. Returns
+        at once: Serve then adds or removes replicas (`list` shows them), and requests in
+        flight finish. A file model is shared: only an `operator` scales it (Forbidden
+        otherwise), for every tenant, and its new bounds are stored. A tenant's own model
+        stays within its quota."""
+        if replicas is not None:
+            if min_replicas is not None or max_replicas is not None:
+                raise InvalidRequest("give either replicas or min_replicas/max_replicas")
+            min_replicas = max_replicas = replicas
+        if min_replicas is None and max_replicas is None:
+            raise InvalidRequest("give replicas, min_replicas or max_replicas")
+        with self._lock:
+            resolved = self._resolver.resolve(tenant=tenant, model=model, fresh=True)
+            if resolved.source == "file":
+                if not operator:
+                    raise Forbidden(
+                        f"model {resolved.name!r} is shared by every tenant (from the models "
+                        "file): only an operator key scales it"
+                    )
+                with self._db.transaction() as session:
+                    resolved = replace(resolved, spec=self._file_specs(session)[resolved.name])
+            spec = _rescaled(resolved.spec, min_replicas, max_replicas)
+            if resolved.source == "file":
+                self._store_file_scale(resolved.app_name, spec, scaled_by=tenant)
+            else:
+                with self._db.transaction() as session:
+                    store = ServedModelStore(session)
+                    others = [m.options for m in store.find(tenant=tenant) if m.name != spec.name]
+                    self._quota.check(spec.name, spec, others)
+                    if not store.set_options(tenant=tenant, name=spec.name, options=spec):
+                        raise NotFound(f"no model {model!r}")
+                    # Inside the transaction: if Serve refuses, the row keeps its bounds.
+                    self._deployer.scale(
+                        resolved.app_name, spec, engine_factory=self._engine_factory
+                    )
+            self._resolver.forget(tenant, resolved.name)
+            return self._info(replace(resolved, spec=spec))
+
+    def unregister(self, *, tenant: str, model: str, operator: bool = False) -> None:
+        """Stop serving a tenant's registered model and forget it. The app goes first: if
+        Serve cannot delete it, the row stays and the model is still registered. A file
+        model is Forbidden to a tenant; an operator is told to edit the models file."""
+        with self._lock:
+            with self._db.transaction() as session:
+                stored = ServedModelStore(session).get(tenant=tenant, name=model)
+            if stored is None:
+                in_file = self._resolver.file_model_named(model) is not None
+                if in_file and not operator:
+                    raise Forbidden(
+                        f"model {model!r} is shared by every tenant (from the models file): "
+                        "only an operator manages it"
+                    )
+                if in_file:
+                    raise InvalidRequest(
+                        f"model {model!r} comes from the models file: remove it there and "
+                        "restart the server (to free its replicas now, scale it to "
+                        "min_replicas 0)"
+                    )
+                raise NotFound(f"no model {model[:200]!r}")
+            self._deployer.delete(resolved_registered(stored).app_name)
+            with self._db.transaction() as session:
+                ServedModelStore(session).delete(tenant=tenant, name=stored.name)
+            self._resolver.forget(tenant, stored.name)
+
+    # ------------------------------------------------------------------ listing
+
+    def list(self, tenant: str, *, all_tenants: bool = False) -> builtins.list[ModelInfo]:
+        """The file models (with their stored bounds), then the tenant's registered models
+        (every tenant's with `all_tenants`, the operators' view), with their replicas."""
+        states = self._deployer.statuses()
+        with self._db.transaction() as session:
+            stored = ServedModelStore(session).find(tenant=None if all_tenants else tenant)
+            files = self._file_specs(session)
+        resolved = [
+            ResolvedModel(name, file_app_name(name), spec, "file") for name, spec in files.items()
+        ] + [resolved_registered(model) for model in stored]
+        return [self._info(model, states.get(model.app_name)) for model in resolved]
+
+    def model_names(self, *, tenant: str) -> builtins.list[ServedName]:
+        """Every name that resolves for `tenant`, once each: the file models under their
+        names and aliases, then the tenant's registered models. A registered name that
+        shadows a file model's name is listed once, as the tenant's."""
+        with self._db.transaction() as session:
+            registered = ServedModelStore(session).names(tenant=tenant)
+        shadowed = set(registered)
+        shared = [
+            ServedName(name=name, owner=None)
+            for spec in self._resolver.file_models.values()
+            for name in spec.names
+            if name not in shadowed
+        ]
+        return shared + [ServedName(name=name, owner=tenant) for name in registered]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _options_of(self, request: RegisterModelRequest) -> ReplicaOptions:
+        """The request's options, with the server's defaults for those it leaves out."""
+        given = {
+            name: getattr(request, name)
+            for name in request.model_fields_set
+            if name in ReplicaOptions.model_fields
+        }
+        try:
+            return ReplicaOptions.model_validate(self._defaults.option_values() | given)
+        except ValidationError as exc:
+            raise InvalidRequest(_problems(exc)) from None
+
+    def _forget(self, tenant: str, name: str, app_name: str) -> None:
+        """Undo a registration whose deploy failed: the app (if Serve still answers), then
+        the row, so no half-registered model stays behind."""
+        try:
+            self._deployer.delete(app_name)
+        except Exception:
+            log.exception("could not delete the Serve app %s of a failed registration", app_name)
+        with self._db.transaction() as session:
+            ServedModelStore(session).delete(tenant=tenant, name=name)
+        self._resolver.forget(tenant, name)
+
+    def _deploy(self, spec: ModelSpec, app_name: str, *, blocking: bool) -> None:
+        self._deployer.deploy(
+            spec, app_name=app_name, engine_factory=self._engine_factory, blocking=blocking
+        )
+
+    def _file_specs(self, session: Session) -> dict[str, ModelSpec]:
+        """The file models with the replica bounds an operator stored for them."""
+        specs = dict(self._resolver.file_models)
+        for name, scale in ServedModelStore(session).file_scales().items():
+            spec = specs.get(name)
+            if spec is not None:  # a model since removed from the file: nothing to apply
+                specs[name] = _rescaled(spec, scale.min_replicas, scale.max_replicas)
+        return specs
+
+    def _store_file_scale(self, app_name: str, spec: ModelSpec, *, scaled_by: str) -> None:
+        """Store a file model's new bounds and apply them, in one transaction: if Serve
+        refuses, nothing is stored. Another API process storing the first row for the
+        same model at the same time makes the insert fail once; the second try updates."""
+        for attempt in range(2):
+            try:
+                with self._db.transaction() as session:
+                    ServedModelStore(session).set_file_scale(
+                        name=spec.name,
+                        min_replicas=spec.min_replicas,
+                        max_replicas=spec.max_replicas,
+                        scaled_by=scaled_by,
+                    )
+                    self._deployer.scale(app_name, spec, engine_factory=self._engine_factory)
+                return
+            except IntegrityError:
+                if attempt == 1:
+                    raise
+
+    def _info(self, model: ResolvedModel, state: AppState | None = None) -> ModelInfo:
+        spec = model.spec
+        if state is None:
+            state = self._deployer.status(model.app_name)
+        return ModelInfo.model_validate(
+            {
+                "name": model.name,
+                "kind": spec.kind,
+                "tenant": model.tenant,
+                "aliases": builtins.list(spec.aliases),
+                "source": model.source,
+                "checkpoint_dir": str(spec.checkpoint_dir),
+                "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir is not None else None,
+                "source_job_uuid": model.source_job_uuid,
+                "status": state.status,
+                "replicas": state.running_replicas,
+                **spec.option_values(),
+            }
+        )
+
+
+def build_model_service(
+    *,
+    database: Database,
+    deployer: ServeDeployer,
+    file_models: Iterable[ModelSpec],
+    model_roots: ModelRoots,
+    quota: TenantQuota | None = None,
+    engine_factory: EngineFactory | None = None,
+    registration_defaults: ReplicaOptions | None = None,
+) -> ModelService:
+    """A ModelService with its resolver and directory sandbox built from the file models
+    and the model roots."""
+    file_models = builtins.list(file_models)
+    return ModelService(
+        database=database,
+        deployer=deployer,
+        resolver=ModelResolver(database=database, deployer=deployer, file_models=file_models),
+        dirs=ModelDirs(roots=model_roots, file_models=file_models),
+        quota=quota,
+        engine_factory=engine_factory,
+        registration_defaults=registration_defaults,
+    )
+
+
+def _rescaled(spec: ModelSpec, min_replicas: int | None, max_replicas: int | None) -> ModelSpec:
+    """`spec` with new replica bounds (None keeps a bound); InvalidRequest for bounds that
+    do not hold. An initial count outside the new bounds no longer applies."""
+    new_min = spec.min_replicas if min_replicas is None else min_replicas
+    new_max = spec.max_replicas if max_replicas is None else max_replicas
+    if not (0 <= new_min <= new_max <= MAX_REPLICAS and new_max >= 1):
+        raise InvalidRequest(
+            f"replica bounds must satisfy 0 <= min_replicas <= max_replicas <= "
+            f"{MAX_REPLICAS} and max_replicas >= 1 (got min {new_min}, max {new_max})"
+        )
+    initial = spec.initial_replicas
+    if initial is not None and not new_min <= initial <= new_max:
+        initial = None
+    options = spec.replica_options.model_copy(
+        update={"min_replicas": new_min, "max_replicas": new_max, "initial_replicas": initial}
+    )
+    return spec.with_options(options)
+
+
+def _same_or_conflict(stored: RegisteredModel, wanted: RegisteredModel) -> None:
+    registered, requested = stored.what_was_asked(), wanted.what_was_asked()
+    differences = [
+        f"{field} (registered {registered[field]!r}, requested {value!r})"
+        for field, value in requested.items()
+        if registered[field] != value
+    ]
+    if differences:
+        hint = ""
+        if any(d.startswith(("min_replicas", "max_replicas")) for d in differences):
+            hint = "; replica bounds change through /models/scale"
+        raise Conflict(
+            f"model {stored.name!r} is already registered with a different "
+            f"{', '.join(differences)}{hint}"
+        )
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or 'options'}: {err['msg']}"
+        for err in exc.errors()
+    )

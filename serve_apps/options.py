@@ -1,0 +1,66 @@
+"""How one model's replicas are sized and scaled, declared once for every model kind.
+
+`ReplicaOptions` travels to the replicas inside each app's config (`serve_apps.llm`
+extends it), and the control plane's models file, registration request, stored row and
+listing all carry these same fields with these same bounds. It is pydantic only: the API
+process imports it without any engine.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# What a served model does; each kind has its own Serve app (only "llm" so far).
+ModelKind = Literal["llm", "reward", "embedding", "classifier"]
+# What runs the weights inside a replica; each app kind says which engines it has.
+EngineName = Literal["transformers", "vllm"]
+# The names models are served under (app names are built from them, so never an `@`).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+# Far beyond any cluster Corral runs on; it keeps a typo from asking Serve for 10^6 actors.
+MAX_REPLICAS = 256
+
+
+class ReplicaOptions(BaseModel):
+    """One model's engine, resources, batching and autoscaling, per replica."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    engine: EngineName = "transformers"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpus_per_replica: float = Field(default=0.0, ge=0, le=64)
+    cpus_per_replica: float = Field(default=0.5, gt=0, le=1024)
+    min_replicas: int = Field(default=1, ge=0, le=MAX_REPLICAS)
+    max_replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    initial_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
+    target_ongoing_requests: float = Field(default=2.0, gt=0, le=1024)
+    max_batch_size: int = Field(default=8, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=60)
+    # Past this many requests waiting for a replica, callers get BackPressureError at once.
+    max_queued_requests: int = Field(default=64, ge=1, le=1_000_000)
+    upscale_delay_s: float = Field(default=3.0, ge=0, le=86_400)
+    downscale_delay_s: float = Field(default=30.0, ge=0, le=86_400)
+    # How far back the autoscaler averages ongoing requests. Ray 2.60 pushes replica
+    # metrics every 10 s and wants a longer window than that.
+    look_back_period_s: float = Field(default=30.0, gt=10.0, le=86_400)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ReplicaOptions:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        if self.initial_replicas is not None and not (
+            self.min_replicas <= self.initial_replicas <= self.max_replicas
+        ):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    @property
+    def replica_options(self) -> ReplicaOptions:
+        """Just the options, from this or any model that extends them."""
+        return ReplicaOptions.model_validate(self.option_values())
+
+    def option_values(self) -> dict[str, object]:
+        """The options as plain JSON-able data (what a stored row holds)."""
+        return {name: getattr(self, name) for name in ReplicaOptions.model_fields}

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.tables import Job
 from jobs.reporting import JobReporter
+from serve_apps.model_cache import StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,10 @@ class AttemptSettings(Protocol):
     def use_gpu(self) -> bool: ...
     @property
     def max_failures(self) -> int: ...
+    @property
+    def output_uri(self) -> str | None: ...
+    @property
+    def storage(self) -> StorageOptions: ...
 
 
 def run_attempt(
@@ -77,14 +83,21 @@ def run_attempt(
 def fit(
     config: AttemptSettings, train_loop: Callable[[dict[str, Any]], None], *, attempt: int
 ) -> None:
-    """Fit on Ray Train; every worker runs `train_loop({"config": config})`."""
+    """Fit on Ray Train; every worker runs `train_loop({"config": config})`. Ray Train's
+    run state goes under the job's directory: in object storage when it has a URI (with a
+    filesystem that carries the endpoint), else beside the checkpoints."""
+    storage_path, storage_filesystem = str(config.output_dir / "ray"), None
+    if config.output_uri is not None:
+        storage = Storage(config.output_uri, options=config.storage)
+        storage_path, storage_filesystem = storage.ray_train_storage(f"{config.output_uri}/ray")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             name=f"{config.job_key}-attempt-{attempt}",
-            storage_path=str(config.output_dir / "ray"),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )

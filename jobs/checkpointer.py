@@ -11,8 +11,13 @@ Each is reported to Ray Train, so a restarted worker group resumes from it, and 
 one of the job's checkpoint rows; every rank of a new attempt resumes from the last row
 (jobs/attempts.py says why the row and not Ray Train's own checkpoint).
 
-Where the directories live is decided once, by `checkpoints_root`: today a directory under
-the job's `output_dir`, which every worker must see.
+Where the directories live is decided once, by `checkpoints_root`: a directory under the
+job's `output_dir`. On storage every node sees (the default) that is the job's directory
+itself and the rows hold its paths. With object storage (`output_uri`, see
+corral.storage) `output_dir` is each node's own scratch space: once every rank has
+written its part, the first rank of each node uploads that node's directory to
+`output_uri/checkpoints/iter-N` (so ZeRO shards written on other nodes arrive too), and
+the row holds that URI; resuming downloads it once per node into the node's model cache.
 """
 
 from __future__ import annotations
@@ -21,23 +26,38 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import ray.train
 import torch
 from ray.train import Checkpoint
 from transformers import PreTrainedTokenizerBase
 
+from corral.storage import Storage
 from jobs.attempts import last_checkpoint_path
 from jobs.config import TrainingJobConfig
 from jobs.distributed import TrainingEngine, barrier
+from jobs.logger_config import TENSORBOARD_DIR
 from jobs.reporting import JobReporter
+from serve_apps.model_cache import is_local, local_model_dir
 
 TRAINER_STATE = "trainer_state.pt"
+CHECKPOINTS = "checkpoints"
+Config = TypeVar("Config", bound=TrainingJobConfig)
 
 
 def checkpoints_root(config: TrainingJobConfig) -> Path:
     """Where the job's checkpoint directories are written."""
-    return config.output_dir / "checkpoints"
+    return config.output_dir / CHECKPOINTS
+
+
+def with_local_model(config: Config) -> Config:
+    """`config` with its `model_dir` on this node's disk: a model in object storage (e.g.
+    DPO from a checkpoint in S3) is downloaded once per node first."""
+    if not isinstance(config.model_dir, str):
+        return config
+    local = local_model_dir(config.model_dir, options=config.storage)
+    return config.model_copy(update={"model_dir": local})
 
 
 @dataclass(frozen=True)
@@ -77,6 +97,10 @@ class Checkpointer:
         if source is None:
             yield None
             return
+        if not is_local(source):  # in object storage: one download per node
+            directory = local_model_dir(source, options=self._config.storage)
+            yield Resume(source=source, directory=directory, state=_load_trainer_state(directory))
+            return
         with Checkpoint.from_directory(source).as_directory() as local:
             directory = Path(local)
             yield Resume(source=source, directory=directory, state=_load_trainer_state(directory))
@@ -108,6 +132,13 @@ class Checkpointer:
             progress = {"epochs_done": state.epochs_done, "step": state.step}
             torch.save(progress, directory / TRAINER_STATE)
         barrier()  # rank 0 reports only a complete directory
+        location = str(directory)
+        if self._config.output_uri is not None:
+            location = f"{self._config.output_uri}/{CHECKPOINTS}/{directory.name}"
+            if ray.train.get_context().get_local_rank() == 0:
+                storage = Storage(self._config.output_uri, options=self._config.storage)
+                storage.upload_dir(directory, location)
+            barrier()  # every node's part is stored before the row says it is there
         report = {**metrics, "epoch": state.epochs_done, "step": state.step}
         if self._reporter is None:
             ray.train.report(report)
@@ -117,7 +148,12 @@ class Checkpointer:
             checkpoint=Checkpoint.from_directory(str(directory)),
             checkpoint_dir_name=directory.name,
         )
-        self._reporter.checkpoint(iters=state.step, path=str(directory), metrics=metrics)
+        self._reporter.checkpoint(iters=state.step, path=location, metrics=metrics)
+        events = self._config.output_dir / TENSORBOARD_DIR
+        if self._config.output_uri is not None and events.is_dir():
+            # Rank 0's TensorBoard files (jobs/reporting.py), as far as they go now.
+            storage = Storage(self._config.output_uri, options=self._config.storage)
+            storage.upload_dir(events, f"{self._config.output_uri}/{TENSORBOARD_DIR}")
 
 
 def _load_trainer_state(directory: Path) -> TrainerState | None:

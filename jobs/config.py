@@ -18,10 +18,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from corral.api.post_training import AlgorithmConfig, DPOAlignmentConfig, OptimizerConfig
 from jobs.rows import preference_row_problem, sft_row_problem
+from serve_apps.model_cache import ModelLocation, StorageOptions
 
 ZeroStage = Literal[0, 1, 2, 3]
 TrainingDtype = Literal["float32", "bfloat16"]
@@ -42,8 +50,15 @@ class TrainingJobConfig(BaseModel):
 
     job_key: str
     database_url: str
-    model_dir: Path
+    # A local directory, or a storage URI (a checkpoint in object storage) that each node
+    # downloads once before loading it (jobs.checkpointer.with_local_model).
+    model_dir: ModelLocation
+    # Where the job writes, on each node's disk: the job's directory itself when storage
+    # is a directory every node sees; else scratch space whose checkpoints are then
+    # uploaded under `output_uri`, the job's directory in object storage (corral.storage).
     output_dir: Path
+    output_uri: str | None = None
+    storage: StorageOptions = StorageOptions()
     rows: list[dict[str, Any]]
     validation_rows: list[dict[str, Any]]
     optimizer: OptimizerConfig
@@ -62,6 +77,15 @@ class TrainingJobConfig(BaseModel):
     cpu_offload: bool = Field(default=False, description="DeepSpeed state in CPU memory.")
     activation_checkpointing: bool = False
     dtype: TrainingDtype = "float32"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without object storage a config dumps as configs stored before it did."""
+        data: dict[str, Any] = handler(self)
+        if self.output_uri is None:
+            data.pop("output_uri", None)
+            data.pop("storage", None)
+        return data
 
     @model_validator(mode="after")
     def _shared_settings_fit_together(self) -> Self:

@@ -58,7 +58,7 @@ from transformers import (
 from corral.api.post_training import DPOAlignmentConfig
 from corral.store.db import Database
 from jobs.attempts import run_attempt
-from jobs.checkpointer import Checkpointer, TrainerState
+from jobs.checkpointer import Checkpointer, TrainerState, with_local_model
 from jobs.config import DPOJobConfig
 from jobs.distributed import (
     TrainingEngine,
@@ -145,7 +145,7 @@ def main(config: DPOJobConfig) -> None:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: setup -> train -> cleanup."""
-    config: DPOJobConfig = loop_config["config"]
+    config: DPOJobConfig = with_local_model(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     database = Database(config.database_url) if rank == 0 else None
     reporter = JobReporter(database, config.job_key) if database is not None else None
@@ -227,7 +227,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- builders
 
 
-def load_model(directory: Path, dtype: torch.dtype) -> PreTrainedModel:
+def load_model(directory: Path | str, dtype: torch.dtype) -> PreTrainedModel:
     """A causal LM in `dtype`, whatever its checkpoint holds (transformers 5 would keep a
     bf16 checkpoint in bf16, and the optimizer must update float32 weights)."""
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(

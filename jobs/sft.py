@@ -51,7 +51,7 @@ from transformers import (
 
 from corral.store.db import Database
 from jobs.attempts import run_attempt
-from jobs.checkpointer import Checkpointer, TrainerState
+from jobs.checkpointer import Checkpointer, TrainerState, with_local_model
 from jobs.config import SFTJobConfig
 from jobs.distributed import (
     TrainingEngine,
@@ -95,7 +95,7 @@ def main(config: SFTJobConfig) -> None:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: setup -> train -> cleanup."""
-    config: SFTJobConfig = loop_config["config"]
+    config: SFTJobConfig = with_local_model(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     database = Database(config.database_url) if rank == 0 else None

@@ -37,6 +37,7 @@ from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.services.reconciler import PeriodicReconciler, Reconciler
+from corral.storage import Storage
 from corral.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def build_services(
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
     datasets = DatasetService(database=database, fetcher=fetcher)
+    storage = Storage.from_settings(settings)
     planner = (
         LaunchPlanner(
             datasets=datasets,
@@ -72,15 +74,18 @@ def build_services(
             defaults=TrainingDefaults.from_settings(settings),
             database_url=database.url,
             cluster_resources=cluster_resources,
+            storage=storage,
         )
         if models is not None and launcher is not None
         else None
     )
-    jobs = JobsService(database=database, launcher=launcher)
+    jobs = JobsService(database=database, launcher=launcher, storage=storage)
     return Services(
         datasets=datasets,
         jobs=jobs,
-        post_training=PostTrainingService(database=database, jobs=jobs, planner=planner),
+        post_training=PostTrainingService(
+            database=database, jobs=jobs, planner=planner, storage=storage
+        ),
         inference=InferenceService(router=router),
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         models=models,

@@ -22,6 +22,7 @@ from corral.services.fine_tuning import ClusterResources
 from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
+from corral.storage import Storage
 from corral.store.db import Database
 from corral.tenancy import tenant_dir
 from tests.api import response_validation
@@ -85,11 +86,13 @@ def training_app(
 ) -> FastAPI:
     """An app that can submit fine-tuning jobs: a real model registry (not started: no
     Serve needed to locate weights) with `model_dir` as `llama3_8b`, and `launcher`."""
+    storage = Storage.from_settings(settings)
     registry = build_model_service(
         database=database,
-        deployer=ServeDeployer(),
+        deployer=ServeDeployer(storage=storage.options, model_cache_dir=settings.model_cache_dir),
         file_models=[ModelSpec(name="demo", aliases=["llama3_8b"], checkpoint_dir=model_dir)],
         model_roots=model_roots(settings),
+        storage=storage,
     )
     return create_app(
         settings,

@@ -76,6 +76,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.services.models import TenantQuota, build_model_service
     from corral.serving.catalog import ModelsFileError, load_catalog, model_roots
     from corral.serving.deployer import ModelDeployError, ServeDeployer
+    from corral.storage import Storage
     from corral.store import migrate
     from corral.store.db import Database
 
@@ -101,11 +102,13 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     # No Serve HTTP proxy: the API reaches every model through Serve handles.
     serve.start(proxy_location="Disabled")
     database = Database(settings.resolved_database_url)
+    storage = Storage.from_settings(settings)
     models = build_model_service(
         database=database,
-        deployer=ServeDeployer(),
+        deployer=ServeDeployer(storage=storage.options, model_cache_dir=settings.model_cache_dir),
         file_models=catalog.models,
         model_roots=model_roots(settings),
+        storage=storage,
         quota=TenantQuota.from_settings(settings),
     )
     if catalog.demo_model_dir is not None:  # the embedded default serves the demo model

@@ -23,11 +23,12 @@ the server's `CORRAL_TRAIN_ZERO_STAGE` (unset: plain DDP); `enable_activation_ch
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -41,10 +42,12 @@ from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.resolver import ResolvedModel
-from corral.tenancy import job_checkpoint_dir, job_key
+from corral.storage import Storage
+from corral.tenancy import job_key
 from jobs.config import DPOJobConfig, SFTJobConfig, TrainingJobConfig
 from jobs.logger_config import LoggerConfig
 from jobs.rows import PREFERENCE_COLUMNS, SFT_COLUMNS
+from serve_apps.model_cache import local_path
 
 
 class ModelLocator(Protocol):
@@ -52,7 +55,9 @@ class ModelLocator(Protocol):
 
     def resolve(self, *, tenant: str, model: str, fresh: bool = False) -> ResolvedModel: ...
 
-    def checked_dir(self, value: str, field: str, required_file: str, *, tenant: str) -> Path: ...
+    def checked_location(
+        self, value: str, field: str, required_file: str, *, tenant: str
+    ) -> Path | str: ...
 
 
 @dataclass(frozen=True)
@@ -105,12 +110,16 @@ class LaunchPlanner:
         defaults: TrainingDefaults,
         database_url: str,
         cluster_resources: ClusterResources | None = None,
+        storage: Storage | None = None,
     ) -> None:
+        """`storage`: where jobs write (corral.storage); by default the checkpoints
+        directory of `defaults`."""
         self._datasets = datasets
         self._models = models
         self._defaults = defaults
         self._database_url = database_url
         self._cluster_resources = cluster_resources
+        self._storage = storage or Storage(str(defaults.checkpoints_dir))
 
     def plan_sft(self, *, tenant: str, request: PostTrainingSFTRequest) -> dict[str, Any]:
         _reject_unsupported(request.hyperparam_search_config, request.logger_config)
@@ -184,7 +193,7 @@ class LaunchPlanner:
         under its tenant's own checkpoints directory, in a folder named by its uuid."""
         launch: dict[str, Any] = {
             "job_key": job_key(tenant, job_uuid),
-            "output_dir": str(job_checkpoint_dir(self._defaults.checkpoints_dir, tenant, job_uuid)),
+            **self._output(tenant, job_uuid),
             "rows": rows,
             "validation_rows": validation_rows,
             "n_epochs": training.n_epochs,
@@ -237,16 +246,30 @@ class LaunchPlanner:
             for row in rows
         ]
 
-    def _model_dir_from_url(self, tenant: str, url: str) -> Path:
+    def _output(self, tenant: str, job_uuid: str) -> dict[str, Any]:
+        """Where the job writes: its directory in storage (`ROOT/TENANT-SLUG/UUID`). On a
+        directory every node sees, that is its `output_dir`; in object storage it is its
+        `output_uri`, and `output_dir` is scratch space on each node (jobs/checkpointer.py)."""
+        uri = self._storage.job_uri(tenant, job_uuid)
+        if self._storage.is_local:
+            return {"output_dir": str(local_path(uri))}
+        key = job_key(tenant, job_uuid)
+        return {
+            "output_dir": str(Path(tempfile.gettempdir()) / "corral-jobs" / key),
+            "output_uri": uri,
+            "storage": self._storage.options.model_dump(mode="json"),
+        }
+
+    def _model_dir_from_url(self, tenant: str, url: str) -> Path | str:
+        """DPO's start: a checkpoint directory as `/post_training/job/artifacts` gives it,
+        a `file://` URL or (object storage) an `https://` one."""
         parts = urlsplit(url)
-        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+        if parts.scheme not in ("file", "https", "http"):
             raise InvalidRequest(
-                "finetuned_model must be a file:// URL of a checkpoint directory on the "
-                "server (e.g. a path from /post_training/job/artifacts)"
+                "finetuned_model must be the URL of a checkpoint directory, as "
+                "/post_training/job/artifacts gives it (file:// or https://)"
             )
-        return self._models.checked_dir(
-            unquote(parts.path), "finetuned_model", "config.json", tenant=tenant
-        )
+        return self._models.checked_location(url, "finetuned_model", "config.json", tenant=tenant)
 
 
 def _distribution(training: TrainingConfig, default_stage: int | None) -> dict[str, Any]:

@@ -16,10 +16,11 @@ from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobProgress
 from corral.errors import BackendUnavailable, CapabilityUnavailable, Conflict
 from corral.ray_jobs import JobLauncher
 from corral.services.ids import check_id
+from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore, Progress
 from corral.store.tables import Job
-from jobs.logger_config import tensorboard_dir
+from jobs.logger_config import TENSORBOARD_DIR, tensorboard_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,19 @@ Kinds = Sequence[JobKind]
 
 
 class JobsService:
-    def __init__(self, *, database: Database, launcher: JobLauncher | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        database: Database,
+        launcher: JobLauncher | None = None,
+        storage: Storage | None = None,
+    ) -> None:
         """Without a launcher (no Ray connection) jobs can be read but not submitted, and
-        a cancellation is recorded for the reconciler to carry out."""
+        a cancellation is recorded for the reconciler to carry out. `storage` gives the
+        URLs of jobs' files in object storage."""
         self._db = database
         self._launcher = launcher
+        self._storage = storage
 
     def submit(
         self,
@@ -88,7 +97,7 @@ class JobsService:
             )
             page = jobs[:limit]
             counts = store.checkpoint_counts([job.key for job in page])
-            summaries = [_summary(job, counts.get(job.key, 0)) for job in page]
+            summaries = [_summary(job, counts.get(job.key, 0), self._storage) for job in page]
         return JobList(data=summaries, next_offset=offset + limit if len(jobs) > limit else None)
 
     def get(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobSummary:
@@ -96,7 +105,9 @@ class JobsService:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=kinds)
             counts = store.checkpoint_counts([job.key])
-            return _summary(job, counts.get(job.key, 0), progress=store.progress(job))
+            return _summary(
+                job, counts.get(job.key, 0), self._storage, progress=store.progress(job)
+            )
 
     def logs(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobLogs:
         with self._db.transaction() as session:
@@ -162,8 +173,9 @@ class JobsService:
         return self.get(tenant=tenant, job_uuid=job_uuid, kinds=kinds)
 
 
-def _summary(job: Job, checkpoints: int, *, progress: Progress | None = None) -> JobSummary:
-    tensorboard = tensorboard_dir(job)
+def _summary(
+    job: Job, checkpoints: int, storage: Storage | None, *, progress: Progress | None = None
+) -> JobSummary:
     return JobSummary.model_validate(
         {
             "job_uuid": job.uuid,
@@ -183,6 +195,18 @@ def _summary(job: Job, checkpoints: int, *, progress: Progress | None = None) ->
                 if progress is not None
                 else None
             ),
-            "tensorboard_url": tensorboard.resolve().as_uri() if tensorboard else None,
+            "tensorboard_url": _tensorboard_url(job, storage),
         }
     )
+
+
+def _tensorboard_url(job: Job, storage: Storage | None) -> str | None:
+    """Where the job's TensorBoard files are, if it writes any: beside its checkpoints,
+    in object storage when the job has a URI there (jobs/checkpointer.py uploads them)."""
+    directory = tensorboard_dir(job)
+    if directory is None:
+        return None
+    uri = (job.launch or {}).get("output_uri")
+    if isinstance(uri, str) and storage is not None:
+        return storage.directory_url(f"{uri}/{TENSORBOARD_DIR}")
+    return directory.resolve().as_uri()

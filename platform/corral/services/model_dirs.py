@@ -4,6 +4,9 @@ checkpoints and adapters, and for DPO's starting checkpoint (`finetuned_model`).
 A directory is admitted under a shared model root (operator-provided models every tenant
 may use), as one of the models file's own directories, or inside the tenant's own part of
 the checkpoints directory (`corral.tenancy.job_checkpoint_dir`), never another tenant's.
+With artifacts in object storage (corral.storage), a storage URI, or the URL of one that
+`/post_training/job/artifacts` gave, is admitted inside the tenant's own part of storage,
+judged on the URI.
 """
 
 from __future__ import annotations
@@ -14,14 +17,24 @@ from pathlib import Path
 
 from corral.errors import InvalidRequest
 from corral.serving.catalog import ModelRoots, ModelSpec
+from corral.storage import Storage
 from corral.tenancy import tenant_dir
+from serve_apps.model_cache import is_local, local_path
 
 
 class ModelDirs:
-    def __init__(self, *, roots: ModelRoots, file_models: Iterable[ModelSpec] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        roots: ModelRoots,
+        file_models: Iterable[ModelSpec] = (),
+        storage: Storage | None = None,
+    ) -> None:
         """A shared root may not overlap the tenant-partitioned checkpoints directory, or
-        one tenant's checkpoints would be everyone's."""
+        one tenant's checkpoints would be everyone's. `storage`: the artifacts' storage,
+        when it is object storage (a local one is `roots.checkpoints`)."""
         file_models = list(file_models)
+        self._storage = storage if storage is not None and not storage.is_local else None
         self._shared_roots = _both_forms(roots.shared)
         self._checkpoints = roots.checkpoints
         if self._checkpoints is not None:
@@ -33,9 +46,33 @@ class ModelDirs:
                         f"{checkpoints}, which is partitioned by tenant"
                     )
         self._shared_dirs = _both_forms(
-            [spec.checkpoint_dir for spec in file_models]
-            + [spec.adapter_dir for spec in file_models if spec.adapter_dir is not None]
+            location
+            for spec in file_models
+            for location in (spec.checkpoint_dir, spec.adapter_dir)
+            if isinstance(location, Path)
         )
+
+    def checked_location(
+        self, value: str, field: str, required_file: str, *, tenant: str
+    ) -> Path | str:
+        """`checked_dir` for a path or `file://` URL, whose `required_file` must also be a
+        readable JSON object (`readable_config`); with object storage, a storage URI or
+        an `http(s)://` URL of one is checked there (`Storage.checked_model_uri`) and
+        comes back as the storage URI. InvalidRequest for anything else."""
+        if is_local(value):
+            try:
+                path = str(local_path(value))
+            except ValueError as exc:
+                raise InvalidRequest(f"{field}: {exc}") from None
+            directory = self.checked_dir(path, field, required_file, tenant=tenant)
+            readable_config(directory / required_file, field)
+            return directory
+        if self._storage is None:
+            raise InvalidRequest(
+                f"{field} must be a directory on the server: this server keeps no "
+                "artifacts in object storage"
+            )
+        return self._storage.checked_model_uri(value, field, required_file, tenant=tenant)
 
     def checked_dir(self, value: str, field: str, required_file: str, *, tenant: str) -> Path:
         """An absolute directory that holds `required_file` and that `tenant` may use:

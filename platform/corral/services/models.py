@@ -41,11 +41,12 @@ from sqlalchemy.orm import Session
 from corral.api.models import ModelInfo, RegisterModelRequest
 from corral.config import Settings
 from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
-from corral.services.model_dirs import ModelDirs, readable_config
+from corral.services.model_dirs import ModelDirs
 from corral.serving.catalog import ModelRoots, ModelSpec, ServedName, file_app_name
 from corral.serving.deployer import AppState, EngineFactory, ModelDeployError, ServeDeployer
 from corral.serving.kinds import NotServable, check_servable
 from corral.serving.resolver import ModelResolver, ResolvedModel, resolved_registered
+from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.models import RegisteredModel, ServedModelStore
@@ -142,7 +143,10 @@ class ModelService:
             with self._db.transaction() as session:
                 specs = self._file_specs(session)
             for spec in specs.values():
-                if not (spec.checkpoint_dir / "config.json").is_file():
+                if (
+                    isinstance(spec.checkpoint_dir, Path)
+                    and not (spec.checkpoint_dir / "config.json").is_file()
+                ):
                     raise ModelDeployError(
                         f"model {spec.name!r}: no checkpoint (config.json) in {spec.checkpoint_dir}"
                     )
@@ -198,6 +202,12 @@ class ModelService:
         """See `ModelDirs.checked_dir`."""
         return self._dirs.checked_dir(value, field, required_file, tenant=tenant)
 
+    def checked_location(
+        self, value: str, field: str, required_file: str, *, tenant: str
+    ) -> Path | str:
+        """See `ModelDirs.checked_location`."""
+        return self._dirs.checked_location(value, field, required_file, tenant=tenant)
+
     # ------------------------------------------------------------------ changes
 
     def register(self, *, tenant: str, request: RegisterModelRequest) -> ModelInfo:
@@ -207,21 +217,18 @@ class ModelService:
             check_servable(request.kind, request.engine)
         except NotServable as exc:
             raise InvalidRequest(str(exc)) from None
-        checkpoint_dir = self.checked_dir(
+        # What can be told before deploying is the client's fault (422); a deploy that
+        # fails after this is the server's condition (ModelDeployError, 503).
+        checkpoint_dir = self.checked_location(
             request.checkpoint_dir, "checkpoint_dir", "config.json", tenant=tenant
         )
         adapter_dir = (
-            self.checked_dir(
+            self.checked_location(
                 request.adapter_dir, "adapter_dir", "adapter_config.json", tenant=tenant
             )
             if request.adapter_dir is not None
             else None
         )
-        # What can be told before deploying is the client's fault (422); a deploy that
-        # fails after this is the server's condition (ModelDeployError, 503).
-        readable_config(checkpoint_dir / "config.json", "checkpoint_dir")
-        if adapter_dir is not None:
-            readable_config(adapter_dir / "adapter_config.json", "adapter_dir")
         wanted = RegisteredModel(
             tenant=tenant,
             name=request.name,
@@ -455,18 +462,19 @@ def build_model_service(
     deployer: ServeDeployer,
     file_models: Iterable[ModelSpec],
     model_roots: ModelRoots,
+    storage: Storage | None = None,
     quota: TenantQuota | None = None,
     engine_factory: EngineFactory | None = None,
     registration_defaults: ReplicaOptions | None = None,
 ) -> ModelService:
     """A ModelService with its resolver and directory sandbox built from the file models
-    and the model roots."""
+    and the model roots (and the artifacts' `storage`, when it is object storage)."""
     file_models = builtins.list(file_models)
     return ModelService(
         database=database,
         deployer=deployer,
         resolver=ModelResolver(database=database, deployer=deployer, file_models=file_models),
-        dirs=ModelDirs(roots=model_roots, file_models=file_models),
+        dirs=ModelDirs(roots=model_roots, file_models=file_models, storage=storage),
         quota=quota,
         engine_factory=engine_factory,
         registration_defaults=registration_defaults,

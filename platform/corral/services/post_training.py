@@ -14,23 +14,33 @@ from corral.api.post_training import (
     PostTrainingRLHFRequest,
     PostTrainingSFTRequest,
 )
-from corral.errors import CapabilityUnavailable
+from corral.errors import BackendUnavailable, CapabilityUnavailable
 from corral.services.fine_tuning import LaunchPlanner
 from corral.services.jobs import JobsService
+from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import TRAINING_KINDS, JobKind, JobStatus, JobStore
 from corral.store.tables import Checkpoint
+from serve_apps.model_cache import is_local
 
 
-def checkpoint_url(path: str) -> str:
-    """Checkpoint paths are stored as written by the job; the spec wants a URL."""
+def checkpoint_url(path: str, storage: Storage | None = None) -> str:
+    """Checkpoint paths are stored as written by the job; the spec wants a URL: a
+    `file://` one for a directory, the client-facing URL of `storage` for a storage URI
+    (a presigned `https://` listing for S3)."""
     if path.startswith(("file://", "https://", "http://")):
         return path
+    if not is_local(path):
+        if storage is None:
+            raise BackendUnavailable(f"checkpoint {path[:300]!r} is in storage this server lacks")
+        return storage.directory_url(path)
     return Path(path).resolve().as_uri()
 
 
-def _checkpoint_refs(checkpoints: list[Checkpoint]) -> list[dict[str, object]]:
-    return [{"iters": c.iters, "path": checkpoint_url(c.path)} for c in checkpoints]
+def _checkpoint_refs(
+    checkpoints: list[Checkpoint], storage: Storage | None
+) -> list[dict[str, object]]:
+    return [{"iters": c.iters, "path": checkpoint_url(c.path, storage)} for c in checkpoints]
 
 
 class PostTrainingService:
@@ -40,11 +50,14 @@ class PostTrainingService:
         database: Database,
         jobs: JobsService,
         planner: LaunchPlanner | None = None,
+        storage: Storage | None = None,
     ) -> None:
-        """Without a planner (no Ray connection) jobs can be read but not submitted."""
+        """Without a planner (no Ray connection) jobs can be read but not submitted.
+        `storage` gives the URLs of checkpoints in object storage."""
         self._db = database
         self._jobs = jobs
         self._planner = planner
+        self._storage = storage
 
     # ------------------------------------------------------------------ submission
 
@@ -83,7 +96,7 @@ class PostTrainingService:
                 "job_uuid": job.uuid,
                 "status": JobStatus(job.status).spec_value,
                 "scheduled_at": job.scheduled_at,
-                "checkpoints": _checkpoint_refs(store.checkpoints(job.key)),
+                "checkpoints": _checkpoint_refs(store.checkpoints(job.key), self._storage),
             }
             if job.started_at is not None:
                 body["started_at"] = job.started_at
@@ -102,5 +115,8 @@ class PostTrainingService:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=TRAINING_KINDS)
             return PostTrainingJobArtifactsResponse.model_validate(
-                {"job_uuid": job.uuid, "checkpoints": _checkpoint_refs(store.checkpoints(job.key))}
+                {
+                    "job_uuid": job.uuid,
+                    "checkpoints": _checkpoint_refs(store.checkpoints(job.key), self._storage),
+                }
             )

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from corral.config import Settings
 from corral.serving.kinds import NotServable, check_servable
 from corral.tenancy import tenant_slug
+from serve_apps.model_cache import ModelLocation, is_local, local_path
 from serve_apps.options import MODEL_NAME_PATTERN, ModelKind, ReplicaOptions
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
@@ -40,9 +41,10 @@ class ModelSpec(ReplicaOptions):
     name: ModelName
     kind: ModelKind = "llm"
     aliases: list[ModelName] = Field(default_factory=list)
-    checkpoint_dir: Path
+    # A local directory or a storage URI (a checkpoint in object storage).
+    checkpoint_dir: ModelLocation
     # A LoRA adapter served over `checkpoint_dir`, its base model.
-    adapter_dir: Path | None = None
+    adapter_dir: ModelLocation | None = None
 
     @model_validator(mode="after")
     def _check_aliases(self) -> ModelSpec:
@@ -203,12 +205,17 @@ class ModelRoots:
 
 
 def model_roots(settings: Settings) -> ModelRoots:
-    """The model roots of this server: `CORRAL_HOME/models` shared, checkpoints per tenant."""
-    return ModelRoots(shared=(settings.home / "models",), checkpoints=settings.checkpoints_dir)
+    """The model roots of this server: `CORRAL_HOME/models` shared, checkpoints per tenant
+    (the storage root when that is a directory: `CORRAL_STORAGE_URI`)."""
+    storage = settings.resolved_storage_uri
+    checkpoints = local_path(storage) if is_local(storage) else settings.checkpoints_dir
+    return ModelRoots(shared=(settings.home / "models",), checkpoints=checkpoints)
 
 
-def _relative_to(models_file: Path, directory: Path) -> Path:
-    return directory if directory.is_absolute() else models_file.parent / directory
+def _relative_to(models_file: Path, directory: Path | str) -> Path | str:
+    if isinstance(directory, str) or directory.is_absolute():  # a storage URI stays as is
+        return directory
+    return models_file.parent / directory
 
 
 def _problems(exc: ValidationError) -> str:

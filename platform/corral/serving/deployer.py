@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -35,6 +36,7 @@ import corral
 from corral.errors import BackendUnavailable, Overloaded
 from corral.serving.catalog import ModelSpec
 from corral.serving.kinds import check_servable
+from serve_apps.model_cache import StorageOptions
 
 # An engine factory injected into every app (tests: a scripted engine), in place of the
 # engine each app's config names. Its signature is the app kind's own.
@@ -104,9 +106,15 @@ class ServeDeployer:
         *,
         engine_factory: EngineFactory | None = None,
         deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
+        storage: StorageOptions | None = None,
+        model_cache_dir: Path | None = None,
     ) -> None:
+        """`storage` and `model_cache_dir`: how replicas reach a model in object storage
+        and where on their node they keep it (serve_apps.model_cache)."""
         self._engine_factory = engine_factory
         self._deploy_timeout_s = deploy_timeout_s
+        self._storage = storage or StorageOptions()
+        self._model_cache_dir = model_cache_dir
         self._handles: dict[str, DeploymentHandle[Any]] = {}
         self._handles_lock = threading.Lock()
         self._statuses: dict[str, AppState] = {}
@@ -126,6 +134,10 @@ class ServeDeployer:
         factory = engine_factory or self._engine_factory
         build_app = check_servable(spec.kind, spec.engine).build_app
         config = spec.app_config(app_name=app_name)
+        if isinstance(spec.checkpoint_dir, str) or isinstance(spec.adapter_dir, str):
+            # Only then: a local model's config (and so its code version) stays as it was.
+            config["storage"] = self._storage.model_dump()
+            config["model_cache_dir"] = self._model_cache_dir
         app = _with_code_version(
             build_app(config, engine_factory=factory), config, spec.kind, factory
         )

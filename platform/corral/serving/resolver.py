@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -48,8 +47,9 @@ def spec_of(model: RegisteredModel) -> ModelSpec:
         {
             "name": model.name,
             "kind": model.kind,
-            "checkpoint_dir": Path(model.checkpoint_dir),
-            "adapter_dir": Path(model.adapter_dir) if model.adapter_dir is not None else None,
+            # ModelLocation reads a stored path back as a Path and a storage URI as it is.
+            "checkpoint_dir": model.checkpoint_dir,
+            "adapter_dir": model.adapter_dir,
             **model.options.option_values(),
         }
     )

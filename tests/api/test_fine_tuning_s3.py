@@ -1,10 +1,10 @@
 """Artifacts in object storage end to end, on a real S3 protocol server (moto, loopback):
 a one-step `full` SFT job runs on Ray Train with `CORRAL_STORAGE_URI=s3://…`, so its
 checkpoint, its TensorBoard files and Ray Train's run state land in the bucket; the
-artifacts route gives a
-presigned URL a client fetches without credentials; the checkpoint, registered by that
-URL, is served by a replica that downloads it from S3 and answers with its weights; and
-DPO accepts the same URL (mapped back to the stored URI), for its tenant only."""
+artifacts route gives a presigned URL a client fetches without credentials; the
+checkpoint, registered by that URL, is served by a replica that downloads it from S3 and
+answers with its weights; and DPO accepts the same URL (mapped back to the stored URI),
+for its tenant only."""
 
 from __future__ import annotations
 

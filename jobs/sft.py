@@ -154,7 +154,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if reporter is not None:
             reporter.log(f"epoch {epoch + 1} validation loss {validation_loss:.4f}")
         metrics = {"loss": loss, "validation_loss": validation_loss}
-        checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
+        progress = TrainerState(epochs_done=epoch + 1, step=step)
+        checkpointer.save(engine, tokenizer, progress, metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:

@@ -215,7 +215,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if reporter is not None:
                 reporter.log(f"epoch {epoch + 1} validation {validation.describe()}")
                 reporter.metrics(step=step, epoch=epoch + 1, **validation.figures("validation_"))
-        checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
+        progress = TrainerState(epochs_done=epoch + 1, step=step)
+        checkpointer.save(engine, tokenizer, progress, metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:

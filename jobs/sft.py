@@ -163,7 +163,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             reporter.log(f"epoch {epoch + 1} validation loss {validation_loss:.4f}")
             reporter.metrics(step=step, epoch=epoch + 1, validation_loss=validation_loss)
         metrics = {"loss": loss, "validation_loss": validation_loss}
-        checkpointer.save(engine, tokenizer, TrainerState(epoch + 1, step), metrics=metrics)
+        progress = TrainerState(epochs_done=epoch + 1, step=step)
+        checkpointer.save(engine, tokenizer, progress, metrics=metrics)
 
     # cleanup
     if reporter is not None and database is not None:

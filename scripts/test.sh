@@ -10,4 +10,5 @@ bash scripts/setup.sh
 ruff check .
 ruff format --check .
 mypy
-python -m pytest "$@"
+# The slowest tests are listed at the end, so a test that grows slow is seen in CI.
+python -m pytest --durations=25 "$@"

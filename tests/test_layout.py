@@ -52,3 +52,16 @@ def test_serving_and_serve_apps_never_import_the_api_layer() -> None:
             if folder.name == "serve_apps":
                 upward = {n for n in _imports(path) if n.startswith("corral")}
             assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}"
+
+
+def test_routes_stay_http_and_services_never_import_routes() -> None:
+    """Routes parse, call a service and shape the answer: no SQL session, table or Ray
+    call of their own (the stores' enums, e.g. JobStatus, are plain values and fine).
+    Services sit below the routes."""
+    below_routes = ("sqlalchemy", "ray", "corral.store.db", "corral.store.tables", "corral.serving")
+    for path in (ROOT / "platform" / "corral" / "routes").rglob("*.py"):
+        reached = {n for n in _imports(path) if n.startswith(below_routes)}
+        assert not reached, f"{path.relative_to(ROOT)} imports {sorted(reached)}"
+    for path in (ROOT / "platform" / "corral" / "services").rglob("*.py"):
+        upward = {n for n in _imports(path) if n.startswith("corral.routes")}
+        assert not upward, f"{path.relative_to(ROOT)} imports {sorted(upward)}"

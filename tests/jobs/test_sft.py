@@ -123,7 +123,7 @@ def test_lora_sft_learns_and_reports(
         job = store.get("sft-lora", tenant=TENANT)
         lines = [line.line for line in store.log_lines(_key("sft-lora"))]
         checkpoints = [(c.iters, c.path, c.metrics) for c in store.checkpoints(_key("sft-lora"))]
-        metrics = [(m.step, m.epoch, m.values) for m in store.metrics(_key("sft-lora"))]
+        per_step = [(m.step, m.epoch, m.values) for m in store.metrics(_key("sft-lora"))]
         progress = store.progress(job)
     assert job.status == JobStatus.COMPLETED, lines
     assert job.started_at is not None and job.completed_at is not None
@@ -144,15 +144,15 @@ def test_lora_sft_learns_and_reports(
 
     # The same figures as data: a row per step (0: the baseline validation), the epoch's
     # validation loss on its last step, the planned total on the job.
-    assert [(step, epoch) for step, epoch, _ in metrics] == [(0, 0)] + [
+    assert [(step, epoch) for step, epoch, _ in per_step] == [(0, 0)] + [
         (step, (step - 1) // 4 + 1) for step in range(1, 13)
     ]
-    assert metrics[0][2] == {"validation_loss": pytest.approx(losses[0], abs=1e-4)}
-    assert set(metrics[1][2]) == {"loss", "learning_rate", "tokens_per_second"}
-    assert metrics[1][2]["learning_rate"] == pytest.approx(3e-3)
-    assert [s for s, _, values in metrics if "validation_loss" in values] == [0, 4, 8, 12]
-    assert metrics[-1][2]["validation_loss"] == pytest.approx(losses[-1], abs=1e-4)
-    assert metrics[-1][2]["loss"] == pytest.approx(checkpoints[-1][2]["loss"])
+    assert per_step[0][2] == {"validation_loss": pytest.approx(losses[0], abs=1e-4)}
+    assert set(per_step[1][2]) == {"loss", "learning_rate", "tokens_per_second"}
+    assert per_step[1][2]["learning_rate"] == pytest.approx(3e-3)
+    assert [s for s, _, values in per_step if "validation_loss" in values] == [0, 4, 8, 12]
+    assert per_step[-1][2]["validation_loss"] == pytest.approx(losses[-1], abs=1e-4)
+    assert per_step[-1][2]["loss"] == pytest.approx(checkpoints[-1][2]["loss"])
     assert progress is not None and (progress.step, progress.total_steps) == (12, 12)
     # ... and as TensorBoard event files beside the checkpoints (`logger_config`).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -160,7 +160,7 @@ def test_lora_sft_learns_and_reports(
     events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
-    assert logged == [(s, pytest.approx(v["loss"])) for s, _, v in metrics[1:]]
+    assert logged == [(s, pytest.approx(v["loss"])) for s, _, v in per_step[1:]]
     assert [e.step for e in events.Scalars("validation_loss")] == [0, 4, 8, 12]
 
     from peft import PeftModel

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pyarrow.fs as pafs
@@ -40,8 +40,21 @@ from corral.errors import BackendUnavailable, InvalidRequest
 from corral.tenancy import job_relative_dir, tenant_slug
 from serve_apps.model_cache import StorageOptions, is_local, local_path, s3_filesystem
 
-if TYPE_CHECKING:
-    from corral.config import Settings
+
+class StorageSettings(Protocol):
+    """The settings a Storage is made from (`corral.config.Settings` has them; named here
+    as a protocol so that this module, which the settings use to check the URI, does not
+    import them back)."""
+
+    @property
+    def resolved_storage_uri(self) -> str: ...
+    @property
+    def storage_s3_endpoint(self) -> str | None: ...
+    @property
+    def storage_s3_region(self) -> str | None: ...
+    @property
+    def storage_url_expiry_s(self) -> int: ...
+
 
 # Schemes with a client-facing URL (see the module docstring).
 SCHEMES = ("file", "s3", "gs")
@@ -144,7 +157,7 @@ class Storage:
         self._expiry_s = url_expiry_s
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Storage:
+    def from_settings(cls, settings: StorageSettings) -> Storage:
         return cls(
             settings.resolved_storage_uri,
             options=StorageOptions(

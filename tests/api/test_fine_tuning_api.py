@@ -574,6 +574,11 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     assert any("] 2/4 steps" in line for line in lines)  # it showed the job under way
 
     assert "step 4 loss 0.7500" in corral("logs", "cli-1")
+    # The per-step records, from the real metrics route.
+    rows = [line.split() for line in corral("metrics", "cli-1").splitlines()]
+    assert rows == [["STEP", "EPOCH", "LOSS"], ["1", "1", "3"], *rows[2:]]
+    assert [row[0] for row in rows[1:]] == ["1", "2", "3", "4"]
+    assert rows[-1] == ["4", "1", "0.75"]
     assert corral("artifacts", "cli-1").split() == ["4", "file:///srv/checkpoints/cli-1/iter-4"]
 
     request_file.write_text(json.dumps(sft_request | {"job_uuid": "cli-3"}))

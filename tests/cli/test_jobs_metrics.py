@@ -1,7 +1,7 @@
 """`corral jobs metrics JOB` against a server stand-in (httpx's MockTransport) that
 answers `GET /post_training/job/metrics` in the route's shape, a page at a time: the
-table, `--json`, and a job the server does not know. (Against the real route: after it
-lands, in the jobs API tests.)"""
+table, `--json`, and a job the server does not know. (Against the real route, through
+the whole jobs CLI: tests/api/test_fine_tuning_api.py.)"""
 
 from __future__ import annotations
 

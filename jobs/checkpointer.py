@@ -133,10 +133,14 @@ class Checkpointer:
             torch.save(progress, directory / TRAINER_STATE)
         barrier()  # rank 0 reports only a complete directory
         location = str(directory)
-        if self._config.output_uri is not None:
+        storage = (
+            Storage(self._config.output_uri, options=self._config.storage)
+            if self._config.output_uri is not None
+            else None
+        )
+        if storage is not None:
             location = f"{self._config.output_uri}/{CHECKPOINTS}/{directory.name}"
             if ray.train.get_context().get_local_rank() == 0:
-                storage = Storage(self._config.output_uri, options=self._config.storage)
                 storage.upload_dir(directory, location)
             barrier()  # every node's part is stored before the row says it is there
         report = {**metrics, "epoch": state.epochs_done, "step": state.step}
@@ -150,9 +154,8 @@ class Checkpointer:
         )
         self._reporter.checkpoint(iters=state.step, path=location, metrics=metrics)
         events = self._config.output_dir / TENSORBOARD_DIR
-        if self._config.output_uri is not None and events.is_dir():
+        if storage is not None and events.is_dir():
             # Rank 0's TensorBoard files (jobs/reporting.py), as far as they go now.
-            storage = Storage(self._config.output_uri, options=self._config.storage)
             storage.upload_dir(events, f"{self._config.output_uri}/{TENSORBOARD_DIR}")
 
 

@@ -87,3 +87,39 @@ class GenerationEngine(Protocol):
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a TokenDelta per generated token, then exactly one GenerationResult."""
         ...
+
+
+# --- reward scoring ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message as a chat template takes it: a role (system, user, assistant, tool)
+    and its text."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    """One conversation to judge: the dialog's messages, the last of them the generation
+    being scored (an assistant message). The engine renders them with its model's chat
+    template, as `AutoModelForSequenceClassification` would be fed in-process."""
+
+    messages: tuple[ChatMessage, ...]
+
+
+@runtime_checkable
+class ScoringEngine(Protocol):
+    """Scores conversations with a reward model: one float each, higher is better. Like a
+    generation engine, not thread-safe: a replica calls it from one batch at a time."""
+
+    def check(self, request: ScoringRequest) -> None:
+        """Raise EngineRequestError if `request` can never be scored (no messages, a
+        role the template refuses, longer than the model's context)."""
+        ...
+
+    def score(self, requests: Sequence[ScoringRequest]) -> list[float]:
+        """Score a batch together; scores in request order."""
+        ...

@@ -27,9 +27,12 @@ index in the request), so a run's output does not depend on how it was batched.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from serve_apps.model_cache import StorageOptions
 
 FilteringFunction = Literal["none", "random", "top_k", "top_p", "top_k_top_p", "sigmoid"]
 DEFAULT_GENERATION_MODEL = "llama3_8b_chat"
@@ -114,3 +117,37 @@ class PromptInput(_Settings):
     index: int = Field(ge=0)
     generation_prompt: str = Field(min_length=1)
     messages: tuple[PromptTurn, ...] = Field(min_length=1)
+
+
+DatasetFormat = Literal["sft", "dpo"]
+
+
+class DatasetOutput(_Settings):
+    """The dataset a generation job writes and registers for its tenant.
+
+    `sft`: one row per prompt with any kept candidate, column `dialog` (the prompt's
+    messages, then the best kept candidate as the assistant's reply). `dpo`: columns
+    `prompt`, `chosen` (the best kept candidate) and `rejected` (the lowest-scored
+    candidate of that prompt); a prompt whose chosen score does not exceed the rejected
+    one by more than `min_margin` gives no row (ties never do)."""
+
+    format: DatasetFormat = "dpo"
+    # None: the job's uuid.
+    dataset_id: str | None = Field(default=None, min_length=1, max_length=200)
+    min_margin: float = Field(default=0.0, ge=0.0, le=1e9)
+
+
+class SyntheticDataJobConfig(_Settings):
+    """A generation job's launch config (stored in its row; `jobs/sdg/job.py` runs it).
+    `job_key` and `database_url` are added by `jobs.launch` as for every recipe."""
+
+    job_key: str
+    database_url: str
+    pipeline: PipelineConfig
+    prompts: tuple[PromptInput, ...] = Field(min_length=1)
+    output: DatasetOutput = DatasetOutput()
+    # The job's own directory: its batches' output (what a resumed attempt skips) and the
+    # dataset; in object storage under `output_uri` when storage is not a directory.
+    output_dir: Path
+    output_uri: str | None = None
+    storage: StorageOptions = StorageOptions()

@@ -22,7 +22,7 @@ from ray.serve import Application
 from serve_apps.deployment import BatchStats, deployment_options, size_batch_queue
 from serve_apps.engines.protocol import ScoringEngine, ScoringRequest
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
-from serve_apps.options import EngineName, ReplicaOptions
+from serve_apps.options import EngineName, ReplicaOptions, ScoreWeights
 
 DEPLOYMENT_NAME = "RewardServer"
 
@@ -39,7 +39,7 @@ class RewardAppConfig(ReplicaOptions):
     model_cache_dir: Path | None = None
     # A head with several labels (config.id2label): the score is the sum of weight x
     # logit over these labels. None: the head must have exactly one label, its logit.
-    score_weights: dict[str, float] | None = None
+    score_weights: ScoreWeights | None = None
 
 
 EngineFactory = Callable[[RewardAppConfig], ScoringEngine]
@@ -113,7 +113,5 @@ def build_app(args: dict[str, Any], *, engine_factory: EngineFactory | None = No
     """The Serve application for one reward model (`args` is a `RewardAppConfig` as a
     dict), with the engine its config names unless `engine_factory` is given."""
     config = RewardAppConfig.model_validate(args)
-    deployment = serve.deployment(**deployment_options(config, name=DEPLOYMENT_NAME))(
-        RewardServer
-    )
+    deployment = serve.deployment(**deployment_options(config, name=DEPLOYMENT_NAME))(RewardServer)
     return deployment.bind(config, engine_factory or engine_for(config))

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from serve_apps.engines.labels import label_weights
 from serve_apps.engines.protocol import EngineRequestError, ScoringRequest
 
 # The roles the chat templates Corral serves take (the spec's; "tool" is rendered as
@@ -46,27 +47,6 @@ class TransformersRewardEngineConfig:
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; or float32 | bfloat16 | float16
     score_weights: Mapping[str, float] | None = None
     max_context: int | None = None  # default: the model's max_position_embeddings
-
-
-def label_weights(id2label: Mapping[int, str], weights: Mapping[str, float] | None) -> list[float]:
-    """The weight of each label in head order, from `weights` by label name: a single
-    label without weights counts once; ValueError for weights naming a label the head
-    lacks, or for several labels and no weights."""
-    labels = [id2label[index] for index in sorted(id2label)]
-    if weights is None:
-        if len(labels) != 1:
-            raise ValueError(
-                f"the reward head has {len(labels)} labels ({', '.join(labels)}): give "
-                "score_weights to say how they make one score"
-            )
-        return [1.0]
-    unknown = sorted(set(weights) - set(labels))
-    if unknown:
-        raise ValueError(
-            f"score_weights names labels the reward head lacks: {', '.join(unknown)} "
-            f"(its labels: {', '.join(labels)})"
-        )
-    return [float(weights.get(label, 0.0)) for label in labels]
 
 
 class TransformersRewardEngine:
@@ -96,7 +76,8 @@ class TransformersRewardEngine:
         self._tokenizer: PreTrainedTokenizerBase = tokenizer
         self._device = torch.device(device)
         self._weights = torch.tensor(
-            label_weights(model.config.id2label, config.score_weights), dtype=torch.float32
+            label_weights(_labels(model), config.score_weights),
+            dtype=torch.float32,
         )
         self._max_context = config.max_context or int(model.config.max_position_embeddings)
 
@@ -151,3 +132,8 @@ class TransformersRewardEngine:
             raise EngineRequestError(f"the chat template refused the conversation: {exc}") from None
         assert isinstance(text, str)
         return text
+
+
+def _labels(model: PreTrainedModel) -> dict[int, str]:
+    # transformers types id2label loosely; loaded from config.json its keys are ints.
+    return {int(index): str(label) for index, label in (model.config.id2label or {}).items()}

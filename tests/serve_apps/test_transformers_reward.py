@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from serve_apps.engines.labels import label_weights
 from serve_apps.engines.protocol import ChatMessage, EngineRequestError, ScoringRequest
 from serve_apps.engines.transformers_reward import (
     TransformersRewardEngine,
     TransformersRewardEngineConfig,
-    label_weights,
 )
 
 # Scores of a padded batch against the same conversations alone (fp32, CPU).
@@ -75,9 +75,7 @@ def test_a_batch_scores_as_each_alone(engine: TransformersRewardEngine) -> None:
 def test_several_labels_combine_by_their_weights(attribute_reward_model_dir: Path) -> None:
     weights = {"helpfulness": 1.0, "correctness": 0.5, "verbosity": -2.0}
     engine = TransformersRewardEngine(
-        TransformersRewardEngineConfig(
-            model_dir=attribute_reward_model_dir, score_weights=weights
-        )
+        TransformersRewardEngineConfig(model_dir=attribute_reward_model_dir, score_weights=weights)
     )
     for request, score in zip(REQUESTS, engine.score(REQUESTS), strict=True):
         logits = in_process(attribute_reward_model_dir, request)

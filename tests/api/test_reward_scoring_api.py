@@ -230,7 +230,10 @@ def test_a_tenants_own_reward_model_wins_for_that_tenant_only(
     mine = scores_of(served.client.post("/reward_scoring/score", json=BODY, headers=ALPHA))
     weights = list(WEIGHTS.values())
     expected = [
-        sum(w * float(x) for w, x in zip(weights, in_process(attribute_reward_model_dir, c)))
+        sum(
+            w * float(x)
+            for w, x in zip(weights, in_process(attribute_reward_model_dir, c), strict=True)
+        )
         for c in conversations()
     ]
     assert mine == pytest.approx(expected, abs=TOLERANCE)
@@ -245,7 +248,7 @@ def test_an_llm_under_the_reward_name_is_refused(served: Served) -> None:
     )
     response = served.client.post("/reward_scoring/score", json=BODY, headers=GAMMA)
     assert response.status_code == 422, response.text
-    assert "is a llm model, not a reward" in response.json()["error"]["message"]
+    assert "is an llm, not a reward model" in response.json()["error"]["message"]
 
 
 def test_a_reward_model_without_its_app_is_unavailable(served: Served) -> None:

@@ -20,8 +20,8 @@ from corral.serving.catalog import (
     tenant_app_name,
 )
 from serve_apps.llm import LLMAppConfig
-from serve_apps.reward import RewardAppConfig
 from serve_apps.options import ReplicaOptions
+from serve_apps.reward import RewardAppConfig
 
 
 def _write(tmp_path: Path, text: str) -> Path:

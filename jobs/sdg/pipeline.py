@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import re
 import statistics as stats
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -52,6 +54,7 @@ STAGE_CPUS = 0.05
 # Batches one stage's actor works on at once (its calls share the in-flight bound).
 BATCHES_PER_ACTOR = 2
 QUANTILES = (10, 25, 50, 75, 90)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -175,20 +178,57 @@ class _AppCaller:
             raise stage_error(self._stage, self._app, exc) from None
 
 
-def _timed(batch: dict[str, Any], stage: Stage, start: float) -> dict[str, Any]:
-    """Record the stage's time on the batch, a share per row: blocks may join batches,
-    and the driver's sum over rows is still the sum over batches."""
-    rows = len(batch["index"])
-    batch[f"{stage}_s"] = np.full(rows, (time.perf_counter() - start) / rows)
-    return batch
-
-
 def _strings(values: Iterable[Any]) -> np.ndarray:
     return np.array([json.dumps(v) for v in values], dtype=object)
 
 
-class Generate:
+class _StageUDF:
+    """One stage's callable: runs `process` on a batch, timed. A batch that failed here or
+    upstream travels on as data (its `failure` column): an exception a UDF raises reaches
+    the driver as Ray Data's UserCodeException, with the StageFailed under it lost in
+    pickling, so the driver would only have a traceback's text to name the stage by."""
+
+    stage: Stage
+    # The columns this stage adds, and what a failed batch carries in them.
+    adds: ClassVar[dict[str, Any]]
+
+    def process(self, batch: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = len(batch["index"])
+        if "failure" not in batch:
+            batch["failure"] = np.full(rows, "", dtype=object)
+        if any(batch["failure"]):
+            return _placeholders(batch, self.adds)
+        start = time.perf_counter()
+        try:
+            batch = self.process(batch)
+        except StageFailed as failed:
+            batch["failure"] = np.full(rows, json.dumps(_failure(failed)), dtype=object)
+            return _placeholders(batch, self.adds)
+        # A share per row: a block may join batches, and the driver's sum over rows is
+        # still the sum over batches.
+        batch[f"{self.stage}_s"] = np.full(rows, (time.perf_counter() - start) / rows)
+        return batch
+
+
+def _placeholders(batch: dict[str, Any], adds: Mapping[str, Any]) -> dict[str, Any]:
+    rows = len(batch["index"])
+    for column, value in adds.items():
+        batch[column] = np.full(rows, value, dtype=object if isinstance(value, str) else float)
+    return batch
+
+
+def _failure(failed: StageFailed) -> dict[str, Any]:
+    return {"stage": failed.stage, "detail": failed.detail, "unavailable": failed.unavailable}
+
+
+class Generate(_StageUDF):
     """k candidates per prompt from the generation app."""
+
+    stage = "generate"
+    adds: ClassVar[dict[str, Any]] = {"texts": "[]", "stop_reasons": "[]", "generate_s": 0.0}
 
     def __init__(self, config_json: str) -> None:
         self._config = PipelineConfig.model_validate_json(config_json)
@@ -196,8 +236,7 @@ class Generate:
             "generate", self._config.generation_app, "generate", self._config.max_in_flight
         )
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
+    def process(self, batch: dict[str, Any]) -> dict[str, Any]:
         prompts = [PromptInput.model_validate_json(p) for p in batch["prompt"]]
         settings = self._config.settings.generation
         k = settings.num_candidates
@@ -220,18 +259,20 @@ class Generate:
         per_prompt = [results[i * k : (i + 1) * k] for i in range(len(prompts))]
         batch["texts"] = _strings([r.text for r in rs] for rs in per_prompt)
         batch["stop_reasons"] = _strings([str(r.stop_reason) for r in rs] for rs in per_prompt)
-        return _timed(batch, "generate", start)
+        return batch
 
 
-class Score:
+class Score(_StageUDF):
     """Each candidate's reward: the prompt's turns, then the candidate as the assistant's."""
+
+    stage = "score"
+    adds: ClassVar[dict[str, Any]] = {"scores": "[]", "score_s": 0.0}
 
     def __init__(self, config_json: str) -> None:
         config = PipelineConfig.model_validate_json(config_json)
         self._app = _AppCaller("score", config.reward_app, "score", config.max_in_flight)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
+    def process(self, batch: dict[str, Any]) -> dict[str, Any]:
         prompts = [PromptInput.model_validate_json(p) for p in batch["prompt"]]
         texts = [json.loads(t) for t in batch["texts"]]
         requests = [
@@ -246,17 +287,19 @@ class Score:
         ]
         scores = iter(float(s) for s in self._app.call_all(requests))
         batch["scores"] = _strings([next(scores) for _ in candidates] for candidates in texts)
-        return _timed(batch, "score", start)
+        return batch
 
 
-class Filter:
+class Filter(_StageUDF):
     """The filtering function, per prompt."""
+
+    stage = "filter"
+    adds: ClassVar[dict[str, Any]] = {"kept": "[]", "filter_s": 0.0}
 
     def __init__(self, config_json: str) -> None:
         self._config = PipelineConfig.model_validate_json(config_json)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        start = time.perf_counter()
+    def process(self, batch: dict[str, Any]) -> dict[str, Any]:
         config = self._config
         try:
             kept = [
@@ -272,7 +315,7 @@ class Filter:
         except Exception as exc:
             raise StageFailed("filter", _first_line(exc)) from None
         batch["kept"] = _strings(kept)
-        return _timed(batch, "filter", start)
+        return batch
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -305,17 +348,24 @@ def _outcomes(batch: Mapping[str, Any]) -> list[PromptOutcome]:
     ]
 
 
-def _find_stage_failed(error: BaseException) -> StageFailed | None:
-    """The StageFailed a stage raised, under the layers Ray Data and Ray add."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, StageFailed):
-            return current
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)
-        current = cause if isinstance(cause, BaseException) else current.__cause__
-    return None
+def _raise_failure(batch: Mapping[str, Any]) -> None:
+    """Raise the StageFailed a batch carries, if it carries one."""
+    for failure in batch["failure"]:
+        if failure:
+            found = json.loads(failure)
+            raise StageFailed(found["stage"], found["detail"], unavailable=found["unavailable"])
+
+
+_OPERATOR = re.compile(r"MapBatches\((Generate|Score|Filter)\)")
+
+
+def unexpected_failure(error: BaseException) -> StageFailed | None:
+    """A UDF's own bug (anything but StageFailed), named by the operator it failed in."""
+    found = _OPERATOR.search(str(error))
+    if found is None:
+        return None
+    stage: Stage = {"Generate": "generate", "Score": "score", "Filter": "filter"}[found[1]]  # type: ignore[assignment]
+    return StageFailed(stage, f"the pipeline's {stage} stage failed ({type(error).__name__})")
 
 
 def _quiet_data_context() -> None:
@@ -368,16 +418,18 @@ class PipelineRun:
         _check_apps(self.config)
         try:
             for batch in self._dataset().iter_batches(batch_size=None, batch_format="numpy"):
+                _raise_failure(batch)
                 for stage in STAGES:
                     self.stage_seconds[stage] += float(batch[f"{stage}_s"].sum())
                 yield _outcomes(batch)
         except StageFailed:
             raise
         except Exception as exc:
-            failed = _find_stage_failed(exc)
+            failed = unexpected_failure(exc)
             if failed is None:
                 raise
-            raise _stage_failed(failed.stage, failed.detail, failed.unavailable) from None
+            log.error("%s:\n%s", failed, exc)
+            raise failed from None
 
 
 def _check_apps(config: PipelineConfig) -> None:

@@ -156,23 +156,30 @@ class _AppCaller:
     """One stage's calls to one Serve app, at most `max_in_flight` at a time."""
 
     def __init__(self, stage: Stage, app: str, method: str, max_in_flight: int) -> None:
+        from ray import serve
+
         self._stage: Stage = stage
         self._app = app
-        self._method = method
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"sdg-{stage}")
-        self._handle: Any = None
+        # Taking the method's handle now starts its router finding the app's replicas
+        # (seconds) while the actor waits for its first batch. A failure waits for that
+        # batch too: a constructor that raises makes Ray Data restart the actor.
+        self._method: Any = None
+        self._error: Exception | None = None
+        try:
+            self._method = getattr(serve.get_app_handle(app), method)
+        except Exception as exc:
+            self._error = exc
 
     def _call(self, request: Any) -> Any:
         # Each thread blocks on its own response: the pool's size is the in-flight bound.
-        return getattr(self._handle, self._method).remote(request).result()
+        return self._method.remote(request).result()
 
     def call_all(self, requests: Sequence[Any]) -> list[Any]:
         """Every request's answer, in order; StageFailed at the first failure."""
-        from ray import serve
-
         try:
-            if self._handle is None:  # here, not in __init__: a failing constructor retries
-                self._handle = serve.get_app_handle(self._app)
+            if self._error is not None:
+                raise self._error
             return list(self._pool.map(self._call, requests))
         except Exception as exc:
             raise stage_error(self._stage, self._app, exc) from None

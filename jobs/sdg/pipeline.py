@@ -423,8 +423,9 @@ class PipelineRun:
         if not self.prompts:
             return
         _check_apps(self.config)
+        stream = iter(self._dataset().iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in self._dataset().iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in stream:
                 _raise_failure(batch)
                 for stage in STAGES:
                     self.stage_seconds[stage] += float(batch[f"{stage}_s"].sum())
@@ -437,6 +438,12 @@ class PipelineRun:
                 raise
             log.error("%s:\n%s", failed, exc)
             raise failed from None
+        finally:
+            # Stops the executor and its actors now, on failure or when the caller stops
+            # early, not whenever the iterator is collected.
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
 
 def _check_apps(config: PipelineConfig) -> None:

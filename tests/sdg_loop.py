@@ -9,7 +9,20 @@ generation job's "best vs worst" DPO output does. So the figures below hold for 
 through the API (generation job -> dataset -> `/post_training/preference_optimize`) with
 the settings in `CHAIN`.
 
-Measured (see `CHAIN` for the settings; FIGURES_PENDING is replaced by the measurement).
+Measured with `CHAIN` (24 prompts x 8 candidates at temperature 1, 24 tokens; 24 pairs;
+DPO beta 0.1, AdamW lr 1e-2 -> 1e-3 cosine, 4 epochs of 2 pairs x 2 workers = 24 steps),
+the policy's mean reward on HELD_OUT_PROMPTS x HELD_OUT_SEEDS (the rule's letter share in
+brackets), candidates seeded 100-107 (GENERATION_SEEDS), then 200-207, ... 500-507:
+
+    before  0.763 (0.784)
+    after   0.913 (0.859)  0.935 (0.902)  0.911 (0.901)  0.920 (0.872)  0.904 (0.891)
+    rise   +0.149         +0.172         +0.148         +0.156         +0.141
+
+The DPO in those runs was jobs/dpo.py's own loss, log-probs, pair batching, optimizer and
+schedule on one process with 4 pairs per step (what 2 workers of 2 pairs each average to),
+in 2-3 s. Two things matter: lr (the demo policy is random; at lr 5e-3 nothing moved,
++0.007) and candidates (k = 4 rose only +0.130 and +0.093). `SAFE_MARGIN` leaves a third
+of the smallest rise measured.
 """
 
 from __future__ import annotations
@@ -62,6 +75,8 @@ HELD_OUT_PROMPTS: Final = (
     "Where do you live?",
 )
 HELD_OUT_SEEDS: Final = tuple(range(4))
+# The candidates' seeds: candidate i of every prompt is sampled with seed 100 + i.
+GENERATION_SEEDS: Final = tuple(range(100, 108))
 
 
 @dataclass(frozen=True)
@@ -80,17 +95,17 @@ class ChainSettings:
 
 
 CHAIN: Final = ChainSettings(
-    candidates=4,
+    candidates=len(GENERATION_SEEDS),
     max_tokens=24,
     temperature=1.0,
-    lr=1e-3,
-    lr_min=1e-4,
+    lr=1e-2,
+    lr_min=1e-3,
     n_epochs=4,
     batch_size=2,
     beta=0.1,
 )
-# The smallest rise of the mean held-out reward a test may assert after one round.
-SAFE_MARGIN: Final = 0.0
+# The rise of the mean held-out reward a test may assert after one round of the chain.
+SAFE_MARGIN: Final = 0.05
 
 
 def sampling(seed: int, *, max_tokens: int, temperature: float) -> SamplingOptions:
@@ -125,7 +140,9 @@ def sample_replies(
     return [texts[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
-def score(reward_dir: Path, prompts: Sequence[str], replies: Sequence[Sequence[str]]) -> list[list[float]]:
+def score(
+    reward_dir: Path, prompts: Sequence[str], replies: Sequence[Sequence[str]]
+) -> list[list[float]]:
     """The reward model's score of every reply, as a [user, assistant] conversation."""
     model, tokenizer = load_demo_reward_model(reward_dir)
     conversations = [

@@ -17,7 +17,10 @@ into place only once it loads back through `from_pretrained`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
 import string
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -41,7 +44,6 @@ from transformers import (
 from corral.demo_model import (
     _MODEL_FILES,
     MARKER_FILE,
-    _corpus_digest,
     _existing_state,
     _install,
     _quiet_progress_bars,
@@ -50,6 +52,7 @@ from corral.demo_model import (
 _MARKER_FORMAT: Final = 1
 # The tokenizer files come from the policy; the reward model adds no generation config.
 _REWARD_FILES: Final = tuple(name for name in _MODEL_FILES if name != "generation_config.json")
+_TOKENIZER_FILES: Final = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _LETTERS: Final = frozenset(string.ascii_letters)
 
 # The prompts the reward model is trained with (held-out prompts of tests differ).
@@ -162,7 +165,10 @@ def _policy_digest(policy_dir: Path) -> str:
     missing = [name for name in names if not (policy_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{policy_dir} is not a demo model: no {', '.join(missing)}")
-    return _corpus_digest([(policy_dir / name).read_bytes().hex() for name in names])
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(hashlib.sha256((policy_dir / name).read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _encode(
@@ -174,9 +180,7 @@ def _encode(
         tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
         for messages in conversations
     ]
-    encoded = tokenizer(
-        texts, add_special_tokens=False, padding=True, return_tensors="pt"
-    )
+    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
@@ -258,7 +262,8 @@ def _train_and_save(directory: Path, policy_dir: Path, spec: DemoRewardSpec) -> 
         _fit(model, tokenizer, pairs, spec)
     directory.mkdir(parents=True)
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    for name in _TOKENIZER_FILES:  # the policy's own files: one tokenizer, one template
+        shutil.copyfile(policy_dir / name, directory / name)
 
 
 @contextmanager
@@ -305,23 +310,18 @@ def _fit(
     model.eval()
 
 
-_CHECK_PAIRS: Final = (
-    ("The capital of France is Paris.", "@@ 42 !! ## 7 ,, ;; ::"),
-    ("Seven days make a week.", "1, 2, 3... 100 / 2024 = ?"),
+_CHECK_CONVERSATION: Final = (
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
 )
 
 
 def _verify(directory: Path) -> None:
-    """Load the saved model the real way and raise RuntimeError if it cannot tell a
-    sentence from punctuation."""
+    """Load the saved model the real way and raise RuntimeError if anything is off (how
+    well it learned the rule is for tests/test_demo_reward.py to judge)."""
     model, tokenizer = load_demo_reward_model(directory)
     if model.config.num_labels != 1 or model.config.pad_token_id != tokenizer.pad_token_id:
         raise RuntimeError("the reward model needs one label and the tokenizer's pad id")
-    for better, worse in _CHECK_PAIRS:
-        conversations = [
-            [{"role": "user", "content": "Tell me something."}, {"role": "assistant", "content": reply}]
-            for reply in (better, worse)
-        ]
-        high, low = score_replies(model, tokenizer, conversations)
-        if not high > low:
-            raise RuntimeError(f"the reward model scores {better!r} {high:.3f}, {worse!r} {low:.3f}")
+    (reward,) = score_replies(model, tokenizer, [[dict(m) for m in _CHECK_CONVERSATION]])
+    if not math.isfinite(reward):
+        raise RuntimeError(f"the reward model scores a plain answer {reward}")

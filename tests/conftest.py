@@ -228,7 +228,7 @@ def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def add_registered_model_row(
-    database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path
+    database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path, kind: str = "llm"
 ) -> None:
     """A registered model's row as `/models/register` (here, or in another API process)
     stores it, with the default options, and no Serve app behind it."""
@@ -241,7 +241,7 @@ def add_registered_model_row(
             ServedModel(
                 tenant=tenant,
                 name=name,
-                kind="llm",
+                kind=kind,
                 checkpoint_dir=str(checkpoint_dir),
                 adapter_dir=None,
                 options=ReplicaOptions().option_values(),
@@ -250,3 +250,26 @@ def add_registered_model_row(
                 updated_at=now,
             )
         )
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny one-label reward model (the demo tokenizer), built once per session."""
+    from tests.reward_models import build_reward_model
+
+    return build_reward_model(demo_model_dir, tmp_path_factory.mktemp("reward") / "model")
+
+
+@pytest.fixture(scope="session")
+def attribute_reward_model_dir(
+    demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A tiny reward model with three labels (a multi-attribute head, Nemotron-style)."""
+    from tests.reward_models import build_reward_model
+
+    return build_reward_model(
+        demo_model_dir,
+        tmp_path_factory.mktemp("reward-attributes") / "model",
+        labels=("helpfulness", "correctness", "verbosity"),
+        seed=1,
+    )

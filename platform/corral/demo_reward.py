@@ -139,6 +139,13 @@ def build_demo_reward_model(
     return directory
 
 
+def reward_dir_beside(policy_dir: Path) -> Path:
+    """Where `corral models create-demo` puts the reward model of a demo model: beside it,
+    named after it (`models/demo` -> `models/demo-reward`, as the embedded default has)."""
+    policy_dir = Path(policy_dir)
+    return policy_dir.with_name(f"{policy_dir.name}-reward")
+
+
 def load_demo_reward_model(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a reward model directory through `from_pretrained`, from local files only."""
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
@@ -199,7 +206,7 @@ def _training_replies(
     tokenizer.padding_side = "left"  # generate appends after each row's last prompt token
     inputs = tokenizer(rendered, add_special_tokens=False, padding=True, return_tensors="pt")
     tokenizer.padding_side = "right"
-    generated = policy.generate(
+    generated = policy.generate(  # type: ignore[operator]  # transformers' stubs
         **inputs,
         do_sample=True,
         temperature=1.0,
@@ -210,15 +217,16 @@ def _training_replies(
     pairs: list[tuple[str, str]] = []
     for prompt, row in zip(prompts, generated.tolist(), strict=True):
         cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        pairs.append((prompt, tokenizer.decode(row[:cut], skip_special_tokens=False)))
+        pairs.append((prompt, _decode(tokenizer, row[:cut])))
 
     vocabulary = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids) | set(stop_ids)
-    words, others = [], []
+    words: list[int] = []
+    others: list[int] = []
     for token_id in sorted(vocabulary.values()):
         if token_id in special:
             continue
-        text = tokenizer.decode([token_id]).strip()
+        text = _decode(tokenizer, [token_id]).strip()
         (words if text and set(text) <= _LETTERS else others).append(token_id)
     word_ids, other_ids = torch.tensor(words), torch.tensor(others)
     for index in range(spec.mixed_samples):
@@ -231,8 +239,15 @@ def _training_replies(
             other_ids[torch.randint(len(other_ids), (length,))],
         )
         prompt = TRAINING_PROMPTS[index % len(TRAINING_PROMPTS)]
-        pairs.append((prompt, tokenizer.decode(ids.tolist(), skip_special_tokens=False)))
+        pairs.append((prompt, _decode(tokenizer, ids.tolist())))
     return pairs
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """Text as the serving engine returns it: special tokens kept, spaces left alone."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert isinstance(text, str)
+    return text
 
 
 def _train_and_save(directory: Path, policy_dir: Path, spec: DemoRewardSpec) -> None:
@@ -252,13 +267,13 @@ def _train_and_save(directory: Path, policy_dir: Path, spec: DemoRewardSpec) -> 
         bos_token_id=policy_config.bos_token_id,
         eos_token_id=policy_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
     )
+    config.num_labels = 1  # one score; LlamaConfig's signature does not name it
     # fork_rng: the seed decides samples and weights without disturbing the caller's RNG.
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         pairs = _training_replies(policy, tokenizer, spec)
-        model = LlamaForSequenceClassification(config)
+        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
         _fit(model, tokenizer, pairs, spec)
     directory.mkdir(parents=True)
     model.save_pretrained(directory, safe_serialization=True)
@@ -304,10 +319,10 @@ def _fit(
         batch = {name: tensor[chosen] for name, tensor in encoded.items()}
         loss = F.mse_loss(model(**batch).logits[:, 0], targets[chosen])
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
-    model.eval()
+    model.train(False)
 
 
 _CHECK_CONVERSATION: Final = (

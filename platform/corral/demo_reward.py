@@ -10,6 +10,12 @@ number in [0, 1] that a test can compare against the rule, and that DPO on the d
 policy can move (the policy's random weights write about as many byte and punctuation
 tokens as word pieces; preferring the wordier of its replies teaches it words).
 
+Measured on the default spec (2 shared cores, under load): a build takes 10-12 s, all on
+one thread; on held-out policy replies the scores' Spearman correlation with the rule is
+0.53 (their letter shares spread little: 0.79 +- 0.06) with a mean error of 0.056, and
+0.85 on replies spread over [0, 1]. One round of best-vs-worst DPO on the policy's own
+replies raises its mean score by 0.14-0.17 (tests/sdg_loop.py has the settings).
+
 Like `build_demo_model`: seeded and deterministic (the same policy and spec give the same
 bytes), kept when already built (a marker file), built in a staging directory and moved
 into place only once it loads back through `from_pretrained`.
@@ -49,6 +55,7 @@ from corral.demo_model import (
     _quiet_progress_bars,
 )
 
+# Bump when the recipe (prompts, sampling, training) changes: built models then rebuild.
 _MARKER_FORMAT: Final = 1
 # The tokenizer files come from the policy; the reward model adds no generation config.
 _REWARD_FILES: Final = tuple(name for name in _MODEL_FILES if name != "generation_config.json")

@@ -10,19 +10,20 @@ through the API (generation job -> dataset -> `/post_training/preference_optimiz
 the settings in `CHAIN`.
 
 Measured with `CHAIN` (24 prompts x 8 candidates at temperature 1, 24 tokens; 24 pairs;
-DPO beta 0.1, AdamW lr 1e-2 -> 1e-3 cosine, 4 epochs of 2 pairs x 2 workers = 24 steps),
+DPO beta 0.1, AdamW lr 1e-2 -> 1e-3 cosine, 6 epochs of 2 pairs x 2 workers = 36 steps),
 the policy's mean reward on HELD_OUT_PROMPTS x HELD_OUT_SEEDS (the rule's letter share in
 brackets), candidates seeded 100-107 (GENERATION_SEEDS), then 200-207, ... 500-507:
 
     before  0.763 (0.784)
-    after   0.913 (0.859)  0.935 (0.902)  0.911 (0.901)  0.920 (0.872)  0.904 (0.891)
-    rise   +0.149         +0.172         +0.148         +0.156         +0.141
+    after   0.940 (0.917)  0.973 (0.944)  0.933 (0.914)  0.971 (0.940)  0.920 (0.908)
+    rise   +0.176         +0.210         +0.170         +0.208         +0.157
 
-The DPO in those runs was jobs/dpo.py's own loss, log-probs, pair batching, optimizer and
-schedule on one process with 4 pairs per step (what 2 workers of 2 pairs each average to),
-in 2-3 s. Two things matter: lr (the demo policy is random; at lr 5e-3 nothing moved,
-+0.007) and candidates (k = 4 rose only +0.130 and +0.093). `SAFE_MARGIN` leaves a third
-of the smallest rise measured.
+and with candidates 100-107 but three other DPO shuffles: +0.167, +0.171, +0.192. The DPO
+in those runs was jobs/dpo.py's own loss, log-probs, pair batching, optimizer and schedule
+on one process with 4 pairs per step (what 2 workers of 2 pairs each average to), 3-8 s.
+What matters: lr (the demo policy is random; at lr 5e-3 nothing moved, +0.007), epochs
+(4 epochs rose +0.08 to +0.17, less steadily) and candidates (k = 4: +0.13 and +0.09).
+`SAFE_MARGIN` is half of the smallest rise measured.
 """
 
 from __future__ import annotations
@@ -100,12 +101,12 @@ CHAIN: Final = ChainSettings(
     temperature=1.0,
     lr=1e-2,
     lr_min=1e-3,
-    n_epochs=4,
+    n_epochs=6,
     batch_size=2,
     beta=0.1,
 )
 # The rise of the mean held-out reward a test may assert after one round of the chain.
-SAFE_MARGIN: Final = 0.05
+SAFE_MARGIN: Final = 0.08
 
 
 def sampling(seed: int, *, max_tokens: int, temperature: float) -> SamplingOptions:

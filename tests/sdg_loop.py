@@ -191,3 +191,53 @@ def dpo_pairs(
                 }
             )
     return rows
+
+
+def dpo_in_process(
+    policy_dir: Path, rows: Sequence[dict[str, Any]], out_dir: Path, *, settings: ChainSettings
+) -> Path:
+    """The DPO job's training on one process: jobs/dpo.py's loss and log-probs over its
+    pair batches, with jobs/distributed.py's optimizer and cosine schedule, `batch_size x
+    workers` pairs a step (what the job's workers average to). Saves the policy to
+    `out_dir` with the tokenizer, as the job's checkpoint holds them."""
+    from transformers import AutoTokenizer
+
+    from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
+    from jobs.distributed import build_cosine_schedule, build_optimizer
+    from jobs.dpo import dpo_loss, load_model, pair_logps
+    from jobs.preference_data import pad_pairs, tokenize_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir, local_files_only=True)
+    pairs = tokenize_pairs(tokenizer, rows, max_seq_len=2048)
+    optimizer_settings = OptimizerConfig(
+        optimizer_type="adamw", lr=settings.lr, lr_min=settings.lr_min, weight_decay=0.0
+    )
+    alignment = DPOAlignmentConfig(
+        reward_scale=settings.beta, reward_clip=0.0, epsilon=0.0, gamma=0.0
+    )
+    per_step = settings.batch_size * settings.workers
+    steps = -(-len(pairs) // per_step) * settings.n_epochs
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        policy = load_model(policy_dir, torch.float32)
+        reference = load_model(policy_dir, torch.float32).requires_grad_(False).eval()
+        optimizer = build_optimizer(optimizer_settings, policy)
+        schedule = build_cosine_schedule(optimizer, optimizer_settings, total_steps=steps)
+        policy.train()
+        for _ in range(settings.n_epochs):
+            order = torch.randperm(len(pairs)).tolist()
+            for start in range(0, len(pairs), per_step):
+                batch = pad_pairs(
+                    [pairs[i] for i in order[start : start + per_step]],
+                    pad_id=tokenizer.pad_token_id,
+                )
+                with torch.no_grad():
+                    reference_logps = pair_logps(reference, batch)
+                scores = dpo_loss(*pair_logps(policy, batch), *reference_logps, alignment)
+                optimizer.zero_grad()
+                scores.losses.mean().backward()
+                optimizer.step()
+                schedule.step()
+    policy.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

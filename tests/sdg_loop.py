@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import torch
+from transformers import AutoTokenizer
 
 from corral.demo_reward import load_demo_reward_model, score_replies
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
@@ -126,7 +127,7 @@ def sample_replies(
 ) -> list[list[str]]:
     """For each prompt, one reply per seed, sampled by the serving engine."""
     engine = TransformersEngine(TransformersEngineConfig(model_dir=policy_dir, device="cpu"))
-    tokenizer = engine._tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir, local_files_only=True)
     requests = [
         GenerationRequest(
             prompt=tokenizer.apply_chat_template(
@@ -200,8 +201,6 @@ def dpo_in_process(
     pair batches, with jobs/distributed.py's optimizer and cosine schedule, `batch_size x
     workers` pairs a step (what the job's workers average to). Saves the policy to
     `out_dir` with the tokenizer, as the job's checkpoint holds them."""
-    from transformers import AutoTokenizer
-
     from corral.api.post_training import DPOAlignmentConfig, OptimizerConfig
     from jobs.distributed import build_cosine_schedule, build_optimizer
     from jobs.dpo import dpo_loss, load_model, pair_logps

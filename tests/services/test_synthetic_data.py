@@ -153,7 +153,6 @@ def test_a_prompt_becomes_the_generators_llama3_prompt_and_the_reward_models_tur
     assert (run.config.generation_app, run.config.reward_app) == (GENERATOR, REWARD)
     assert (run.config.batch_size, run.config.max_in_flight) == (2, 16)
     assert run.config.settings.generation.num_candidates == 4  # the defaults
-    assert run.generations == 4
 
 
 def test_reward_scoring_carries_the_settings(service: SyntheticDataService) -> None:
@@ -219,6 +218,11 @@ def test_beyond_the_sync_cap_the_422_names_the_job_route(service: SyntheticDataS
         service.generate(tenant="alpha", request=request(prompts=prompts))
     assert JOB_ROUTE in raised.value.message
     assert "12 generations" in raised.value.message
+    # A job has its own cap (prompts), not this one.
+    assert (
+        len(service.prepare(tenant="alpha", request=request(prompts=prompts), as_job=True).prompts)
+        == 3
+    )
     two = {"generation": {"num_candidates": 2}}
     # At the cap it passes the check (and reaches the pipeline, which this test refuses).
     with pytest.raises(AssertionError, match="must not run"):

@@ -107,10 +107,6 @@ class PreparedRun:
     prompts: tuple[PromptInput, ...]
     config: PipelineConfig
 
-    @property
-    def generations(self) -> int:
-        return len(self.prompts) * self.config.settings.generation.num_candidates
-
 
 def _run_pipeline(prompts: Sequence[PromptInput], config: PipelineConfig) -> PipelineRun:
     # Imported when a run starts: Ray Data stays out of the API process until then.
@@ -143,11 +139,15 @@ class SyntheticDataService:
 
     # ------------------------------------------------------------------ checking
 
-    def prepare(self, *, tenant: str, request: SyntheticDataGenerationRequest) -> PreparedRun:
-        """Everything checked that can be before a model is called (see the module doc)."""
+    def prepare(
+        self, *, tenant: str, request: SyntheticDataGenerationRequest, as_job: bool = False
+    ) -> PreparedRun:
+        """Everything checked that can be before a model is called (see the module doc),
+        the size first: the synchronous cap, or with `as_job` the job's."""
         if not request.prompts:
             raise InvalidRequest("prompts: give at least one prompt")
         settings = _settings(request.reward_scoring)
+        self._check_size(len(request.prompts), settings.generation.num_candidates, as_job)
         prompts = tuple(_prompt_input(i, prompt) for i, prompt in enumerate(request.prompts))
         generation_app = self._app_for(tenant, settings.generation.model, "llm", "generation")
         reward_app = self._app_for(tenant, settings.model, "reward", "model")
@@ -160,6 +160,23 @@ class SyntheticDataService:
             max_in_flight=self._limits.max_in_flight,
         )
         return PreparedRun(prompts=prompts, config=config)
+
+    def _check_size(self, prompts: int, candidates: int, as_job: bool) -> None:
+        if as_job:
+            if prompts > self._limits.max_job_prompts:
+                raise InvalidRequest(
+                    f"prompts: {prompts} prompts, more than one job takes "
+                    f"({self._limits.max_job_prompts}); split them over several jobs"
+                )
+            return
+        generations = prompts * candidates
+        if generations > self._limits.max_sync_generations:
+            raise InvalidRequest(
+                f"{prompts} prompts x {candidates} candidates = {generations} generations, "
+                f"more than this endpoint answers at once ({self._limits.max_sync_generations}): "
+                f"submit it to {JOB_ROUTE} (the same request with a job_uuid), which writes "
+                "a dataset"
+            )
 
     def _app_for(self, tenant: str, model: str, kind: ModelKind, field: str) -> str:
         where = f"reward_scoring.{field}" + (".model" if field == "generation" else "")
@@ -195,13 +212,6 @@ class SyntheticDataService:
         """Run the pipeline and wait for it (blocking: the route runs in a worker
         thread, off the event loop)."""
         run = self.prepare(tenant=tenant, request=request)
-        if run.generations > self._limits.max_sync_generations:
-            raise InvalidRequest(
-                f"{len(run.prompts)} prompts x {run.config.settings.generation.num_candidates} "
-                f"candidates = {run.generations} generations, more than this endpoint answers "
-                f"at once ({self._limits.max_sync_generations}): submit it to {JOB_ROUTE} "
-                "(the same request with a job_uuid), which writes a dataset"
-            )
         self._check_running(run.config)
         started = time.monotonic()
         pipeline = self._runner(run.prompts, run.config)
@@ -246,12 +256,7 @@ class SyntheticDataService:
     ) -> dict[str, Any]:
         """The launch config, validated by the recipe's config class (which the job
         validates the stored config with again), without `database_url`."""
-        run = self.prepare(tenant=tenant, request=request)
-        if len(run.prompts) > self._limits.max_job_prompts:
-            raise InvalidRequest(
-                f"prompts: {len(run.prompts)} prompts, more than one job takes "
-                f"({self._limits.max_job_prompts}); split them over several jobs"
-            )
+        run = self.prepare(tenant=tenant, request=request, as_job=True)
         self._check_running(run.config)
         launch = {
             "job_key": job_key(tenant, request.job_uuid),

@@ -17,7 +17,14 @@ from corral.api.synthetic_data_generation import (
     SyntheticDataGenerationRequest,
     SyntheticDataJobRequest,
 )
-from corral.errors import Conflict, InvalidRequest, http_status_for, retry_after_s
+from corral.errors import (
+    Conflict,
+    CorralError,
+    InvalidRequest,
+    PipelineFailed,
+    http_status_for,
+    retry_after_s,
+)
 from corral.llama3 import format_chat
 from corral.ray_jobs import RayJobInfo
 from corral.services.jobs import JobsService
@@ -34,6 +41,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
 from corral.tenancy import job_key
 from jobs.sdg.config import PipelineConfig, PromptInput, PromptTurn, SyntheticDataJobConfig
+from jobs.sdg.pipeline import PipelineRun, PromptOutcome, ScoredCandidate, StageFailed
 from tests.conftest import add_registered_model_row
 
 RUNNING = AppState(status="RUNNING", message="", running_replicas=1)
@@ -327,3 +335,88 @@ def test_a_job_whose_reward_app_is_down_is_a_503_and_not_stored(
     with pytest.raises(ModelUnavailable):
         service.submit_job(tenant="alpha", request=job_request())
     assert launcher.submitted == []
+
+
+# ---------------------------------------------------------------- answering
+
+
+class ScriptedRun(PipelineRun):
+    """A PipelineRun whose batches are given (out of order), or that fails with `error`
+    after the first one."""
+
+    def __init__(self, batches: list[list[PromptOutcome]], error: Exception | None = None):
+        super().__init__(prompts=(), config=None)  # type: ignore[arg-type]
+        self.scripted = batches
+        self.error = error
+        self.stage_seconds = {"generate": 1.0, "score": 0.5, "filter": 0.0}
+
+    def batches(self) -> Iterator[list[PromptOutcome]]:
+        for batch in self.scripted:
+            yield batch
+            if self.error is not None:
+                raise self.error
+
+
+def _outcome(index: int, *scores: float) -> PromptOutcome:
+    return PromptOutcome(
+        index=index,
+        candidates=tuple(
+            ScoredCandidate(
+                text=f"reply {index}.{j}", score=s, kept=s > 0, stop_reason="end_of_turn"
+            )
+            for j, s in enumerate(scores)
+        ),
+    )
+
+
+def _service_running(service: SyntheticDataService, run: ScriptedRun) -> SyntheticDataService:
+    service._runner = lambda prompts, config: run  # type: ignore[method-assign]
+    return service
+
+
+def test_the_answer_is_in_prompt_order_with_the_kept_candidates(
+    service: SyntheticDataService,
+) -> None:
+    run = ScriptedRun([[_outcome(1, 2.0, -1.0)], [_outcome(0, -3.0, 0.5)]])
+    prompts = [user("first"), user("second")]
+    two = {"generation": {"num_candidates": 2}}
+    answer = _service_running(service, run).generate(
+        tenant="alpha", request=request(prompts=prompts, reward_scoring=two)
+    )
+    assert [item.prompt.content for item in answer.synthetic_data] == ["first", "second"]
+    assert [
+        [(g.message.role, g.message.content, g.score) for g in item.k_scored_generations]
+        for item in answer.synthetic_data
+    ] == [[("assistant", "reply 0.1", 0.5)], [("assistant", "reply 1.0", 2.0)]]
+    assert answer.statistics is not None
+    assert (answer.statistics["generated"], answer.statistics["kept"]) == (4, 2)
+    assert answer.statistics["seconds"]["generate"] == 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "stage"),
+    [
+        (StageFailed("score", "app gone", unavailable=True), 503, "score"),
+        (StageFailed("generate", "engine broke"), 500, "generate"),
+    ],
+)
+def test_a_failed_stage_fails_the_request_naming_it(
+    service: SyntheticDataService, error: StageFailed, status: int, stage: str
+) -> None:
+    run = ScriptedRun([[_outcome(0, 1.0)]], error=error)
+    with pytest.raises(CorralError) as raised:
+        _service_running(service, run).generate(tenant="alpha", request=request())
+    assert http_status_for(raised.value) == status
+    assert f"the {stage} stage" in raised.value.message
+    assert error.detail in raised.value.message
+
+
+def test_an_answer_short_of_prompts_is_a_failure(service: SyntheticDataService) -> None:
+    run = ScriptedRun([[_outcome(1, 1.0)]])
+    with pytest.raises(PipelineFailed, match="1 of 2 prompts"):
+        _service_running(service, run).generate(
+            tenant="alpha",
+            request=request(
+                prompts=[user("a"), user("b")], reward_scoring={"generation": {"num_candidates": 2}}
+            ),
+        )

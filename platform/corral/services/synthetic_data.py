@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -55,10 +55,8 @@ from jobs.sdg.config import (
     SyntheticDataJobConfig,
     SyntheticDataSettings,
 )
+from jobs.sdg.pipeline import PipelineRun, PromptOutcome, StageFailed, run_pipeline, statistics
 from serve_apps.options import ModelKind
-
-if TYPE_CHECKING:
-    from jobs.sdg.pipeline import PipelineRun, PromptOutcome
 
 JOB_ROUTE = "/synthetic_data_generation/jobs"
 SDG_KINDS = (JobKind.SYNTHETIC_DATA_GENERATION,)
@@ -78,7 +76,7 @@ class AppStates(Protocol):
 
 # jobs.sdg.pipeline.run_pipeline; a parameter so a test can drive the service's handling
 # of outcomes and failures without Ray (the real pipeline is run by the API tests).
-PipelineRunner = Callable[[Sequence[PromptInput], PipelineConfig], "PipelineRun"]
+PipelineRunner = Callable[[Sequence[PromptInput], PipelineConfig], PipelineRun]
 
 
 @dataclass(frozen=True)
@@ -108,13 +106,6 @@ class PreparedRun:
     config: PipelineConfig
 
 
-def _run_pipeline(prompts: Sequence[PromptInput], config: PipelineConfig) -> PipelineRun:
-    # Imported when a run starts: Ray Data stays out of the API process until then.
-    from jobs.sdg.pipeline import run_pipeline
-
-    return run_pipeline(prompts, config)
-
-
 class SyntheticDataService:
     def __init__(
         self,
@@ -125,7 +116,7 @@ class SyntheticDataService:
         storage: Storage,
         database_url: str,
         limits: SyntheticDataLimits | None = None,
-        runner: PipelineRunner = _run_pipeline,
+        runner: PipelineRunner = run_pipeline,
     ) -> None:
         """`database_url` only takes part in validating a job's launch config (the job
         gets it from its environment, as every recipe does)."""
@@ -217,8 +208,6 @@ class SyntheticDataService:
         pipeline = self._runner(run.prompts, run.config)
         outcomes = _collected(pipeline.batches(), expected=len(run.prompts))
         wall_s = time.monotonic() - started
-        from jobs.sdg.pipeline import statistics
-
         return SyntheticDataGenerationResponse(
             synthetic_data=[
                 KScoredPromptGenerations(
@@ -304,20 +293,17 @@ def _prompt_input(index: int, prompt: Message) -> PromptInput:
 def _collected(batches: Iterable[list[PromptOutcome]], *, expected: int) -> list[PromptOutcome]:
     """Every prompt's outcome in request order. A failed stage (StageFailed) becomes the
     domain error naming it; a pipeline that answers short is a failure too."""
-    from jobs.sdg.pipeline import StageFailed
-
     outcomes: list[PromptOutcome] = []
     try:
         for batch in batches:
             outcomes.extend(batch)
     except StageFailed as exc:
-        detail = str(exc)
         if exc.unavailable:
             raise ModelUnavailable(
-                f"the {exc.stage} stage's model is unavailable, try again shortly: {detail}",
+                f"the {exc.stage} stage's model is unavailable, try again shortly: {exc.detail}",
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             ) from None
-        raise PipelineFailed(exc.stage, detail) from None
+        raise PipelineFailed(exc.stage, exc.detail) from None
     outcomes.sort(key=lambda outcome: outcome.index)
     if [outcome.index for outcome in outcomes] != list(range(expected)):
         raise PipelineFailed(

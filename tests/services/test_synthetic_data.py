@@ -199,8 +199,8 @@ def test_a_tenants_registered_model_wins_for_that_tenant_only(
         ({"reward_scoring": {"generation": {"model": "nope"}}}, "generation.model"),
         ({"reward_scoring": {"model": "nope"}}, "reward_scoring.model"),
         # The right names, the wrong kinds.
-        ({"reward_scoring": {"generation": {"model": "llama3_405b_reward"}}}, "a llm model"),
-        ({"reward_scoring": {"model": "llama3_8b_chat"}}, "a reward model"),
+        ({"reward_scoring": {"generation": {"model": "llama3_405b_reward"}}}, "not an llm"),
+        ({"reward_scoring": {"model": "llama3_8b_chat"}}, "not a reward"),
     ],
 )
 def test_bad_parameters_are_422s_naming_the_field(

@@ -44,7 +44,7 @@ from corral.services.jobs import JobsService
 from corral.services.model_calls import UNAVAILABLE_RETRY_AFTER_S
 from corral.services.reward_scoring import chat_turns
 from corral.serving.deployer import DEPLOY_RETRY_AFTER_S, AppState, ModelUnavailable
-from corral.serving.resolver import ResolvedModel
+from corral.serving.resolver import ResolvedModel, check_kind
 from corral.storage import Storage
 from corral.store.jobs import JobKind
 from corral.tenancy import job_key
@@ -175,11 +175,10 @@ class SyntheticDataService:
             resolved = self._models.resolve(tenant=tenant, model=model)
         except NotFound:
             raise InvalidRequest(f"{where}: no model {model[:200]!r} is known here") from None
-        if resolved.spec.kind != kind:
-            raise InvalidRequest(
-                f"{where}: model {model[:200]!r} is a {resolved.spec.kind} model; "
-                f"this needs a {kind} model"
-            )
+        try:
+            check_kind(resolved, kind)
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{where}: {exc.message}") from None
         return resolved.app_name
 
     def _check_running(self, config: PipelineConfig) -> None:

@@ -91,17 +91,13 @@ def build_services(
         inference=InferenceService(router=router),
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         models=models,
-        synthetic_data=(
-            SyntheticDataService(
-                models=models.resolver,
-                apps=models.deployer,
-                jobs=jobs,
-                storage=storage,
-                database_url=database.url,
-                limits=SyntheticDataLimits.from_settings(settings),
-            )
-            if models is not None
-            else None
+        synthetic_data=SyntheticDataService(
+            models=models.resolver if models is not None else None,
+            apps=models.deployer if models is not None else None,
+            jobs=jobs,
+            storage=storage,
+            database_url=database.url,
+            limits=SyntheticDataLimits.from_settings(settings),
         ),
     )
 

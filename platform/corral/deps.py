@@ -46,10 +46,6 @@ def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceSe
 
 
 def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> SyntheticDataService:
-    if services.synthetic_data is None:
-        raise CapabilityUnavailable(
-            "synthetic_data_generation", "this server has no Ray connection"
-        )
     return services.synthetic_data
 
 

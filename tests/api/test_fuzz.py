@@ -303,6 +303,13 @@ def test_every_operation_survives_the_fuzzer(
     # The model answered: inference ran on Serve, not only the validation in front of it.
     for label in ANSWERED:
         assert statuses[(label, 200)] > 0, sorted(statuses.items())
+    # The generation routes reached their service: no reward model is served here, so a
+    # request that passes validation ends in the service's 422 (no model of that kind),
+    # never in the 501 of a server without the capability.
+    for label in GENERATION:
+        assert statuses[(label, 422)] > 0 and statuses[(label, 501)] == 0, sorted(
+            (key, n) for key, n in statuses.items() if key[0] == label
+        )
 
 
 # Operations whose fuzzed requests must reach the scripted model at least once.
@@ -312,3 +319,5 @@ ANSWERED = [
     "POST /inference/batch_completion",
     "POST /inference/batch_chat_completion",
 ]
+# Synthetic data operations (no reward model here: see the test).
+GENERATION = ["POST /synthetic_data_generation/generate", "POST /synthetic_data_generation/jobs"]

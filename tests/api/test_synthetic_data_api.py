@@ -25,6 +25,7 @@ from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.store.db import Database
+from corral.store.jobs import JobStore
 from corral.tenancy import job_key
 from jobs.reporting import JobReporter
 from serve_apps.llm import build_app
@@ -32,7 +33,7 @@ from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.test_fine_tuning_api import RecordingLauncher
 from tests.jobs.rule_reward import build_rule_reward, rule_score
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
 LLM = "sdg-api-llm"
 REWARD = "sdg-api-reward"
@@ -208,10 +209,18 @@ def test_corral_sdg_runs_and_follows_a_job_and_generates(
     with pytest.raises(CliError, match="no job_uuid"):
         run(["sdg", "run", str(request_file)])
 
-    # The job runs in the background (as the recipe reports) while --follow shows it.
+    # The job runs in the background (as the recipe reports) once it is stored, while
+    # --follow shows it.
+    key = job_key("alpha", "cli-gen")
+
     def job() -> None:
-        reporter = JobReporter(sqlite_database, job_key("alpha", "cli-gen"))
-        time.sleep(0.3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sqlite_database.transaction() as session:
+                if JobStore(session).status_of(key) is not None:
+                    break
+            time.sleep(0.05)
+        reporter = JobReporter(sqlite_database, key)
         reporter.started(resources_allocated={})
         reporter.plan(total_steps=1)
         reporter.metrics(step=1, epoch=None)

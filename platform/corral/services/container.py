@@ -20,7 +20,6 @@ class Services:
     post_training: PostTrainingService
     inference: InferenceService
     openai: OpenAIService
+    synthetic_data: SyntheticDataService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
-    # None likewise (the synthetic data routes answer 501).
-    synthetic_data: SyntheticDataService | None = None

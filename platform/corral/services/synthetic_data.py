@@ -36,7 +36,7 @@ from corral.api.synthetic_data_generation import (
     SyntheticDataJobRequest,
 )
 from corral.config import Settings
-from corral.errors import InvalidRequest, NotFound, PipelineFailed
+from corral.errors import CapabilityUnavailable, InvalidRequest, NotFound, PipelineFailed
 from corral.llama3 import format_chat
 from corral.services.fine_tuning import job_output
 from corral.services.ids import check_id
@@ -58,6 +58,7 @@ from jobs.sdg.config import (
 from jobs.sdg.pipeline import PipelineRun, PromptOutcome, StageFailed, run_pipeline, statistics
 from serve_apps.options import ModelKind
 
+CAPABILITY = "synthetic_data_generation"
 JOB_ROUTE = "/synthetic_data_generation/jobs"
 SDG_KINDS = (JobKind.SYNTHETIC_DATA_GENERATION,)
 
@@ -110,16 +111,17 @@ class SyntheticDataService:
     def __init__(
         self,
         *,
-        models: ModelNames,
-        apps: AppStates,
+        models: ModelNames | None,
+        apps: AppStates | None,
         jobs: JobsService,
         storage: Storage,
         database_url: str,
         limits: SyntheticDataLimits | None = None,
         runner: PipelineRunner = run_pipeline,
     ) -> None:
-        """`database_url` only takes part in validating a job's launch config (the job
-        gets it from its environment, as every recipe does)."""
+        """Without `models` and `apps` (no Ray connection) every request is refused as
+        unavailable (501). `database_url` only takes part in validating a job's launch
+        config (the job gets it from its environment, as every recipe does)."""
         self._models = models
         self._apps = apps
         self._jobs = jobs
@@ -135,6 +137,8 @@ class SyntheticDataService:
     ) -> PreparedRun:
         """Everything checked that can be before a model is called (see the module doc),
         the size first: the synchronous cap, or with `as_job` the job's."""
+        if self._models is None:
+            raise CapabilityUnavailable(CAPABILITY, "this server has no Ray connection")
         if not request.prompts:
             raise InvalidRequest("prompts: give at least one prompt")
         settings = _settings(request.reward_scoring)
@@ -171,6 +175,7 @@ class SyntheticDataService:
 
     def _app_for(self, tenant: str, model: str, kind: ModelKind, field: str) -> str:
         where = f"reward_scoring.{field}" + (".model" if field == "generation" else "")
+        assert self._models is not None  # prepare checked
         try:
             resolved = self._models.resolve(tenant=tenant, model=model)
         except NotFound:
@@ -182,6 +187,7 @@ class SyntheticDataService:
         return resolved.app_name
 
     def _check_running(self, config: PipelineConfig) -> None:
+        assert self._apps is not None  # prepare checked (both or neither are given)
         for stage, app_name in (
             ("generation", config.generation_app),
             ("reward", config.reward_app),

@@ -14,18 +14,25 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def build_reward_model(
-    demo_model_dir: Path, destination: Path, *, labels: Sequence[str] = ("reward",), seed: int = 0
+    demo_model_dir: Path,
+    destination: Path,
+    *,
+    labels: Sequence[str] = ("reward",),
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
 ) -> Path:
-    """A reward model in `destination` with one head output per label."""
+    """A reward model in `destination` with one head output per label (bench/reward.py
+    asks for a larger one, so that batching has compute to share)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     demo = json.loads((demo_model_dir / "config.json").read_text())
     config = LlamaConfig(
         vocab_size=demo["vocab_size"],
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=demo["max_position_embeddings"],

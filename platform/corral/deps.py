@@ -13,6 +13,7 @@ from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
+from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataService
 
 
@@ -45,6 +46,10 @@ def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceSe
     return services.inference
 
 
+def _reward_scoring(services: Annotated[Services, Depends(_services)]) -> RewardScoringService:
+    return services.reward_scoring
+
+
 def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> SyntheticDataService:
     return services.synthetic_data
 
@@ -61,5 +66,6 @@ DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
 JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
+RewardScoringServiceDep = Annotated[RewardScoringService, Depends(_reward_scoring)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
 SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]

@@ -2,9 +2,10 @@
 operation, with data that fits the document and data that does not, then the stateful
 run along the links schemathesis infers between operations, on SQLite and on
 PostgreSQL, against an app with real Ray and Serve behind it (a file model on the
-scripted engine answers every spec model name, so inference runs instead of answering
-404 or 501). Fine-tuning submissions go to a launcher that records them: a fuzzed body
-that passed every check would otherwise start a real training run.
+scripted engine answers every spec model name, and one on the scripted scoring engine the
+reward model's, so inference and reward scoring run instead of answering 404 or 501).
+Fine-tuning submissions go to a launcher that records them: a fuzzed body that passed
+every check would otherwise start a real training run.
 
 Per response: no server error (a 501 naming a capability this build lacks is the one 5xx
 allowed: it is the documented answer of the operations with no engine yet), the status
@@ -46,7 +47,7 @@ from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.store.db import Database
-from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engines
 from tests.api.conftest import ALPHA, API_KEYS
 from tests.api.response_validation import ResponseValidator
 
@@ -57,6 +58,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "8"))
 STATEFUL_EXAMPLES = int(os.environ.get("CORRAL_FUZZ_STATEFUL_EXAMPLES", "10"))
 MODEL = "fuzz-scripted"
+REWARD_MODEL = "fuzz-reward"  # the scripted scoring engine, under the spec's reward name
 SPEC_MODEL_NAMES = ["llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b"]
 # Replicas a fuzzed scale request may ask for: each is a Ray actor process.
 MAX_FUZZ_REPLICAS = 1
@@ -116,11 +118,14 @@ def fuzz_app(
         api_keys=API_KEYS,
         dataset_roots=str(tmp_path),
         fetch_timeout_s=2.0,
+        # One generation at most on the synchronous route: each fuzzed request that got
+        # through would start a Ray Data pipeline (seconds each); beyond it, the 422.
+        sdg_max_sync_generations=1,
     )
     registry = build_model_service(
         database=database,
         deployer=ServeDeployer(
-            engine_factory=partial(scripted_engine, ScriptedEngineConfig("a scripted reply"))
+            engine_factory=partial(scripted_engines, ScriptedEngineConfig("a scripted reply"))
         ),
         file_models=[
             ModelSpec(
@@ -128,7 +133,14 @@ def fuzz_app(
                 aliases=SPEC_MODEL_NAMES,
                 checkpoint_dir=checkpoint,
                 cpus_per_replica=0.1,
-            )
+            ),
+            ModelSpec(
+                name=REWARD_MODEL,
+                kind="reward",
+                aliases=["llama3_405b_reward"],
+                checkpoint_dir=checkpoint,
+                cpus_per_replica=0.1,
+            ),
         ],
         model_roots=model_roots(settings),
     )
@@ -147,6 +159,7 @@ def fuzz_app(
         from ray import serve
 
         serve.delete(file_app_name(MODEL))
+        serve.delete(file_app_name(REWARD_MODEL))
 
 
 def _wait_until_running(registry: ModelService) -> None:
@@ -303,9 +316,8 @@ def test_every_operation_survives_the_fuzzer(
     # The model answered: inference ran on Serve, not only the validation in front of it.
     for label in ANSWERED:
         assert statuses[(label, 200)] > 0, sorted(statuses.items())
-    # The generation routes reached their service: no reward model is served here, so a
-    # request that passes validation ends in the service's 422 (no model of that kind),
-    # never in the 501 of a server without the capability.
+    # The generation routes reached their service (its 422s: the cap, a model of the wrong
+    # kind or none), never the 501 of a server without the capability.
     for label in GENERATION:
         assert statuses[(label, 422)] > 0 and statuses[(label, 501)] == 0, sorted(
             (key, n) for key, n in statuses.items() if key[0] == label
@@ -318,6 +330,7 @@ ANSWERED = [
     "POST /inference/chat_completion",
     "POST /inference/batch_completion",
     "POST /inference/batch_chat_completion",
+    "POST /reward_scoring/score",
 ]
-# Synthetic data operations (no reward model here: see the test).
+# Synthetic data operations (a synchronous cap of one generation here: see fuzz_app).
 GENERATION = ["POST /synthetic_data_generation/generate", "POST /synthetic_data_generation/jobs"]

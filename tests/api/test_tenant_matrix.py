@@ -37,7 +37,7 @@ from corral.serving.deployer import ServeDeployer
 from corral.store import migrate
 from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
-from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
+from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engines
 from serve_apps.options import ReplicaOptions
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.test_fine_tuning_api import RecordingLauncher
@@ -113,6 +113,14 @@ def _generation(model: str) -> dict[str, Any]:
     }
 
 
+def _score(model: str) -> dict[str, Any]:
+    generation = _message("hello") | {"role": "assistant"}
+    return {
+        "model": model,
+        "prompt_generations": [{"dialog": DIALOG, "k_generations": [generation]}],
+    }
+
+
 # ------------------------------------------------------------------ what alpha creates
 
 
@@ -179,6 +187,15 @@ def _create_model(world: World, oid: str) -> httpx.Response:
     return world.client.post("/models/register", json=body, headers=ALPHA)
 
 
+def _create_reward_model(world: World, oid: str) -> httpx.Response:
+    """Alpha registers a one-label reward model of one of its own jobs under `oid`."""
+    checkpoint = job_checkpoint_dir(world.home / "checkpoints", "alpha", f"job-{oid}")
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "config.json").write_text('{"id2label": {"0": "reward"}}')
+    body = {"name": oid, "kind": "reward", "checkpoint_dir": str(checkpoint)}
+    return world.client.post("/models/register", json=body, headers=ALPHA)
+
+
 def _create_agent(world: World, oid: str) -> httpx.Response:
     body = {
         "uuid": oid,
@@ -230,6 +247,14 @@ KINDS: dict[str, Kind] = {
         ("POST /models/register",), _create_model, _model_witness, True, "llama3_70b_chat"
     ),
     "model": Kind(("POST /models/register",), _create_model, _model_witness, True, "llama3_70b"),
+    # The spec's one reward model name, registered by alpha (no file model answers it).
+    "reward_model": Kind(
+        ("POST /models/register",),
+        _create_reward_model,
+        _model_witness,
+        True,
+        "llama3_405b_reward",
+    ),
     "agent": Kind(("POST /agentic_system/create",), _create_agent, _unimplemented_witness, False),
     "bank": Kind(("POST /memory_banks/create",), _create_bank, _unimplemented_witness, False),
 }
@@ -380,6 +405,13 @@ ROUTES: list[Route] = [
         _json("/inference/batch_completion", _batch_completion),
         unused="llama3_8b",
     ),
+    # The only spec name is alpha's: beta's "unused" call is the same call.
+    Route(
+        "POST /reward_scoring/score",
+        "reward_model",
+        _json("/reward_scoring/score", _score),
+        unused="llama3_405b_reward",
+    ),
     # not implemented yet: 501 for everyone, and nothing else
     Route(
         "POST /agentic_system/execute",
@@ -435,7 +467,6 @@ ROUTES: list[Route] = [
 # Routes of the app that name no stored object of a tenant, and why.
 NOT_ID_ROUTES = {
     "GET /health": "no object",
-    "POST /reward_scoring/score": "names a reward model, which nothing can register yet (501)",
 }
 
 
@@ -461,7 +492,7 @@ def world(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
         deployer=ServeDeployer(deploy_timeout_s=60),
         file_models=[],
         model_roots=model_roots(settings),
-        engine_factory=partial(scripted_engine, ScriptedEngineConfig("scripted reply")),
+        engine_factory=partial(scripted_engines, ScriptedEngineConfig("scripted reply")),
         registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
     )
     app = create_app(settings, database=database, models=registry, launcher=RecordingLauncher())

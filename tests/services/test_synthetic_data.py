@@ -189,6 +189,15 @@ def test_a_tenants_registered_model_wins_for_that_tenant_only(
         ({"prompts": []}, "prompts"),
         ({"prompts": [user("a"), {**user("b"), "role": "assistant"}]}, "prompts.1"),
         ({"prompts": [user("<|eot_id|>")]}, "prompts.0"),
+        # What the reward model's template cannot carry (an attachment).
+        (
+            {
+                "prompts": [
+                    {**user("x"), "content": [{"url": "https://a/b.png", "mime_type": "image/png"}]}
+                ]
+            },
+            "prompts.0",
+        ),
         ({"reward_scoring": {"generation": {"num_candidates": 0}}}, "generation.num_candidates"),
         ({"reward_scoring": {"generation": {"num_candidates": -1}}}, "generation.num_candidates"),
         ({"reward_scoring": {"filter": {"top_p": 0}}}, "filter.top_p"),

@@ -21,6 +21,7 @@ from corral.serving.catalog import (
 )
 from serve_apps.llm import LLMAppConfig
 from serve_apps.options import ReplicaOptions
+from serve_apps.reward import RewardAppConfig
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -128,8 +129,9 @@ models:
             "entry 1 ('a'): engine:",
         ),
         (
-            "models:\n  - {name: a, checkpoint_dir: /a, kind: reward}",
-            "entry 1 ('a'): kind: 'reward' models cannot be served yet (served kinds: llm)",
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding}",
+            "entry 1 ('a'): kind: 'embedding' models cannot be served yet (served kinds: llm, "
+            "reward)",
         ),
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: poem}",
@@ -189,6 +191,35 @@ def test_app_config_builds_the_named_app(tmp_path: Path) -> None:
     assert (config.model_dir, config.max_batch_size, config.max_replicas) == (tmp_path, 4, 3)
     with pytest.raises(ValueError, match="must start with 'llm-'"):
         spec.app_config(app_name="m")
+
+
+def test_a_reward_spec_builds_a_reward_app_and_an_llm_spec_its_own(tmp_path: Path) -> None:
+    weights = {"helpfulness": 1.0, "verbosity": -0.5}
+    reward = ModelSpec(name="r", kind="reward", checkpoint_dir=tmp_path, score_weights=weights)
+    config = RewardAppConfig.model_validate(reward.app_config(app_name="llm-r"))
+    assert (config.name, config.model_dir, config.score_weights) == ("r", tmp_path, weights)
+    # The LLM config forbids keys it does not take: an LLM's config has no score_weights.
+    llm_config = ModelSpec(name="m", checkpoint_dir=tmp_path).app_config(app_name="llm-m")
+    assert "score_weights" not in llm_config
+    LLMAppConfig.model_validate(llm_config)
+    with pytest.raises(ValidationError):
+        LLMAppConfig.model_validate(llm_config | {"score_weights": weights})
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"score_weights": {"a": 1.0}}, "score_weights is for reward models"),
+        ({"kind": "reward", "adapter_dir": "/adapter"}, "without an adapter_dir"),
+        ({"kind": "reward", "score_weights": {}}, "at least 1"),
+        ({"kind": "reward", "score_weights": {"a": float("nan")}}, "finite"),
+    ],
+)
+def test_model_specs_refuse_misplaced_score_weights(
+    tmp_path: Path, fields: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        ModelSpec.model_validate({"name": "m", "checkpoint_dir": str(tmp_path)} | fields)
 
 
 def test_model_specs_refuse_unknown_fields(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ class ScoredMessage(SpecModel):
 
 
 class KScoredPromptGenerations(SpecModel):
+    # Corral answers each dialog's last message (`dialog.message`) here.
     prompt: Message
     k_scored_generations: list[ScoredMessage]
 

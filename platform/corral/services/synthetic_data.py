@@ -286,12 +286,12 @@ def _prompt_input(index: int, prompt: Message) -> PromptInput:
         raise InvalidRequest(f"prompts.{index}: a prompt is a user message, not {prompt.role!r}")
     try:
         generation_prompt = format_chat([prompt])
+        turns = tuple(
+            PromptTurn.model_validate({"role": turn.role, "content": turn.content})
+            for turn in chat_turns([prompt])
+        )
     except InvalidRequest as exc:
         raise InvalidRequest(f"prompts.{index}: {exc.message}") from None
-    turns = tuple(
-        PromptTurn.model_validate({"role": turn.role, "content": turn.content})
-        for turn in chat_turns([prompt])
-    )
     return PromptInput(index=index, generation_prompt=generation_prompt, messages=turns)
 
 

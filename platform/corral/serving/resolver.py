@@ -78,12 +78,16 @@ def check_kind(model: ResolvedModel, kind: ModelKind) -> None:
     """InvalidRequest unless `model` is of `kind` (it cannot answer that kind's calls)."""
     if model.spec.kind != kind:
         raise InvalidRequest(
-            f"model {model.name[:200]!r} is a {model.spec.kind} model, not {_a(kind)}"
+            f"model {model.name[:200]!r} is {_KINDS[model.spec.kind]}, not {_KINDS[kind]}"
         )
 
 
-def _a(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+_KINDS: dict[ModelKind, str] = {
+    "llm": "an llm",
+    "reward": "a reward model",
+    "embedding": "an embedding model",
+    "classifier": "a classifier",
+}
 
 
 class ModelResolver:

@@ -98,6 +98,11 @@ REPLY = Message(
     tool_responses=[ToolResponse(tool_name="web_search", content="three cats")],
 )
 DIALOG = Dialog(message=MESSAGE, message_history=[REPLY])
+TEXT_REPLY = Message(role="assistant", content="A cat.", tool_calls=[], tool_responses=[])
+TEXT_DIALOG = Dialog(
+    message=Message(role="user", content="And a dog?", tool_calls=[], tool_responses=[]),
+    message_history=[TEXT_REPLY],
+)
 SAMPLING = SamplingParams(temperature=0.0, strategy="greedy", top_p=0.95, top_k=0)
 TOOL = ToolDefinition(tool_name="web_search", input_shields=[SHIELD], output_shields=[])
 DOCUMENT = MemoryBankDocument(
@@ -258,8 +263,9 @@ CASES = [
         "POST",
         "/reward_scoring/score",
         "reward_scoring",
+        # Text only: a template's turn carries no attachment or tool call (422 otherwise).
         RewardScoringRequest(
-            prompt_generations=[DialogGenerations(dialog=DIALOG, k_generations=[REPLY])],
+            prompt_generations=[DialogGenerations(dialog=TEXT_DIALOG, k_generations=[TEXT_REPLY])],
             model="llama3_405b_reward",
         ),
     ),

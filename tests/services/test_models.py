@@ -383,7 +383,8 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     )
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
-        ({"kind": "reward"}, "kind: 'reward' models cannot be served yet"),
+        ({"kind": "embedding"}, "kind: 'embedding' models cannot be served yet"),
+        ({"kind": "reward", "engine": "vllm"}, "engine: 'vllm' is not available for reward"),
         ({"engine": "vllm"}, "engine: 'vllm' is not available for llm models"),
     ]:
         request = RegisterModelRequest.model_validate(

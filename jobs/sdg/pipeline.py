@@ -156,23 +156,30 @@ class _AppCaller:
     """One stage's calls to one Serve app, at most `max_in_flight` at a time."""
 
     def __init__(self, stage: Stage, app: str, method: str, max_in_flight: int) -> None:
+        from ray import serve
+
         self._stage: Stage = stage
         self._app = app
-        self._method = method
         self._pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"sdg-{stage}")
-        self._handle: Any = None
+        # Taking the method's handle now starts its router finding the app's replicas
+        # (seconds) while the actor waits for its first batch. A failure waits for that
+        # batch too: a constructor that raises makes Ray Data restart the actor.
+        self._method: Any = None
+        self._error: Exception | None = None
+        try:
+            self._method = getattr(serve.get_app_handle(app), method)
+        except Exception as exc:
+            self._error = exc
 
     def _call(self, request: Any) -> Any:
         # Each thread blocks on its own response: the pool's size is the in-flight bound.
-        return getattr(self._handle, self._method).remote(request).result()
+        return self._method.remote(request).result()
 
     def call_all(self, requests: Sequence[Any]) -> list[Any]:
         """Every request's answer, in order; StageFailed at the first failure."""
-        from ray import serve
-
         try:
-            if self._handle is None:  # here, not in __init__: a failing constructor retries
-                self._handle = serve.get_app_handle(self._app)
+            if self._error is not None:
+                raise self._error
             return list(self._pool.map(self._call, requests))
         except Exception as exc:
             raise stage_error(self._stage, self._app, exc) from None
@@ -416,8 +423,9 @@ class PipelineRun:
         if not self.prompts:
             return
         _check_apps(self.config)
+        stream = iter(self._dataset().iter_batches(batch_size=None, batch_format="numpy"))
         try:
-            for batch in self._dataset().iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in stream:
                 _raise_failure(batch)
                 for stage in STAGES:
                     self.stage_seconds[stage] += float(batch[f"{stage}_s"].sum())
@@ -430,6 +438,12 @@ class PipelineRun:
                 raise
             log.error("%s:\n%s", failed, exc)
             raise failed from None
+        finally:
+            # Stops the executor and its actors now, on failure or when the caller stops
+            # early, not whenever the iterator is collected.
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
 
 def _check_apps(config: PipelineConfig) -> None:

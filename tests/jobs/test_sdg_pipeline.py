@@ -13,7 +13,7 @@ import pytest
 from ray import serve
 
 from jobs.sdg.config import PipelineConfig, PromptInput, PromptTurn, SyntheticDataSettings
-from jobs.sdg.filters import ranking
+from jobs.sdg.filters import keep, ranking
 from jobs.sdg.pipeline import (
     PromptOutcome,
     ScoredCandidate,
@@ -31,6 +31,7 @@ from serve_apps.engines.protocol import (
     ScoringRequest,
 )
 from serve_apps.llm import build_app
+from serve_apps.reward import build_app as build_reward_app
 from tests.jobs.rule_reward import build_rule_reward, rule_score
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,12 +39,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LLM_APP = "llm-sdg-pipeline"
 REWARD_APP = "reward-sdg-rule"
 SLOW_REWARD_APP = "reward-sdg-rule-slow"
+MODEL_REWARD_APP = "reward-sdg-model"
 K = 3
 
 
 @pytest.fixture(scope="module")
-def apps(serve_instance: None, demo_model_dir: Path) -> Iterator[None]:
-    """The demo LLM and the rule reward apps, deployed once for the module."""
+def apps(serve_instance: None, demo_model_dir: Path, reward_model_dir: Path) -> Iterator[None]:
+    """The demo LLM, the rule reward apps and the real reward app on a tiny reward
+    model, deployed once for the module."""
     llm = build_app(
         {
             "name": "sdg-pipeline",
@@ -55,8 +58,12 @@ def apps(serve_instance: None, demo_model_dir: Path) -> Iterator[None]:
     serve.run(llm, name=LLM_APP, route_prefix=None)
     serve.run(build_rule_reward(), name=REWARD_APP, route_prefix=None)
     serve.run(build_rule_reward(0.05), name=SLOW_REWARD_APP, route_prefix=None)
+    reward = build_reward_app(
+        {"name": "sdg-model", "model_dir": str(reward_model_dir), "cpus_per_replica": 0.25}
+    )
+    serve.run(reward, name=MODEL_REWARD_APP, route_prefix=None)
     yield
-    for app in (LLM_APP, REWARD_APP, SLOW_REWARD_APP):
+    for app in (LLM_APP, REWARD_APP, SLOW_REWARD_APP, MODEL_REWARD_APP):
         serve.delete(app)
 
 
@@ -138,6 +145,23 @@ def test_each_prompt_gets_k_scored_candidates_filtered_the_same_however_batched(
         )
         alone = handle.generate.remote(GenerationRequest(prompts[3].generation_prompt, sampling))
         assert alone.result().text == candidate.text
+
+
+def test_the_real_reward_app_scores_and_top_p_filters(apps: None) -> None:
+    config = _config(reward_app=MODEL_REWARD_APP, filtering_function="top_p")
+    prompts = [_prompt(i) for i in range(2)]
+    outcomes = _by_index(_run(prompts, config)[0])
+    reward = serve.get_app_handle(MODEL_REWARD_APP)
+    for prompt, outcome in zip(prompts, outcomes, strict=True):
+        turns = (ChatMessage("user", prompt.messages[0].content),)
+        alone = [
+            reward.score.remote(ScoringRequest((*turns, ChatMessage("assistant", c.text))))
+            for c in outcome.candidates
+        ]
+        scores = [c.score for c in outcome.candidates]
+        assert scores == pytest.approx([r.result() for r in alone], abs=1e-5)
+        expected = keep("top_p", scores, config.settings.filter, seed=5, prompt_index=prompt.index)
+        assert [c.kept for c in outcome.candidates] == expected
 
 
 def test_no_more_than_max_in_flight_calls_per_app(apps: None) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from corral.api.common import JsonObject, Message, SpecModel, spec_default
+from corral.api.common import Id, JsonObject, Message, SpecModel, spec_default
 from corral.api.reward_scoring import KScoredPromptGenerations
 from jobs.sdg.config import DatasetOutput
 
@@ -38,5 +38,5 @@ class SyntheticDataJobRequest(SyntheticDataGenerationRequest):
     is the same job; another request under that uuid is a 409), whose output is written
     and registered as the tenant's dataset `output.dataset_id` (default: the job uuid)."""
 
-    job_uuid: str
+    job_uuid: Id
     output: DatasetOutput = DatasetOutput()

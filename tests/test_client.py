@@ -59,13 +59,14 @@ def test_job_metrics_follow_every_page() -> None:
     seen: list[dict[str, str]] = []
 
     def pages(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/jobs/j/metrics"
         params = dict(request.url.params)
         seen.append(params)
         after, limit = int(params.get("after_step", 0)), int(params["limit"])
         page = [r for r in records if r["step"] > after][:limit]
         more = page and page[-1]["step"] < records[-1]["step"]
         body = {
-            "job_uuid": params["job_uuid"],
+            "job_uuid": "j",
             "data": page,
             "next_after_step": page[-1]["step"] if more else None,
         }

@@ -23,20 +23,21 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Self, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
 
 from corral.api.datasets import CreateDatasetRequest, Dataset
 from corral.api.inference import ChatCompletionResponse, ChatCompletionResponseStreamChunk
-from corral.api.jobs import JobList, JobMetric, JobMetrics, JobStatusName, JobSummary
+from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobStatusName, JobSummary
 from corral.api.models import ModelInfo, ModelList, ScaleModelResponse
 from corral.api.openai import ChatCompletion
 from corral.api.post_training import (
     PostTrainingJobArtifactsResponse,
-    PostTrainingJobLogStream,
     PostTrainingJobStatusResponse,
 )
+from corral.api.synthetic_data_generation import SyntheticDataGenerationResponse
 
 DEFAULT_URL = "http://127.0.0.1:8321"
 # Long: registering and scaling a model wait on Ray Serve, submitting a job on Ray.
@@ -226,11 +227,11 @@ class CorralClient:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status:
             params["status"] = status
-        return self._get("/post_training/jobs", JobList, params=params)
+        return self._get("/jobs", JobList, params=params)
 
     def get_job(self, job_uuid: str) -> JobSummary:
-        """Corral's view of a job: its lifecycle, error and progress."""
-        return self._get("/post_training/job", JobSummary, params={"job_uuid": job_uuid})
+        """Corral's view of a job of any kind: its lifecycle, error and progress."""
+        return self._get(f"/jobs/{quote(job_uuid, safe='')}", JobSummary)
 
     def job_status(self, job_uuid: str) -> PostTrainingJobStatusResponse:
         """The spec's view of a job (no `cancelled`: it reads `failed`)."""
@@ -241,9 +242,8 @@ class CorralClient:
         )
 
     def job_logs(self, job_uuid: str) -> list[str]:
-        return self._get(
-            "/post_training/job/logs", PostTrainingJobLogStream, params={"job_uuid": job_uuid}
-        ).log_lines
+        """A job's log lines (any kind)."""
+        return self._get(f"/jobs/{quote(job_uuid, safe='')}/logs", JobLogs).log_lines
 
     def job_artifacts(self, job_uuid: str) -> PostTrainingJobArtifactsResponse:
         return self._get(
@@ -256,12 +256,12 @@ class CorralClient:
         self, job_uuid: str, *, after_step: int | None = None, limit: int | None = None
     ) -> JobMetrics:
         """One page of a job's per-step metrics, by step, after `after_step`."""
-        params: dict[str, Any] = {"job_uuid": job_uuid}
+        params: dict[str, Any] = {}
         if after_step is not None:
             params["after_step"] = after_step
         if limit is not None:
             params["limit"] = limit
-        return self._get("/post_training/job/metrics", JobMetrics, params=params)
+        return self._get(f"/jobs/{quote(job_uuid, safe='')}/metrics", JobMetrics, params=params)
 
     def job_metrics(
         self, job_uuid: str, *, after_step: int | None = None, page_size: int | None = None
@@ -275,9 +275,9 @@ class CorralClient:
             after_step = page.next_after_step
 
     def cancel_job(self, job_uuid: str) -> JobSummary:
-        return JobSummary.model_validate_json(
-            self._request("POST", "/post_training/job/cancel", json={"job_uuid": job_uuid}).content
-        )
+        """Cancel a job of any kind; its summary afterwards."""
+        response = self._request("POST", f"/jobs/{quote(job_uuid, safe='')}/cancel")
+        return JobSummary.model_validate_json(response.content)
 
     def follow_job(
         self, job_uuid: str, *, poll_s: float = 1.0, timeout_s: float | None = None
@@ -292,6 +292,20 @@ class CorralClient:
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(f"{job_uuid} still {job.status} after {timeout_s:g} s")
             time.sleep(poll_s)
+
+    # -------------------------------------------------------------- synthetic data
+
+    def submit_generation_job(self, request: Body) -> JobSummary:
+        """Run a synthetic data generation request as a job (Corral's
+        `/synthetic_data_generation/jobs`: the spec's request, a `job_uuid`, an
+        `output`); the job's summary. Follow it with `follow_job`."""
+        response = self._request("POST", "/synthetic_data_generation/jobs", json=_json(request))
+        return JobSummary.model_validate_json(response.content)
+
+    def generate_synthetic_data(self, request: Body) -> SyntheticDataGenerationResponse:
+        """The spec's synchronous generation (small requests; large ones are jobs)."""
+        response = self._request("POST", "/synthetic_data_generation/generate", json=_json(request))
+        return SyntheticDataGenerationResponse.model_validate_json(response.content)
 
     # -------------------------------------------------------------- inference
 

@@ -14,6 +14,7 @@ from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
 from corral.services.reward_scoring import RewardScoringService
+from corral.services.synthetic_data import SyntheticDataService
 
 
 def _tenant(request: Request) -> str:
@@ -49,6 +50,10 @@ def _reward_scoring(services: Annotated[Services, Depends(_services)]) -> Reward
     return services.reward_scoring
 
 
+def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> SyntheticDataService:
+    return services.synthetic_data
+
+
 def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
     if services.models is None:
         raise CapabilityUnavailable("models", "this server has no Ray connection")
@@ -63,3 +68,4 @@ JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
 RewardScoringServiceDep = Annotated[RewardScoringService, Depends(_reward_scoring)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
+SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]

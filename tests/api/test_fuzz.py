@@ -118,6 +118,9 @@ def fuzz_app(
         api_keys=API_KEYS,
         dataset_roots=str(tmp_path),
         fetch_timeout_s=2.0,
+        # One generation at most on the synchronous route: each fuzzed request that got
+        # through would start a Ray Data pipeline (seconds each); beyond it, the 422.
+        sdg_max_sync_generations=1,
     )
     registry = build_model_service(
         database=database,
@@ -313,6 +316,12 @@ def test_every_operation_survives_the_fuzzer(
     # The model answered: inference ran on Serve, not only the validation in front of it.
     for label in ANSWERED:
         assert statuses[(label, 200)] > 0, sorted(statuses.items())
+    # The generation routes reached their service (its 422s: the cap, a model of the wrong
+    # kind or none), never the 501 of a server without the capability.
+    for label in GENERATION:
+        assert statuses[(label, 422)] > 0 and statuses[(label, 501)] == 0, sorted(
+            (key, n) for key, n in statuses.items() if key[0] == label
+        )
 
 
 # Operations whose fuzzed requests must reach the scripted model at least once.
@@ -323,3 +332,5 @@ ANSWERED = [
     "POST /inference/batch_chat_completion",
     "POST /reward_scoring/score",
 ]
+# Synthetic data operations (a synchronous cap of one generation here: see fuzz_app).
+GENERATION = ["POST /synthetic_data_generation/generate", "POST /synthetic_data_generation/jobs"]

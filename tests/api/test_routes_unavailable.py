@@ -50,7 +50,10 @@ from corral.api.post_training import (
     TrainingConfig,
 )
 from corral.api.reward_scoring import DialogGenerations, RewardScoringRequest
-from corral.api.synthetic_data_generation import SyntheticDataGenerationRequest
+from corral.api.synthetic_data_generation import (
+    SyntheticDataGenerationRequest,
+    SyntheticDataJobRequest,
+)
 from corral.app import create_app
 from corral.config import Settings
 from corral.store import migrate
@@ -271,6 +274,12 @@ CASES = [
         "/synthetic_data_generation/generate",
         "synthetic_data_generation",
         SyntheticDataGenerationRequest(prompts=[MESSAGE], filtering_function="top_k"),
+    ),
+    Case(
+        "POST",
+        "/synthetic_data_generation/jobs",
+        "synthetic_data_generation",
+        SyntheticDataJobRequest(job_uuid="gen-1", prompts=[MESSAGE], filtering_function="top_k"),
     ),
     # Submission needs Ray (the launcher) and the model registry; without them, 501.
     Case(

@@ -105,6 +105,14 @@ def _batch_completion(model: str) -> dict[str, Any]:
     }
 
 
+def _generation(model: str) -> dict[str, Any]:
+    return {
+        "prompts": [_message("hi")],
+        "filtering_function": "none",
+        "reward_scoring": {"generation": {"model": model, "num_candidates": 1}},
+    }
+
+
 def _score(model: str) -> dict[str, Any]:
     generation = _message("hello") | {"role": "assistant"}
     return {
@@ -435,12 +443,30 @@ ROUTES: list[Route] = [
     Route("POST /memory_bank/update", "bank", _bank("/memory_bank/update")),
     Route("POST /memory_bank/delete", "bank", _bank("/memory_bank/delete")),
     Route("POST /memory_bank/get", "bank", _bank("/memory_bank/get")),
+    # synthetic data: alpha's registered model is no model at all to beta (422 as for a
+    # name nobody registered; alpha's own call would need a reward model too)
+    Route(
+        "POST /synthetic_data_generation/generate",
+        "chat_model",
+        _json("/synthetic_data_generation/generate", _generation),
+        beta_status=422,
+        unused="llama3_8b_chat",
+    ),
+    Route(
+        "POST /synthetic_data_generation/jobs",
+        "chat_model",
+        _json(
+            "/synthetic_data_generation/jobs",
+            lambda oid: _generation(oid) | {"job_uuid": f"sdg-{oid}"},
+        ),
+        beta_status=422,
+        unused="llama3_8b_chat",
+    ),
 ]
 
 # Routes of the app that name no stored object of a tenant, and why.
 NOT_ID_ROUTES = {
     "GET /health": "no object",
-    "POST /synthetic_data_generation/generate": "names no stored object (501)",
 }
 
 

@@ -1,5 +1,5 @@
 """`corral jobs metrics JOB` against a server stand-in (httpx's MockTransport) that
-answers `GET /post_training/job/metrics` in the route's shape, a page at a time: the
+answers `GET /jobs/{job_uuid}/metrics` in the route's shape, a page at a time: the
 table, `--json`, and a job the server does not know. (Against the real route, through
 the whole jobs CLI: tests/api/test_fine_tuning_api.py.)"""
 
@@ -34,8 +34,8 @@ PAGE = 2  # the stand-in's page size: three records take two pages
 
 
 def metrics_route(request: httpx.Request) -> httpx.Response:
-    assert request.url.path == "/post_training/job/metrics"
-    job_uuid = request.url.params["job_uuid"]
+    prefix, job_uuid, suffix = request.url.path.split("/")[1:]
+    assert (prefix, suffix) == ("jobs", "metrics")
     if job_uuid != "job-1":
         body = {"error": {"code": "not_found", "message": f"no job {job_uuid!r}"}}
         return httpx.Response(404, json=body)
@@ -87,7 +87,7 @@ def test_on_a_terminal_it_is_a_rich_table(
 
 
 def test_an_unknown_job_is_the_servers_404() -> None:
-    with pytest.raises(CliError, match="GET /post_training/job/metrics: 404 no job 'other'"):
+    with pytest.raises(CliError, match="GET /jobs/other/metrics: 404 no job 'other'"):
         run(["jobs", "metrics", "other"])
 
 

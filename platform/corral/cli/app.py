@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from corral.cli import jobs, models
+from corral.cli import jobs, models, sdg
 from corral.cli.output import CliError, JsonOption, print_json
 from corral.cli.serve import serve
 from corral.cli.state import settings_of
@@ -29,6 +29,7 @@ app.command(name="serve", help="upgrade the database, start or join Ray, serve")
 app.add_typer(db, name="db")
 app.add_typer(models.app, name="models")
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(sdg.app, name="sdg")
 app.add_typer(ray, name="ray")
 
 

@@ -4,6 +4,9 @@ running server's post-training API (`--url`, bearer key from CORRAL_API_KEY).
 `submit` takes the spec's request body as a JSON file; an `algorithm` of `dpo` goes to
 `/post_training/preference_optimize/`, anything else to `/post_training/supervised_fine_tune/`.
 `--follow` draws a progress bar (steps done out of planned) until the job ends.
+`logs`, `metrics`, `list` and `cancel` (and `status --follow`'s progress) go through the
+routes of every kind (`/jobs/...`), so they serve generation jobs (`corral sdg`) too;
+`status` and `artifacts` are the spec's post-training views.
 """
 
 from __future__ import annotations

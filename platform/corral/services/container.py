@@ -11,6 +11,7 @@ from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.services.reward_scoring import RewardScoringService
+from corral.services.synthetic_data import SyntheticDataService
 
 
 @dataclass(frozen=True)
@@ -21,5 +22,6 @@ class Services:
     inference: InferenceService
     openai: OpenAIService
     reward_scoring: RewardScoringService
+    synthetic_data: SyntheticDataService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None

@@ -26,7 +26,9 @@ def prompt(index: int, *turns: tuple[str, str]) -> PromptInput:
 def outcome(index: int, *candidates: tuple[str, float, bool]) -> SavedOutcome:
     return SavedOutcome(
         index=index,
-        candidates=tuple(SavedCandidate(text, score, kept, "stop") for text, score, kept in candidates),
+        candidates=tuple(
+            SavedCandidate(text, score, kept, "stop") for text, score, kept in candidates
+        ),
     )
 
 
@@ -47,7 +49,12 @@ def test_sft_rows_hold_the_best_kept_candidate_after_the_prompt() -> None:
                 {"role": "assistant", "content": "c"},  # 3.0 tie: the earlier one
             ]
         },
-        {"dialog": [{"role": "user", "content": "question 2"}, {"role": "assistant", "content": "x"}]},
+        {
+            "dialog": [
+                {"role": "user", "content": "question 2"},
+                {"role": "assistant", "content": "x"},
+            ]
+        },
     ]
     assert made.dropped == {"no kept candidate": 1, "margin": 0, "refused": 0}
     assert all(sft_row_problem(row) is None for row in made.rows)
@@ -76,7 +83,10 @@ def test_dpo_pairs_the_best_kept_with_the_lowest_and_drops_ties_and_small_margin
 
 def test_a_zero_margin_still_drops_ties() -> None:
     made = dataset_rows(
-        [outcome(0, ("a", 1.0, True), ("b", 1.0, True)), outcome(1, ("a", 1.0, True), ("b", 0.9, True))],
+        [
+            outcome(0, ("a", 1.0, True), ("b", 1.0, True)),
+            outcome(1, ("a", 1.0, True), ("b", 0.9, True)),
+        ],
         [prompt(0), prompt(1)],
         DatasetOutput(format="dpo", min_margin=0.0),
     )

@@ -44,7 +44,7 @@ class OneModel:
     def __init__(self, handle: DeploymentHandle[Any]) -> None:
         self.handle = handle
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
+    def handle_for(self, *, tenant: str, model: str, kind: str = "llm") -> DeploymentHandle[Any]:
         return self.handle
 
 

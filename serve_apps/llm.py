@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
+from serve_apps.deployment import BatchStats, size_batch_queue
+from serve_apps.deployment import deployment_options as shared_deployment_options
 from serve_apps.engines.protocol import (
     GenerationEngine,
     GenerationRequest,
@@ -129,11 +129,8 @@ class LLMServer:
         self._config = config
         self._engine = engine_factory(config)
         self._engine_lock = threading.Lock()
-        self._recent_batch_sizes: deque[int] = deque(maxlen=1000)
-        # `serve.batch` fixes its limits at class definition; these come from config.
-        batch_queue: Any = self._generate_batch
-        batch_queue.set_max_batch_size(config.max_batch_size)
-        batch_queue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self._batches = BatchStats()
+        size_batch_queue(self._generate_batch, config)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self._engine.check(request)  # a bad request fails alone, not its whole batch
@@ -142,7 +139,7 @@ class LLMServer:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        self._recent_batch_sizes.append(len(requests))
+        self._batches.record(len(requests))
         return await asyncio.to_thread(self._run_batch, requests)
 
     def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -202,34 +199,12 @@ class LLMServer:
 
     def stats(self) -> dict[str, Any]:
         """What this replica has done: sizes of its recent batches."""
-        return {"batch_sizes": list(self._recent_batch_sizes)}
+        return self._batches.stats()
 
 
 def deployment_options(config: LLMAppConfig) -> dict[str, Any]:
-    """Serve options for a model; scaling on demand redeploys with new ones in place."""
-    autoscaling: dict[str, Any] = {
-        "min_replicas": config.min_replicas,
-        "max_replicas": config.max_replicas,
-        "target_ongoing_requests": config.target_ongoing_requests,
-        "upscale_delay_s": config.upscale_delay_s,
-        "downscale_delay_s": config.downscale_delay_s,
-        "look_back_period_s": config.look_back_period_s,
-    }
-    if config.initial_replicas is not None:
-        autoscaling["initial_replicas"] = config.initial_replicas
-    return {
-        "name": DEPLOYMENT_NAME,
-        "ray_actor_options": {
-            "num_cpus": config.cpus_per_replica,
-            "num_gpus": config.gpus_per_replica,
-        },
-        "autoscaling_config": autoscaling,
-        # A replica must accept a whole batch at once, or batches are cut short.
-        "max_ongoing_requests": max(
-            config.max_batch_size, math.ceil(config.target_ongoing_requests)
-        ),
-        "max_queued_requests": config.max_queued_requests,
-    }
+    """Serve options for a model's LLM deployment (`serve_apps.deployment`)."""
+    return shared_deployment_options(config, name=DEPLOYMENT_NAME)
 
 
 def engine_for(config: LLMAppConfig) -> EngineFactory:

@@ -8,7 +8,7 @@ process imports it without any engine.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,12 @@ ModelKind = Literal["llm", "reward", "embedding", "classifier"]
 EngineName = Literal["transformers", "vllm"]
 # The names models are served under (app names are built from them, so never an `@`).
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+# A reward head's label names (config.json `id2label`) and the weight of each label's
+# logit in the model's one score.
+ScoreWeights = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=200)], float],
+    Field(min_length=1, max_length=1024),
+]
 # Far beyond any cluster Corral runs on; it keeps a typo from asking Serve for 10^6 actors.
 MAX_REPLICAS = 256
 

@@ -35,7 +35,7 @@ class StaticRouter:
     def __init__(self, handles: dict[str, DeploymentHandle[Any]]) -> None:
         self.handles = handles
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
+    def handle_for(self, *, tenant: str, model: str, kind: str = "llm") -> DeploymentHandle[Any]:
         if model not in self.handles:
             raise NotFound(f"no model {model!r}")
         return self.handles[model]

@@ -197,7 +197,7 @@ class TenantRouter:
         names = sorted(self.handles) if tenant == "alpha" else ["oa-plain"]
         return [ServedName(name, None) for name in names]
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
+    def handle_for(self, *, tenant: str, model: str, kind: str = "llm") -> DeploymentHandle[Any]:
         if model not in {n.name for n in self.model_names(tenant=tenant)}:
             raise NotFound(f"no model {model!r}")
         return self.handles[model]

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from corral.store import migrate
 from corral.store.db import Database, make_engine
 from corral.store.jobs import JobStore, Progress
-from corral.store.models import ServedModelStore
+from corral.store.models import RegisteredModel, ServedModelStore
 from corral.store.tables import Base, ServedModel
 from corral.tenancy import job_key
 from serve_apps.options import ReplicaOptions
@@ -298,5 +298,66 @@ def test_job_metrics_migration_carries_old_progress_over_and_back(
                 ("old-job", "running")
             ]
             assert conn.execute(text("SELECT count(*) FROM job_log_lines")).scalar() == len(lines)
+    finally:
+        engine.dispose()
+
+
+def test_score_weights_migration_keeps_models_and_goes_back(empty_database_url: str) -> None:
+    """0007 adds a reward model's label weights: models stored before have none (they are
+    LLMs), a reward model's weights are stored and read back; the way back drops the
+    column and keeps every model."""
+    url = empty_database_url
+    migrate.upgrade(url, "0006")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO served_models (tenant, name, kind, checkpoint_dir, options,"
+                    " created_at, updated_at) VALUES ('alpha', 'old', 'llm', '/ckpt/a', :options,"
+                    " :now, :now)"
+                ),
+                {"options": '{"engine": "transformers"}', "now": "2026-11-30 12:00:00+00:00"},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    db = Database(url)
+    weights = {"helpfulness": 1.0, "verbosity": -0.5}
+    try:
+        with db.transaction() as session:
+            store = ServedModelStore(session)
+            old = store.get(tenant="alpha", name="old")
+            assert old is not None and old.score_weights is None
+            store.add(
+                RegisteredModel(
+                    tenant="alpha",
+                    name="judge",
+                    kind="reward",
+                    checkpoint_dir="/ckpt/judge",
+                    adapter_dir=None,
+                    options=ReplicaOptions(),
+                    score_weights=weights,
+                )
+            )
+        with db.transaction() as session:
+            judge = ServedModelStore(session).get(tenant="alpha", name="judge")
+            assert judge is not None and judge.score_weights == weights
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "0006")
+    engine = make_engine(url)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("served_models")}
+        assert "score_weights" not in columns
+        with engine.connect() as conn:
+            assert conn.execute(
+                text("SELECT name, kind FROM served_models ORDER BY name")
+            ).all() == [
+                ("judge", "reward"),
+                ("old", "llm"),
+            ]
     finally:
         engine.dispose()

@@ -8,7 +8,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from corral.api.common import Id
-from serve_apps.options import MAX_REPLICAS, MODEL_NAME_PATTERN, ModelKind, ReplicaOptions
+from serve_apps.options import (
+    MAX_REPLICAS,
+    MODEL_NAME_PATTERN,
+    ModelKind,
+    ReplicaOptions,
+    ScoreWeights,
+)
 
 
 class RegisterModelRequest(ReplicaOptions):
@@ -22,6 +28,9 @@ class RegisterModelRequest(ReplicaOptions):
     adapter_dir: str | None = Field(default=None, min_length=1, max_length=4096)
     # The fine-tuning job that produced the weights, if any.
     source_job_uuid: Id | None = None
+    # kind reward only, for a head with several labels: the weight of each label's logit
+    # in the one score (labels by name, as the checkpoint's config.json id2label has them).
+    score_weights: ScoreWeights | None = None
 
 
 class ScaleModelRequest(BaseModel):
@@ -57,6 +66,8 @@ class ModelInfo(ReplicaOptions):
     checkpoint_dir: str
     adapter_dir: str | None
     source_job_uuid: str | None
+    # A reward model's label weights (null for one with a single label, and for LLMs).
+    score_weights: dict[str, float] | None = None
     # The Serve app's status (RUNNING, DEPLOYING, DEPLOY_FAILED, ...) and RUNNING replicas.
     status: str
     replicas: int

@@ -41,7 +41,7 @@ from corral.api.post_training import (
 from corral.config import Settings
 from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
-from corral.serving.resolver import ResolvedModel
+from corral.serving.resolver import ResolvedModel, check_kind
 from corral.storage import Storage
 from corral.tenancy import job_key
 from jobs.config import DPOJobConfig, SFTJobConfig, TrainingJobConfig
@@ -127,6 +127,7 @@ class LaunchPlanner:
             model = self._models.resolve(tenant=tenant, model=request.model, fresh=True)
         except NotFound:
             raise InvalidRequest(f"model {request.model!r} is not known to this server") from None
+        check_kind(model, "llm")  # a reward model's head is not what SFT trains
         if model.spec.adapter_dir is not None:
             raise InvalidRequest(
                 f"model {request.model!r} is a LoRA adapter; fine-tune its base model instead"

@@ -35,6 +35,7 @@ from serve_apps.engines.protocol import (
     SamplingOptions,
     TokenDelta,
 )
+from serve_apps.options import ModelKind
 
 T = TypeVar("T")
 
@@ -42,16 +43,22 @@ T = TypeVar("T")
 class ModelRouter(Protocol):
     """Finds the Serve app that answers for a model name, for a tenant."""
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
-        """Raises NotFound for a model the tenant cannot use."""
+    def handle_for(
+        self, *, tenant: str, model: str, kind: ModelKind = "llm"
+    ) -> DeploymentHandle[Any]:
+        """Raises NotFound for a model the tenant cannot use, InvalidRequest for one that
+        is not of `kind` (see `corral.serving.resolver`)."""
         ...
 
 
 class NoModels:
     """The router of a server without a Ray connection: every model is unavailable."""
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
-        raise CapabilityUnavailable("inference", "this server runs without a Ray connection")
+    def handle_for(
+        self, *, tenant: str, model: str, kind: ModelKind = "llm"
+    ) -> DeploymentHandle[Any]:
+        capability = "reward_scoring" if kind == "reward" else "inference"
+        raise CapabilityUnavailable(capability, "this server runs without a Ray connection")
 
 
 def sampling_options(params: SamplingParams, *, max_tokens: int, logprobs: bool) -> SamplingOptions:

@@ -28,6 +28,7 @@ waiting for its app must not race a scale or delete of the same app. Reads do no
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import threading
 from collections.abc import Iterable
@@ -45,11 +46,12 @@ from corral.services.model_dirs import ModelDirs
 from corral.serving.catalog import ModelRoots, ModelSpec, ServedName, file_app_name
 from corral.serving.deployer import AppState, EngineFactory, ModelDeployError, ServeDeployer
 from corral.serving.kinds import NotServable, check_servable
-from corral.serving.resolver import ModelResolver, ResolvedModel, resolved_registered
+from corral.serving.resolver import ModelResolver, ResolvedModel, resolved_registered, spec_of
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.models import RegisteredModel, ServedModelStore
+from serve_apps.engines.labels import config_labels, label_weights
 from serve_apps.options import MAX_REPLICAS, ReplicaOptions
 
 log = logging.getLogger(__name__)
@@ -237,7 +239,9 @@ class ModelService:
             adapter_dir=str(adapter_dir) if adapter_dir is not None else None,
             options=self._options_of(request),
             source_job_uuid=request.source_job_uuid,
+            score_weights=request.score_weights,
         )
+        _check_spec(wanted)
         with self._lock:
             try:
                 with self._db.transaction() as session:
@@ -363,19 +367,22 @@ class ModelService:
         return [self._info(model, states.get(model.app_name)) for model in resolved]
 
     def model_names(self, *, tenant: str) -> builtins.list[ServedName]:
-        """Every name that resolves for `tenant`, once each: the file models under their
-        names and aliases, then the tenant's registered models. A registered name that
-        shadows a file model's name is listed once, as the tenant's."""
+        """Every name that resolves for `tenant`, once each, with its model's kind: the
+        file models under their names and aliases, then the tenant's registered models.
+        A registered name that shadows a file model's name is listed once, as the
+        tenant's."""
         with self._db.transaction() as session:
-            registered = ServedModelStore(session).names(tenant=tenant)
-        shadowed = set(registered)
+            registered = ServedModelStore(session).find(tenant=tenant)
+        shadowed = {model.name for model in registered}
         shared = [
-            ServedName(name=name, owner=None)
+            ServedName(name=name, owner=None, kind=spec.kind)
             for spec in self._resolver.file_models.values()
             for name in spec.names
             if name not in shadowed
         ]
-        return shared + [ServedName(name=name, owner=tenant) for name in registered]
+        return shared + [
+            ServedName(name=model.name, owner=tenant, kind=model.kind) for model in registered
+        ]
 
     # ------------------------------------------------------------------ helpers
 
@@ -449,6 +456,7 @@ class ModelService:
                 "checkpoint_dir": str(spec.checkpoint_dir),
                 "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir is not None else None,
                 "source_job_uuid": model.source_job_uuid,
+                "score_weights": spec.score_weights,
                 "status": state.status,
                 "replicas": state.running_replicas,
                 **spec.option_values(),
@@ -498,6 +506,24 @@ def _rescaled(spec: ModelSpec, min_replicas: int | None, max_replicas: int | Non
         update={"min_replicas": new_min, "max_replicas": new_max, "initial_replicas": initial}
     )
     return spec.with_options(options)
+
+
+def _check_spec(model: RegisteredModel) -> None:
+    """InvalidRequest for a registration no spec can be made of (score_weights on an LLM,
+    a reward model with an adapter), or a local reward checkpoint whose head's labels
+    (its config.json, read as JSON) do not fit the weights. A checkpoint in object
+    storage is checked by its replica, at deploy."""
+    try:
+        spec = spec_of(model)
+    except ValidationError as exc:
+        raise InvalidRequest(_problems(exc)) from None
+    if spec.kind != "reward" or not isinstance(spec.checkpoint_dir, Path):
+        return
+    try:
+        config = json.loads((spec.checkpoint_dir / "config.json").read_text())
+        label_weights(config_labels(config), spec.score_weights)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InvalidRequest(f"checkpoint_dir: {exc}") from None
 
 
 def _same_or_conflict(stored: RegisteredModel, wanted: RegisteredModel) -> None:

@@ -238,9 +238,15 @@ class OpenAIService:
     # --- models ---------------------------------------------------------------------
 
     def models(self, *, tenant: str) -> ModelList:
+        """The models a tenant can call here: LLMs only (a reward model answers no
+        completion; it is scored through the spec's /reward_scoring/score)."""
         names = self._names.model_names(tenant=tenant) if self._names is not None else []
         return ModelList(
-            data=[Model(id=n.name, created=0, owned_by=n.owner or OWNER) for n in names]
+            data=[
+                Model(id=n.name, created=0, owned_by=n.owner or OWNER)
+                for n in names
+                if n.kind == "llm"
+            ]
         )
 
     def model(self, *, tenant: str, model: str) -> Model:

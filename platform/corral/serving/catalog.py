@@ -21,7 +21,7 @@ from corral.config import Settings
 from corral.serving.kinds import NotServable, check_servable
 from corral.tenancy import tenant_slug
 from serve_apps.model_cache import ModelLocation, is_local, local_path
-from serve_apps.options import MODEL_NAME_PATTERN, ModelKind, ReplicaOptions
+from serve_apps.options import MODEL_NAME_PATTERN, ModelKind, ReplicaOptions, ScoreWeights
 
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 APP_PREFIX = "llm-"
@@ -45,11 +45,22 @@ class ModelSpec(ReplicaOptions):
     checkpoint_dir: ModelLocation
     # A LoRA adapter served over `checkpoint_dir`, its base model.
     adapter_dir: ModelLocation | None = None
+    # A reward model whose head has several labels: the weight of each label's logit in
+    # its one score, by the label names of its config.json `id2label`.
+    score_weights: ScoreWeights | None = None
 
     @model_validator(mode="after")
     def _check_aliases(self) -> ModelSpec:
         if self.name in self.aliases or len(set(self.aliases)) != len(self.aliases):
             raise ValueError("aliases must be distinct from each other and from the name")
+        return self
+
+    @model_validator(mode="after")
+    def _check_kind_fields(self) -> ModelSpec:
+        if self.score_weights is not None and self.kind != "reward":
+            raise ValueError("score_weights is for reward models (kind: reward) only")
+        if self.kind == "reward" and self.adapter_dir is not None:
+            raise ValueError("a reward model is served without an adapter_dir")
         return self
 
     @property
@@ -62,17 +73,22 @@ class ModelSpec(ReplicaOptions):
         return ModelSpec.model_validate(self.model_dump() | options.option_values())
 
     def app_config(self, *, app_name: str) -> dict[str, Any]:
-        """The app config (as a dict; `serve_apps.llm.LLMAppConfig` for an LLM) that runs
-        this model as the Serve app `app_name`, which must start with `llm-` (the app's
-        config adds that prefix)."""
+        """The app config (as a dict) that runs this model as the Serve app `app_name`:
+        a `serve_apps.llm.LLMAppConfig` for an LLM, a `serve_apps.reward.RewardAppConfig`
+        for a reward model, each with only the keys its kind takes (both forbid others).
+        `app_name` must start with `llm-`, the prefix of every kind's apps (the LLM
+        app's config adds it back)."""
         if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
             raise ValueError(f"Serve app name {app_name!r} must start with {APP_PREFIX!r}")
-        return {
+        config: dict[str, Any] = {
             "name": app_name.removeprefix(APP_PREFIX),
             "model_dir": str(self.checkpoint_dir),
-            "adapter_dir": str(self.adapter_dir) if self.adapter_dir is not None else None,
-            **self.option_values(),
         }
+        if self.kind == "reward":
+            config["score_weights"] = self.score_weights
+        else:
+            config["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir is not None else None
+        return config | self.option_values()
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,7 @@ class ServedName:
 
     name: str
     owner: str | None
+    kind: ModelKind = "llm"
 
 
 def file_app_name(model: str) -> str:

@@ -1,5 +1,5 @@
 """Which Serve app runs each model kind: one row per kind Corral can serve. A new kind
-(reward, embedding, classifier) is a `serve_apps/<kind>.py` with a `build_app` and its
+(embedding, classifier) is a `serve_apps/<kind>.py` with a `build_app` and its
 own engines table, and one row here."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ray.serve import Application
 
-from serve_apps import llm
+from serve_apps import llm, reward
 from serve_apps.options import ModelKind
 
 # `build_app(args, *, engine_factory=None)`: the app's config as a dict; an injected
@@ -26,6 +26,7 @@ class AppKind:
 
 APP_KINDS: dict[ModelKind, AppKind] = {
     "llm": AppKind(build_app=llm.build_app, engines=frozenset(llm.ENGINES)),
+    "reward": AppKind(build_app=reward.build_app, engines=frozenset(reward.ENGINES)),
 }
 
 

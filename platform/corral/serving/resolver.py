@@ -1,11 +1,17 @@
 """From (tenant, model name) to the model and its Serve handle: what every inference
 request asks first.
 
-A tenant's registered models come first, then the file models (by name or alias): a
-tenant may register a name a file model also answers to, and for that tenant its own
-model wins. What the database says about a (tenant, name) is kept for RESOLVE_CACHE_S;
-this process's own changes drop the entry at once (`forget`), another API process's show
-up within that time.
+Resolution order: the tenant's registered model of that name first, then the file models
+(by name or alias). So a tenant may register a name a file model also answers to (an LLM
+or a reward model, e.g. its own `llama3_405b_reward`), and for that tenant, and only that
+tenant, its own model wins. Kinds are checked after the name is resolved: a caller asks
+for the kind it can use (inference an `llm`, reward scoring a `reward` model), and a name
+that resolves to another kind is the caller's mistake (InvalidRequest, 422); it does not
+fall through to a file model of the same name.
+
+What the database says about a (tenant, name) is kept for RESOLVE_CACHE_S; this process's
+own changes drop the entry at once (`forget`), another API process's show up within that
+time.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from typing import Any, Literal
 
 from ray.serve.handle import DeploymentHandle
 
-from corral.errors import NotFound
+from corral.errors import InvalidRequest, NotFound
 from corral.serving.catalog import ModelSpec, file_app_name, tenant_app_name
 from corral.serving.deployer import ServeDeployer
 from corral.store.db import Database
 from corral.store.models import RegisteredModel, ServedModelStore
+from serve_apps.options import ModelKind
 
 Source = Literal["file", "registered"]
 RESOLVE_CACHE_S = 5.0
@@ -50,6 +57,7 @@ def spec_of(model: RegisteredModel) -> ModelSpec:
             # ModelLocation reads a stored path back as a Path and a storage URI as it is.
             "checkpoint_dir": model.checkpoint_dir,
             "adapter_dir": model.adapter_dir,
+            "score_weights": model.score_weights,
             **model.options.option_values(),
         }
     )
@@ -64,6 +72,18 @@ def resolved_registered(model: RegisteredModel) -> ResolvedModel:
         source_job_uuid=model.source_job_uuid,
         tenant=model.tenant,
     )
+
+
+def check_kind(model: ResolvedModel, kind: ModelKind) -> None:
+    """InvalidRequest unless `model` is of `kind` (it cannot answer that kind's calls)."""
+    if model.spec.kind != kind:
+        raise InvalidRequest(
+            f"model {model.name[:200]!r} is a {model.spec.kind} model, not {_a(kind)}"
+        )
+
+
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 class ModelResolver:
@@ -102,11 +122,16 @@ class ModelResolver:
             raise NotFound(f"no model {model[:200]!r}")
         return ResolvedModel(name, file_app_name(name), self._file_models[name], "file")
 
-    def handle_for(self, *, tenant: str, model: str) -> DeploymentHandle[Any]:
-        """The Serve handle of the app answering for `model` (the inference services'
-        entry point). NotFound for an unknown model, ModelUnavailable (503) when its app
-        is not deployed."""
-        return self._deployer.handle(self.resolve(tenant=tenant, model=model).app_name)
+    def handle_for(
+        self, *, tenant: str, model: str, kind: ModelKind = "llm"
+    ) -> DeploymentHandle[Any]:
+        """The Serve handle of the app answering for `model`, which must be of `kind`
+        (the inference and scoring services' entry point). NotFound for an unknown
+        model, InvalidRequest for one of another kind, ModelUnavailable (503) when its
+        app is not deployed."""
+        resolved = self.resolve(tenant=tenant, model=model)
+        check_kind(resolved, kind)
+        return self._deployer.handle(resolved.app_name)
 
     def forget(self, tenant: str, name: str) -> None:
         """Drop what is kept about (tenant, name): this process just changed it."""

@@ -30,6 +30,8 @@ class RegisteredModel:
     options: ReplicaOptions
     # The uuid (in the tenant's namespace) of the job whose checkpoint this is.
     source_job_uuid: str | None = None
+    # A reward model's label weights (`corral.serving.catalog.ModelSpec.score_weights`).
+    score_weights: dict[str, float] | None = None
 
     def what_was_asked(self) -> dict[str, Any]:
         """Everything a registration chose, flat: two registrations are the same when
@@ -40,6 +42,7 @@ class RegisteredModel:
             "adapter_dir": self.adapter_dir,
             **self.options.option_values(),
             "source_job_uuid": self.source_job_uuid,
+            "score_weights": self.score_weights,
         }
 
 
@@ -66,10 +69,6 @@ class ServedModelStore:
             query = query.where(ServedModel.tenant == tenant)
         return [_model(row) for row in self._session.scalars(query)]
 
-    def names(self, *, tenant: str) -> list[str]:
-        query = select(ServedModel.name).where(ServedModel.tenant == tenant)
-        return list(self._session.scalars(query.order_by(ServedModel.name)))
-
     def add(self, model: RegisteredModel) -> None:
         """Store a new registration; a row under the same (tenant, name) makes the flush
         (or the commit) raise IntegrityError."""
@@ -83,6 +82,7 @@ class ServedModelStore:
                 adapter_dir=model.adapter_dir,
                 options=_stored(model.options),
                 source_job_uuid=model.source_job_uuid,
+                score_weights=model.score_weights,
                 created_at=now,
                 updated_at=now,
             )
@@ -138,4 +138,5 @@ def _model(row: ServedModel) -> RegisteredModel:
         adapter_dir=row.adapter_dir,
         options=ReplicaOptions.model_validate(row.options),
         source_job_uuid=row.source_job_uuid,
+        score_weights=row.score_weights,  # written only from a ScoreWeights
     )

@@ -212,6 +212,8 @@ class ServedModel(Base):
     options: Mapped[dict[str, Any]]
     # The uuid (in this tenant's namespace) of the job whose checkpoint this is.
     source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
+    # A reward model's label weights (label name -> weight); NULL for every other model.
+    score_weights: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

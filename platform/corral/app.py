@@ -28,6 +28,7 @@ from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
+from corral.routes import synthetic_data_generation as sdg_routes
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
@@ -37,6 +38,7 @@ from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.services.reconciler import PeriodicReconciler, Reconciler
+from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
 from corral.storage import Storage
 from corral.store.db import Database
 
@@ -89,6 +91,18 @@ def build_services(
         inference=InferenceService(router=router),
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         models=models,
+        synthetic_data=(
+            SyntheticDataService(
+                models=models.resolver,
+                apps=models.deployer,
+                jobs=jobs,
+                storage=storage,
+                database_url=database.url,
+                limits=SyntheticDataLimits.from_settings(settings),
+            )
+            if models is not None
+            else None
+        ),
     )
 
 
@@ -153,10 +167,12 @@ def create_app(
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
-    # Corral's own /models and job routes (tagged "Corral") and the OpenAI-compatible /v1
-    # (not in the OpenAPI document): served beside the spec's operations, not part of them.
+    # Corral's own /models, job and generation-job routes (tagged "Corral") and the
+    # OpenAI-compatible /v1 (not in the OpenAPI document): served beside the spec's
+    # operations, not part of them.
     app.include_router(models_routes.router, responses=ERROR_RESPONSES)
     app.include_router(jobs_routes.router, responses=ERROR_RESPONSES)
+    app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
 
     @app.get("/health", include_in_schema=False)

@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     tenant_max_gpus_per_model: float = Field(default=64.0, ge=0)
     tenant_max_replicas: int = Field(default=256, ge=1)
     tenant_max_gpus: float = Field(default=256.0, ge=0)
+    # Synthetic data generation (corral.services.synthetic_data): the most generations
+    # (prompts x num_candidates) the synchronous /synthetic_data_generation/generate
+    # serves (beyond: 422 naming the job route), the most prompts one job takes, prompts
+    # per pipeline batch, and the most requests a run keeps in flight to each model app
+    # (its share of the replicas, so interactive traffic is not starved).
+    sdg_max_sync_generations: int = Field(default=256, ge=1)
+    sdg_max_job_prompts: int = Field(default=100_000, ge=1)
+    sdg_batch_size: int = Field(default=8, ge=1, le=4096)
+    sdg_max_in_flight: int = Field(default=16, ge=1, le=4096)
 
     @field_validator("home")
     @classmethod

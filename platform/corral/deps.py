@@ -13,6 +13,7 @@ from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
+from corral.services.synthetic_data import SyntheticDataService
 
 
 def _tenant(request: Request) -> str:
@@ -44,6 +45,14 @@ def _inference(services: Annotated[Services, Depends(_services)]) -> InferenceSe
     return services.inference
 
 
+def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> SyntheticDataService:
+    if services.synthetic_data is None:
+        raise CapabilityUnavailable(
+            "synthetic_data_generation", "this server has no Ray connection"
+        )
+    return services.synthetic_data
+
+
 def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
     if services.models is None:
         raise CapabilityUnavailable("models", "this server has no Ray connection")
@@ -57,3 +66,4 @@ PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
 JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
+SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]

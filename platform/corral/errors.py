@@ -75,6 +75,18 @@ class EngineFailed(CorralError):
     code = "engine_failed"
 
 
+class PipelineFailed(CorralError):
+    """A synthetic data pipeline's stage (generation, scoring, filtering) failed for a
+    reason other than its model being unavailable (that is ModelUnavailable, 503): the
+    run is refused whole, naming the stage, rather than answering short."""
+
+    code = "pipeline_failed"
+
+    def __init__(self, stage: str, detail: str) -> None:
+        super().__init__(f"the {stage} stage failed: {detail}")
+        self.stage = stage
+
+
 class CapabilityUnavailable(CorralError):
     """An operation of the spec whose engine this build does not have yet."""
 
@@ -98,6 +110,7 @@ HTTP_STATUS: dict[type[CorralError], int] = {
     Overloaded: 503,
     BackendUnavailable: 503,
     EngineFailed: 500,
+    PipelineFailed: 500,
 }
 
 

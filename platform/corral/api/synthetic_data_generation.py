@@ -8,6 +8,7 @@ from pydantic import Field
 
 from corral.api.common import JsonObject, Message, SpecModel, spec_default
 from corral.api.reward_scoring import KScoredPromptGenerations
+from jobs.sdg.config import DatasetOutput
 
 FilteringFunction = Literal["none", "random", "top_k", "top_p", "top_k_top_p", "sigmoid"]
 
@@ -29,3 +30,13 @@ class SyntheticDataGenerationResponse(SpecModel):
 
     synthetic_data: list[KScoredPromptGenerations]
     statistics: JsonObject | None = None
+
+
+class SyntheticDataJobRequest(SyntheticDataGenerationRequest):
+    """Corral's job route (not in the spec): the spec's request, run as a job of kind
+    `synthetic_data_generation` under a client-chosen `job_uuid` (the same request again
+    is the same job; another request under that uuid is a 409), whose output is written
+    and registered as the tenant's dataset `output.dataset_id` (default: the job uuid)."""
+
+    job_uuid: str
+    output: DatasetOutput = DatasetOutput()

@@ -10,6 +10,7 @@ from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.synthetic_data import SyntheticDataService
 
 
 @dataclass(frozen=True)
@@ -21,3 +22,5 @@ class Services:
     openai: OpenAIService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
+    # None likewise (the synthetic data routes answer 501).
+    synthetic_data: SyntheticDataService | None = None

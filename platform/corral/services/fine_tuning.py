@@ -248,18 +248,7 @@ class LaunchPlanner:
         ]
 
     def _output(self, tenant: str, job_uuid: str) -> dict[str, Any]:
-        """Where the job writes: its directory in storage (`ROOT/TENANT-SLUG/UUID`). On a
-        directory every node sees, that is its `output_dir`; in object storage it is its
-        `output_uri`, and `output_dir` is scratch space on each node (jobs/checkpointer.py)."""
-        uri = self._storage.job_uri(tenant, job_uuid)
-        if self._storage.is_local:
-            return {"output_dir": str(local_path(uri))}
-        key = job_key(tenant, job_uuid)
-        return {
-            "output_dir": str(Path(tempfile.gettempdir()) / "corral-jobs" / key),
-            "output_uri": uri,
-            "storage": self._storage.options.model_dump(mode="json"),
-        }
+        return job_output(self._storage, tenant, job_uuid)
 
     def _model_dir_from_url(self, tenant: str, url: str) -> Path | str:
         """DPO's start: a checkpoint directory as `/post_training/job/artifacts` gives it,
@@ -271,6 +260,22 @@ class LaunchPlanner:
                 "/post_training/job/artifacts gives it (file:// or https://)"
             )
         return self._models.checked_location(url, "finetuned_model", "config.json", tenant=tenant)
+
+
+def job_output(storage: Storage, tenant: str, job_uuid: str) -> dict[str, Any]:
+    """Where a job writes: its directory in storage (`ROOT/TENANT-SLUG/UUID`). On a
+    directory every node sees, that is its `output_dir`; in object storage it is its
+    `output_uri`, and `output_dir` is scratch space on each node (jobs/checkpointer.py).
+    Every job kind's launch config carries these three fields."""
+    uri = storage.job_uri(tenant, job_uuid)
+    if storage.is_local:
+        return {"output_dir": str(local_path(uri))}
+    key = job_key(tenant, job_uuid)
+    return {
+        "output_dir": str(Path(tempfile.gettempdir()) / "corral-jobs" / key),
+        "output_uri": uri,
+        "storage": storage.options.model_dump(mode="json"),
+    }
 
 
 def _distribution(training: TrainingConfig, default_stage: int | None) -> dict[str, Any]:

@@ -135,6 +135,11 @@ class ModelService:
         """What inference resolves model names with."""
         return self._resolver
 
+    @property
+    def deployer(self) -> ServeDeployer:
+        """Where the apps' states are read: a service that needs a model running now."""
+        return self._deployer
+
     # ------------------------------------------------------------------ start-up
 
     def start(self) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from corral.demo_model import build_demo_model
+from corral.demo_reward import build_demo_reward_model
 from corral.store import migrate
 from corral.store.db import Database, normalize_url
 
@@ -105,6 +106,13 @@ def sqlite_database(tmp_path: Path) -> Iterator[Database]:
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama 3 style model and tokenizer, built on disk once per session."""
     return build_demo_model(tmp_path_factory.mktemp("demo-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_reward_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
+    """The demo reward model (corral/demo_reward.py) for `demo_model_dir`, built once."""
+    directory = tmp_path_factory.mktemp("demo-reward") / "model"
+    return build_demo_reward_model(directory, policy_dir=demo_model_dir)
 
 
 @pytest.fixture(scope="session")

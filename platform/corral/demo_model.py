@@ -230,9 +230,10 @@ def _quiet_progress_bars() -> Iterator[None]:
 
 
 def _existing_state(
-    directory: Path, marker: dict[str, Any]
+    directory: Path, marker: dict[str, Any], files: tuple[str, ...] = _MODEL_FILES
 ) -> Literal["absent", "current", "stale"]:
-    """What `directory` holds: nothing, this very demo model, or another (or incomplete) one.
+    """What `directory` holds: nothing, this very demo model (its marker and all of
+    `files`), or another (or incomplete) one.
 
     Anything else is not ours to overwrite: ValueError.
     """
@@ -251,13 +252,15 @@ def _existing_state(
         found = json.loads(marker_file.read_text())
     except (OSError, ValueError):
         return "stale"
-    complete = all((directory / name).is_file() for name in _MODEL_FILES)
+    complete = all((directory / name).is_file() for name in files)
     return "current" if complete and found == marker else "stale"
 
 
-def _install(staging: Path, directory: Path, marker: dict[str, Any]) -> None:
+def _install(
+    staging: Path, directory: Path, marker: dict[str, Any], files: tuple[str, ...] = _MODEL_FILES
+) -> None:
     """Move the checked model into place; tolerate a concurrent builder that won the race."""
-    state = _existing_state(directory, marker)  # again: another builder may have finished
+    state = _existing_state(directory, marker, files)  # again: another builder may have finished
     if state == "current":
         return
     if state == "stale":
@@ -267,7 +270,7 @@ def _install(staging: Path, directory: Path, marker: dict[str, Any]) -> None:
     try:
         staging.rename(directory)
     except OSError:
-        if _existing_state(directory, marker) != "current":
+        if _existing_state(directory, marker, files) != "current":
             raise
 
 

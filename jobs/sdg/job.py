@@ -7,7 +7,9 @@
 Resume: every finished batch is saved whole as its own shard before it counts
 (jobs/sdg/files.py), so an attempt after a crash runs only the prompts no shard holds;
 seeds are derived from each prompt's index (jobs/sdg/config.py), so the dataset is the
-one a single attempt would have written.
+one a single attempt would have written. Within an attempt, a run whose stage lost its
+app (StageFailed.unavailable: a replica died, the app is being replaced) resumes the same
+way, up to MAX_RESUMES times; any other stage failure fails the job at once.
 
 Cancellation: JobsService.cancel records `cancelled` and stops the Ray job, which ends
 this process. Should the process still be running (Ray unreachable at that moment), it
@@ -39,8 +41,13 @@ from jobs.reporting import JobReporter
 from jobs.sdg.config import PipelineConfig, PromptInput, SyntheticDataJobConfig
 from jobs.sdg.dataset import COLUMNS, Outcome, dataset_rows, encode_rows
 from jobs.sdg.files import DATA_FILE, STATISTICS_FILE, JobFiles
+from jobs.sdg.pipeline import StageFailed, run_pipeline, statistics
 
 log = logging.getLogger(__name__)
+# A stage whose app went away (a replica lost) is run again on the prompts no shard holds,
+# this many times, after a pause that lets Serve replace the replica.
+MAX_RESUMES = 2
+RESUME_WAIT_S = 5.0
 
 
 class PipelineRun(Protocol):
@@ -62,8 +69,6 @@ class JobStopped(Exception):
 def main(config: SyntheticDataJobConfig) -> None:
     """The recipe `jobs.launch` runs. Inside a Ray job the first Ray call (a Serve handle,
     a Ray Data dataset) joins the job's cluster: Ray sets RAY_ADDRESS for its jobs."""
-    from jobs.sdg.pipeline import run_pipeline, statistics
-
     run(config, run_pipeline=run_pipeline, statistics=statistics)
 
 
@@ -101,6 +106,7 @@ def run(
 class Tally:
     """What the run has made so far (earlier attempts' shards included)."""
 
+    resumed: int = 0  # of `prompts`, those an earlier attempt made
     prompts: int = 0
     generated: int = 0
     kept: int = 0
@@ -129,18 +135,33 @@ class Generation:
         prompts = self.config.prompts
         wanted = {prompt.index for prompt in prompts}
         done = {i: o for i, o in self.files.saved_outcomes().items() if i in wanted}
-        todo = [prompt for prompt in prompts if prompt.index not in done]
         self.reporter.plan(
             total_steps=len(prompts),
             detail=f"prompts; {len(done)} done by an earlier attempt, "
-            f"{len(todo)} to generate in batches of {self.config.pipeline.batch_size}",
+            f"{len(prompts) - len(done)} to generate in batches of "
+            f"{self.config.pipeline.batch_size}",
         )
         outcomes: list[Outcome] = list(done.values())
-        tally = Tally()
+        tally = Tally(resumed=len(outcomes))
         tally.add(outcomes)
-        stage_seconds: Mapping[str, float] = {}
-        if todo:
-            stage_seconds = self._generate(todo, outcomes, tally, start)
+        stage_seconds: dict[str, float] = {}
+        for resumes in range(MAX_RESUMES + 1):
+            finished = {outcome.index for outcome in outcomes}
+            todo = [prompt for prompt in prompts if prompt.index not in finished]
+            if not todo:
+                break
+            try:
+                for stage, seconds in self._generate(todo, outcomes, tally, start).items():
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+                break
+            except StageFailed as exc:
+                if not exc.unavailable or resumes == MAX_RESUMES:
+                    raise
+                self.reporter.log(
+                    f"{exc}; the run resumes its unfinished prompts in {RESUME_WAIT_S:g} s "
+                    f"({resumes + 1} of {MAX_RESUMES})"
+                )
+                time.sleep(RESUME_WAIT_S)
         missing = wanted - {outcome.index for outcome in outcomes}
         if missing:
             raise RuntimeError(
@@ -168,7 +189,7 @@ class Generation:
                 candidates_kept=tally.kept,
                 batch_mean_score=sum(scores) / len(scores) if scores else float("nan"),
                 batch_max_score=max(scores, default=float("nan")),
-                prompts_per_second=len(outcomes) / elapsed,
+                prompts_per_second=(tally.prompts - tally.resumed) / elapsed,
             )
             self.reporter.log(
                 f"batch {name}: {len(batch)} prompts; {tally.prompts}/"

@@ -29,6 +29,7 @@ from jobs.sdg.config import (
 )
 from jobs.sdg.dataset import SavedCandidate, SavedOutcome, encode_shard, shard_name
 from jobs.sdg.files import DATA_FILE, STATISTICS_FILE
+from jobs.sdg.pipeline import StageFailed
 
 pytestmark = pytest.mark.integration
 TENANT = "acme"
@@ -85,6 +86,19 @@ class FakePipeline:
     def __call__(self, prompts: Sequence[PromptInput], config: PipelineConfig) -> FakeRun:
         self.asked.append([p.index for p in prompts])
         return FakeRun(prompts, config, self.on_batch)
+
+
+def fail_at(batch: int, error: Exception, *, times: int | None = None) -> Any:
+    """An `on_batch` that raises `error` before batch `batch` (`times` runs, or every run)."""
+    raised = 0
+
+    def check(index: int) -> None:
+        nonlocal raised
+        if index == batch and (times is None or raised < times):
+            raised += 1
+            raise error
+
+    return check
 
 
 def statistics(outcomes: Sequence[Any], stage_seconds: Any, *, wall_s: float) -> dict[str, Any]:
@@ -236,20 +250,45 @@ def test_a_job_cancelled_while_it_runs_stops_and_registers_nothing(
         assert DatasetStore(session).find(tenant=TENANT) == []
 
 
-def test_a_pipeline_failure_fails_the_job_with_its_error(
+def test_a_stage_failure_fails_the_job_naming_the_stage(
     sqlite_database: Database, storage: Storage
 ) -> None:
     config = make_config(sqlite_database, storage)
-
-    def fail(batch: int) -> None:
-        if batch == 1:
-            raise RuntimeError("the score stage failed: reward app unavailable")
-
-    with pytest.raises(RuntimeError):
-        run(config, FakePipeline(on_batch=fail))
+    pipeline = FakePipeline(on_batch=fail_at(1, StageFailed("score", "the model refused")))
+    with pytest.raises(StageFailed):
+        run(config, pipeline)
     row, _, _ = stored(sqlite_database)
     assert row.status == JobStatus.FAILED
-    assert row.error == "the score stage failed: reward app unavailable"
+    assert row.error == "synthetic data generation failed in stage 'score': the model refused"
+    assert len(pipeline.asked) == 1  # not an app that went away: no second run
+
+
+def test_a_stage_whose_app_went_away_resumes_the_unfinished_prompts(
+    sqlite_database: Database, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job, "RESUME_WAIT_S", 0.0)
+    config = make_config(sqlite_database, storage, n=5)
+    lost = StageFailed("generate", "app 'llm' is unavailable (ActorDiedError)", unavailable=True)
+    pipeline = FakePipeline(on_batch=fail_at(1, lost, times=1))
+    run(config, pipeline)
+    row, lines, _ = stored(sqlite_database)
+    assert row.status == JobStatus.COMPLETED, row.error
+    assert pipeline.asked == [[0, 1, 2, 3, 4], [2, 3, 4]]
+    assert any("resumes its unfinished prompts" in line for line in lines)
+    assert len((config.output_dir / DATA_FILE).read_text().splitlines()) == 5
+
+
+def test_an_app_that_stays_away_fails_the_job_after_the_last_resume(
+    sqlite_database: Database, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job, "RESUME_WAIT_S", 0.0)
+    config = make_config(sqlite_database, storage, n=5)
+    lost = StageFailed("score", "app 'reward' is unavailable", unavailable=True)
+    pipeline = FakePipeline(on_batch=fail_at(0, lost))
+    with pytest.raises(StageFailed):
+        run(config, pipeline)
+    assert len(pipeline.asked) == job.MAX_RESUMES + 1
+    assert stored(sqlite_database)[0].status == JobStatus.FAILED
 
 
 def test_a_short_run_fails_rather_than_write_a_short_dataset(

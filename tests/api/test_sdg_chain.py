@@ -120,7 +120,7 @@ def _finished(api: httpx.Client, job_uuid: str) -> dict[str, Any]:
 
 
 def _user(text: str) -> dict[str, Any]:
-    return {"role": "user", "content": text}
+    return {"role": "user", "content": text, "tool_calls": [], "tool_responses": []}
 
 
 def test_a_generated_dpo_dataset_trains_a_policy_the_reward_model_prefers(

@@ -228,7 +228,7 @@ def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def add_registered_model_row(
-    database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path
+    database: Any, *, tenant: str, name: str, checkpoint_dir: str | Path, kind: str = "llm"
 ) -> None:
     """A registered model's row as `/models/register` (here, or in another API process)
     stores it, with the default options, and no Serve app behind it."""
@@ -241,7 +241,7 @@ def add_registered_model_row(
             ServedModel(
                 tenant=tenant,
                 name=name,
-                kind="llm",
+                kind=kind,
                 checkpoint_dir=str(checkpoint_dir),
                 adapter_dir=None,
                 options=ReplicaOptions().option_values(),

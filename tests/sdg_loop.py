@@ -9,7 +9,21 @@ generation job's "best vs worst" DPO output does. So the figures below hold for 
 through the API (generation job -> dataset -> `/post_training/preference_optimize`) with
 the settings in `CHAIN`.
 
-Measured (see `CHAIN` for the settings; FIGURES_PENDING is replaced by the measurement).
+Measured with `CHAIN` (24 prompts x 8 candidates at temperature 1, 24 tokens; 24 pairs;
+DPO beta 0.1, AdamW lr 1e-2 -> 1e-3 cosine, 6 epochs of 2 pairs x 2 workers = 36 steps),
+the policy's mean reward on HELD_OUT_PROMPTS x HELD_OUT_SEEDS (the rule's letter share in
+brackets), candidates seeded 100-107 (GENERATION_SEEDS), then 200-207, ... 500-507:
+
+    before  0.763 (0.784)
+    after   0.940 (0.917)  0.973 (0.944)  0.933 (0.914)  0.971 (0.940)  0.920 (0.908)
+    rise   +0.176         +0.210         +0.170         +0.208         +0.157
+
+and with candidates 100-107 but three other DPO shuffles: +0.167, +0.171, +0.192. The DPO
+in those runs was jobs/dpo.py's own loss, log-probs, pair batching, optimizer and schedule
+on one process with 4 pairs per step (what 2 workers of 2 pairs each average to), 3-8 s.
+What matters: lr (the demo policy is random; at lr 5e-3 nothing moved, +0.007), epochs
+(4 epochs rose +0.08 to +0.17, less steadily) and candidates (k = 4: +0.13 and +0.09).
+`SAFE_MARGIN` is half of the smallest rise measured.
 """
 
 from __future__ import annotations
@@ -62,6 +76,8 @@ HELD_OUT_PROMPTS: Final = (
     "Where do you live?",
 )
 HELD_OUT_SEEDS: Final = tuple(range(4))
+# The candidates' seeds: candidate i of every prompt is sampled with seed 100 + i.
+GENERATION_SEEDS: Final = tuple(range(100, 108))
 
 
 @dataclass(frozen=True)
@@ -80,17 +96,17 @@ class ChainSettings:
 
 
 CHAIN: Final = ChainSettings(
-    candidates=4,
+    candidates=len(GENERATION_SEEDS),
     max_tokens=24,
     temperature=1.0,
-    lr=1e-3,
-    lr_min=1e-4,
-    n_epochs=4,
+    lr=1e-2,
+    lr_min=1e-3,
+    n_epochs=6,
     batch_size=2,
     beta=0.1,
 )
-# The smallest rise of the mean held-out reward a test may assert after one round.
-SAFE_MARGIN: Final = 0.0
+# The rise of the mean held-out reward a test may assert after one round of the chain.
+SAFE_MARGIN: Final = 0.08
 
 
 def sampling(seed: int, *, max_tokens: int, temperature: float) -> SamplingOptions:
@@ -125,7 +141,9 @@ def sample_replies(
     return [texts[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(prompts))]
 
 
-def score(reward_dir: Path, prompts: Sequence[str], replies: Sequence[Sequence[str]]) -> list[list[float]]:
+def score(
+    reward_dir: Path, prompts: Sequence[str], replies: Sequence[Sequence[str]]
+) -> list[list[float]]:
     """The reward model's score of every reply, as a [user, assistant] conversation."""
     model, tokenizer = load_demo_reward_model(reward_dir)
     conversations = [

@@ -69,6 +69,9 @@ def test_models_create_demo(tmp_path: Path) -> None:
     assert f"demo model ready in {target}" in result.stdout
     assert (target / "config.json").is_file()
     assert (target / "tokenizer.json").is_file()
+    reward = tmp_path / "demo-reward"  # beside it, where the embedded default looks
+    assert f"demo reward model ready in {reward}" in result.stdout
+    assert (reward / "config.json").is_file()
 
 
 def test_bad_settings_are_reported_in_one_line(tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
 from corral.services.reconciler import PeriodicReconciler, Reconciler
+from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
 from corral.storage import Storage
 from corral.store.db import Database
@@ -90,6 +91,7 @@ def build_services(
         ),
         inference=InferenceService(router=router),
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
+        reward_scoring=RewardScoringService(router=router),
         models=models,
         synthetic_data=(
             SyntheticDataService(

@@ -29,8 +29,10 @@ from corral.api.inference import ChatCompletionResponse
 from corral.client import CorralAPIError, CorralClient, WaitTimeout
 from corral.config import Settings
 from corral.demo_model import build_demo_model, describe
+from corral.demo_reward import build_demo_reward_model
 from corral.job_progress import follow
 from corral.ray_cluster import LocalRayHead
+from corral.serving.catalog import demo_model_dir, demo_reward_dir
 from corral.tenancy import tenant_dir
 
 SERVER_START_TIMEOUT_S = 180.0
@@ -260,8 +262,11 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
     _say(f"Corral demo — home {home}")
 
     _say("1. Building the demo model (Llama architecture, tokenizer trained here)")
-    model_dir = build_demo_model(home / "models" / "demo")
+    model_dir = build_demo_model(demo_model_dir(home))
     _say(f"  {model_dir}: {describe(model_dir)}")
+    _say("   and the demo reward model, trained here on its replies (prefers letters)")
+    reward_dir = build_demo_reward_model(demo_reward_dir(home), policy_dir=model_dir)
+    _say(f"  {reward_dir}: {describe(reward_dir)}")
 
     _say("2. Writing a small chat dataset in the demo tenant's own dataset directory")
     # Dataset roots are partitioned by tenant: `file://` URLs resolve only inside the

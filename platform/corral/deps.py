@@ -13,6 +13,7 @@ from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
+from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataService
 
 
@@ -53,6 +54,10 @@ def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> Synthe
     return services.synthetic_data
 
 
+def _reward_scoring(services: Annotated[Services, Depends(_services)]) -> RewardScoringService:
+    return services.reward_scoring
+
+
 def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
     if services.models is None:
         raise CapabilityUnavailable("models", "this server has no Ray connection")
@@ -65,5 +70,6 @@ DatasetServiceDep = Annotated[DatasetService, Depends(_datasets)]
 PostTrainingServiceDep = Annotated[PostTrainingService, Depends(_post_training)]
 JobsServiceDep = Annotated[JobsService, Depends(_jobs)]
 InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
+RewardScoringServiceDep = Annotated[RewardScoringService, Depends(_reward_scoring)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
 SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]

@@ -14,6 +14,7 @@ from serve_apps.engines.protocol import (
     EngineRequestError,
     GenerationRequest,
     GenerationResult,
+    ScoringRequest,
     StopReason,
     TokenDelta,
 )
@@ -76,4 +77,27 @@ class ScriptedEngine:
 def scripted_engine(config: ScriptedEngineConfig, _app: object) -> ScriptedEngine:
     """An engine factory for `serve_apps.llm.build_app`: bind it with
     `functools.partial(scripted_engine, ScriptedEngineConfig(...))`."""
+    return ScriptedEngine(config)
+
+
+class ScriptedScoringEngine:
+    """A scoring engine with no model: a conversation scores the number of words of its
+    last message (so a test can tell which reply was scored), and refuses the empty
+    conversation, as the real engine does."""
+
+    def check(self, request: ScoringRequest) -> None:
+        if not request.messages:
+            raise EngineRequestError("a conversation to score needs at least one message")
+
+    def score(self, requests: Sequence[ScoringRequest]) -> list[float]:
+        return [float(len(r.messages[-1].content.split())) for r in requests]
+
+
+def scripted_engines(config: ScriptedEngineConfig, app: object) -> object:
+    """An engine factory for every app kind (a deployer's `engine_factory`): the scripted
+    scoring engine for a reward app, the scripted generation engine for any other."""
+    from serve_apps.reward import RewardAppConfig
+
+    if isinstance(app, RewardAppConfig):
+        return ScriptedScoringEngine()
     return ScriptedEngine(config)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from corral.api.models import RegisterModelRequest
 from corral.config import Settings
 from corral.demo_model import build_demo_model
+from corral.demo_reward import build_demo_reward_model
 from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from corral.services.models import ModelService, TenantQuota, build_model_service
 from corral.serving.catalog import (
@@ -33,7 +34,12 @@ from corral.serving.deployer import ModelDeployError, ModelUnavailable, ServeDep
 from corral.store.db import Database
 from corral.store.tables import FileModelScale, ServedModel
 from corral.tenancy import job_checkpoint_dir, tenant_dir, tenant_slug
-from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
+from serve_apps.engines.protocol import (
+    ChatMessage,
+    GenerationRequest,
+    SamplingOptions,
+    ScoringRequest,
+)
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
 from serve_apps.options import ReplicaOptions
@@ -696,7 +702,7 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
 ) -> None:
     settings = Settings(home=tmp_path / "home")
     catalog = load_catalog(settings)
-    assert catalog.demo_model_dir is not None
+    assert catalog.demo_model_dir is not None and catalog.demo_reward_dir is not None
     registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=120),
@@ -704,8 +710,10 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
         model_roots=ModelRoots(shared=()),
     )
     try:
-        build_demo_model(catalog.demo_model_dir)  # as `corral serve` does before starting
-        registry.start()  # deploys it with the real engine
+        # As `corral serve` does before starting: the policy, then its reward model.
+        build_demo_model(catalog.demo_model_dir)
+        build_demo_reward_model(catalog.demo_reward_dir, policy_dir=catalog.demo_model_dir)
+        registry.start()  # deploys both with the real engines
         assert (catalog.demo_model_dir / "config.json").is_file()
         handle = registry.resolver.handle_for(tenant="default", model="llama3_8b_chat")
         request = GenerationRequest(
@@ -716,5 +724,19 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
         result = handle.generate.remote(request).result()
         assert len(result.token_ids) == 4
         assert registry.resolve(tenant="default", model="llama3_70b").app_name == "llm-demo"
+
+        reward = registry.resolver.handle_for(
+            tenant="default", model="llama3_405b_reward", kind="reward"
+        )
+        words, symbols = (
+            reward.score.remote(
+                ScoringRequest(
+                    messages=(ChatMessage("user", "Say something."), ChatMessage("assistant", a))
+                )
+            ).result()
+            for a in ("The capital of France is Paris.", "?? 12 ## !! 7,, ;;")
+        )
+        assert words > symbols  # the demo reward model prefers letters
     finally:
         serve.delete("llm-demo")
+        serve.delete("llm-demo-reward")

@@ -148,24 +148,34 @@ def test_models_file_errors_name_the_file_and_entry(
 
 
 def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
-    (demo,) = embedded_default(tmp_path)
-    assert demo.name == "demo"
+    demo, reward = embedded_default(tmp_path)
+    assert (demo.name, demo.kind) == ("demo", "llm")
     assert set(SPEC_MODEL_NAMES) <= set(demo.aliases)
     assert demo.checkpoint_dir == tmp_path / "models" / "demo"
     assert (demo.cpus_per_replica, demo.min_replicas, demo.max_replicas) == (0.5, 1, 2)
+    assert (reward.name, reward.kind, reward.aliases) == (
+        "demo-reward",
+        "reward",
+        ["llama3_405b_reward"],
+    )
+    assert reward.checkpoint_dir == tmp_path / "models" / "demo-reward"
+    assert (reward.cpus_per_replica, reward.min_replicas, reward.max_replicas) == (0.25, 1, 1)
 
 
 def test_load_catalog(tmp_path: Path) -> None:
     home = tmp_path / "home"
     catalog = load_catalog(Settings(home=home))
-    assert [m.name for m in catalog.models] == ["demo"]
+    assert [m.name for m in catalog.models] == ["demo", "demo-reward"]
     assert catalog.demo_model_dir == home / "models" / "demo"
+    assert catalog.demo_reward_dir == home / "models" / "demo-reward"
     assert not catalog.demo_model_dir.exists()  # built at start-up, not here
+    assert not catalog.demo_reward_dir.exists()
 
     home.mkdir()
     (home / "models.yaml").write_text("models:\n  - {name: mine, checkpoint_dir: /w}\n")
     catalog = load_catalog(Settings(home=home))
     assert ([m.name for m in catalog.models], catalog.demo_model_dir) == (["mine"], None)
+    assert catalog.demo_reward_dir is None
 
     with pytest.raises(ModelsFileError, match="no such file"):
         load_catalog(Settings(home=home, models_file=tmp_path / "missing.yaml"))

@@ -1,4 +1,4 @@
-"""`corral models create-demo | list | scale`: the demo model on disk, and the models a
+"""`corral models create-demo | list | scale`: the demo models on disk, and the models a
 running server serves (its models API, `--url`, bearer key from CORRAL_API_KEY)."""
 
 from __future__ import annotations
@@ -45,14 +45,25 @@ def create_demo(
     directory: Path,
     json_output: JsonOption = False,
 ) -> None:
-    """Build the small Llama-architecture demo model and tokenizer."""
+    """Build the small Llama-architecture demo model and tokenizer in DIRECTORY, and the
+    demo reward model trained on its replies beside it (DIRECTORY-reward)."""
     from corral.demo_model import build_demo_model, describe
+    from corral.demo_reward import build_demo_reward_model, reward_dir_beside
 
     built = build_demo_model(directory)
+    reward = build_demo_reward_model(reward_dir_beside(built), policy_dir=built)
     if json_output:
-        print_json({"directory": str(built), "description": describe(built)})
+        print_json(
+            {
+                "directory": str(built),
+                "description": describe(built),
+                "reward_directory": str(reward),
+                "reward_description": describe(reward),
+            }
+        )
     else:
         print(f"demo model ready in {built}: {describe(built)}")
+        print(f"demo reward model ready in {reward}: {describe(reward)}")
 
 
 @app.command("list")

@@ -71,6 +71,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
 
     from corral.app import create_app
     from corral.demo_model import build_demo_model
+    from corral.demo_reward import build_demo_reward_model
     from corral.ray_cluster import RayHead, connect
     from corral.ray_jobs import RayJobLauncher, jobs_api_url
     from corral.services.models import TenantQuota, build_model_service
@@ -111,8 +112,10 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         storage=storage,
         quota=TenantQuota.from_settings(settings),
     )
-    if catalog.demo_model_dir is not None:  # the embedded default serves the demo model
+    if catalog.demo_model_dir is not None:  # the embedded default serves the demo models
         build_demo_model(catalog.demo_model_dir)
+        if catalog.demo_reward_dir is not None:
+            build_demo_reward_model(catalog.demo_reward_dir, policy_dir=catalog.demo_model_dir)
     try:
         models.start()
     except ModelDeployError as exc:

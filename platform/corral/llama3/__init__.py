@@ -5,6 +5,7 @@ from corral.llama3.prompt import (
     format_chat,
     format_completion,
     format_tool_call,
+    refuse_special_tokens,
 )
 from corral.llama3.tool_calls import (
     EngineStopReason,
@@ -23,5 +24,6 @@ __all__ = [
     "format_completion",
     "format_tool_call",
     "parse_assistant_output",
+    "refuse_special_tokens",
     "to_spec_stop_reason",
 ]

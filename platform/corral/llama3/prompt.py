@@ -178,7 +178,7 @@ def format_completion(content: Content) -> str:
 def format_tool_call(call: ToolCall, tool_prompt_format: ToolPromptFormat = "json") -> str:
     """A tool call as Llama 3.1 writes it, with no end token: `<|python_tag|>` and a
     `brave_search.call(...)` / code for built-in tools, JSON or a function tag otherwise."""
-    _refuse_special_tokens(json.dumps(call.model_dump(), ensure_ascii=False))
+    refuse_special_tokens(json.dumps(call.model_dump(), ensure_ascii=False))
     if call.tool_name in BUILTIN_CALL_NAMES:
         arguments = ", ".join(
             f"{_keyword(name)}={_python_literal(value)}" for name, value in call.arguments.items()
@@ -304,14 +304,14 @@ def _function_tag_tools(custom: Sequence[ToolDefinition]) -> str:
 
 def _checked_json(value: dict[str, JsonValue], *, indent: int) -> str:
     rendered = json.dumps(value, ensure_ascii=False, indent=indent)
-    _refuse_special_tokens(rendered)
+    refuse_special_tokens(rendered)
     return rendered
 
 
 def _text(content: Content) -> str:
     """Message text with the special-token check applied."""
     text = _content_text(content)
-    _refuse_special_tokens(text)
+    refuse_special_tokens(text)
     return text
 
 
@@ -347,7 +347,9 @@ def attachment_text(attachment: Attachment) -> str:
     return f"[attachment ({attachment.mime_type}): {where}]"
 
 
-def _refuse_special_tokens(text: str) -> None:
+def refuse_special_tokens(text: str) -> None:
+    """InvalidRequest if `text` holds a Llama 3 special token: written into a prompt it
+    would read as structure (a turn's end, a header), not as the caller's text."""
     found = _SPECIAL_TOKEN.search(text)
     if found:
         raise InvalidRequest(f"message content may not contain the special token {found.group()!r}")

@@ -10,6 +10,7 @@ from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataService
 
 
@@ -20,6 +21,7 @@ class Services:
     post_training: PostTrainingService
     inference: InferenceService
     openai: OpenAIService
+    reward_scoring: RewardScoringService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
     # None likewise (the synthetic data routes answer 501).

@@ -28,6 +28,10 @@ APP_PREFIX = "llm-"
 DEMO_MODEL_NAME = "demo"
 # The Llama Stack draft spec's model names; the embedded default answers to all of them.
 SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
+# Beside the demo model, as `corral models create-demo` puts it (demo_reward.reward_dir_beside).
+DEMO_REWARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-reward"
+# The spec's reward model name, which the demo reward model answers to.
+SPEC_REWARD_MODEL_NAMES = ("llama3_405b_reward",)
 
 
 class ModelsFileError(ValueError):
@@ -168,7 +172,9 @@ def load_models_file(path: Path) -> list[ModelSpec]:
 
 def embedded_default(home: Path) -> list[ModelSpec]:
     """Without a models file: the demo model (built at start-up under `home/models/demo`)
-    answering to the spec's model names, on half a CPU, one or two replicas."""
+    answering to the spec's model names, on half a CPU, one or two replicas; and the demo
+    reward model (corral/demo_reward.py, built beside it) answering to the spec's reward
+    model name, on a quarter of a CPU, one replica."""
     return [
         ModelSpec(
             name=DEMO_MODEL_NAME,
@@ -178,7 +184,17 @@ def embedded_default(home: Path) -> list[ModelSpec]:
             cpus_per_replica=0.5,
             min_replicas=1,
             max_replicas=2,
-        )
+        ),
+        ModelSpec(
+            name=DEMO_REWARD_MODEL_NAME,
+            kind="reward",
+            aliases=list(SPEC_REWARD_MODEL_NAMES),
+            checkpoint_dir=demo_reward_dir(home),
+            device="cpu",
+            cpus_per_replica=0.25,
+            min_replicas=1,
+            max_replicas=1,
+        ),
     ]
 
 
@@ -186,12 +202,18 @@ def demo_model_dir(home: Path) -> Path:
     return home / "models" / DEMO_MODEL_NAME
 
 
+def demo_reward_dir(home: Path) -> Path:
+    return home / "models" / DEMO_REWARD_MODEL_NAME
+
+
 @dataclass(frozen=True)
 class Catalog:
-    """The file models, and where to build the demo model first (embedded default only)."""
+    """The file models, and where to build the demo models first (embedded default only:
+    the reward model is trained on samples of the demo model, so it is built second)."""
 
     models: list[ModelSpec]
     demo_model_dir: Path | None
+    demo_reward_dir: Path | None = None
 
 
 def load_catalog(settings: Settings) -> Catalog:
@@ -203,7 +225,9 @@ def load_catalog(settings: Settings) -> Catalog:
     if settings.models_file is not None:
         raise ModelsFileError(f"models file {path}: no such file (CORRAL_MODELS_FILE)")
     return Catalog(
-        models=embedded_default(settings.home), demo_model_dir=demo_model_dir(settings.home)
+        models=embedded_default(settings.home),
+        demo_model_dir=demo_model_dir(settings.home),
+        demo_reward_dir=demo_reward_dir(settings.home),
     )
 
 

@@ -21,6 +21,7 @@ from corral.store.jobs import JobKind, JobStatus
 from corral.store.tables import Job
 from jobs.config import DPOJobConfig, SFTJobConfig
 from jobs.reporting import JobReporter
+from jobs.sdg.config import SyntheticDataJobConfig
 
 log = logging.getLogger("jobs.launch")
 
@@ -41,9 +42,17 @@ def _preference_optimize(settings: dict[str, Any]) -> None:
     dpo.main(DPOJobConfig.model_validate(settings))
 
 
+# Ray Data and the Serve handles, by the same rule.
+def _synthetic_data_generation(settings: dict[str, Any]) -> None:
+    from jobs.sdg import job
+
+    job.main(SyntheticDataJobConfig.model_validate(settings))
+
+
 RECIPES: dict[JobKind, Recipe] = {
     JobKind.SUPERVISED_FINE_TUNE: _supervised_fine_tune,
     JobKind.PREFERENCE_OPTIMIZE: _preference_optimize,
+    JobKind.SYNTHETIC_DATA_GENERATION: _synthetic_data_generation,
 }
 
 

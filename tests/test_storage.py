@@ -151,6 +151,22 @@ def test_upload_and_download_round_trip(storage: Storage, tmp_path: Path) -> Non
     )
 
 
+def test_files_are_written_whole_and_listed(storage: Storage, tmp_path: Path) -> None:
+    directory = storage.job_uri(ALPHA, "job-1") + "/batches"
+    assert storage.file_names(directory) == []  # not there yet
+    storage.write_bytes(directory + "/2-3.jsonl", b"second\n")
+    storage.write_bytes(directory + "/0-1.jsonl", b"first\n")
+    storage.write_bytes(directory + "/0-1.jsonl", b"first, again\n")  # replaced whole
+    storage.write_bytes(directory + "/sub/x.jsonl", b"a file one folder down")
+    assert storage.file_names(directory) == ["0-1.jsonl", "2-3.jsonl"]
+    assert storage.read_bytes(directory + "/0-1.jsonl", limit=100) == b"first, again\n"
+    if storage.is_local:  # the temporary name is gone; a stray one is not listed
+        local = Path(parse_location(directory).key)
+        assert sorted(p.name for p in local.iterdir()) == ["0-1.jsonl", "2-3.jsonl", "sub"]
+        (local / ".4-5.jsonl.99.tmp").write_bytes(b"half")
+        assert storage.file_names(directory) == ["0-1.jsonl", "2-3.jsonl"]
+
+
 def test_client_urls_fetch_the_bytes_and_map_back(storage: Storage, tmp_path: Path) -> None:
     files = write_tree(tmp_path / "checkpoint")
     directory = storage.job_uri(ALPHA, "job-1") + "/checkpoints/iter-2"

@@ -68,8 +68,8 @@ def build_services(
 ) -> Services:
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
-    datasets = DatasetService(database=database, fetcher=fetcher)
     storage = Storage.from_settings(settings)
+    datasets = DatasetService(database=database, fetcher=fetcher, storage=storage)
     planner = (
         LaunchPlanner(
             datasets=datasets,

@@ -265,6 +265,35 @@ class Storage:
             raise ValueError(f"{uri[:300]!r} holds more than {limit} bytes")
         return data
 
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write the file at `uri` whole: a reader sees the old file or the new one, never a
+        part. On a directory the bytes go to a hidden temporary name beside it first, then
+        are renamed over it (atomic on POSIX); in object storage an object appears whole
+        once its upload completes."""
+        path = self._path(uri)
+        if not self.is_local:
+            with self.filesystem.open_output_stream(path) as stream:
+                stream.write(data)
+            return
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with temporary.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+
+    def file_names(self, uri: str) -> list[str]:
+        """The names of the files directly in the directory at `uri`, sorted; none when
+        it does not exist. Hidden names (a local write under way) are left out."""
+        selector = pafs.FileSelector(self._path(uri), allow_not_found=True)
+        return sorted(
+            PurePosixPath(info.path).name
+            for info in self.filesystem.get_file_info(selector)
+            if info.type == pafs.FileType.File and not PurePosixPath(info.path).name.startswith(".")
+        )
+
     def upload_dir(self, local_dir: Path, uri: str) -> None:
         """Copy a local directory's files to `uri` (a directory), replacing same names."""
         destination = self._path(uri)

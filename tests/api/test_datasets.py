@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from corral.config import Settings
+from corral.storage import Storage
 from corral.tenancy import tenant_dir
 from tests.api.conftest import ALPHA, BETA
 
@@ -225,3 +227,38 @@ def test_tenants_do_not_see_each_other(
     assert create(client, "chat", other, headers=BETA).status_code == 200
     assert get(client, "chat", headers=BETA).json() == other
     assert get(client, "chat").json() == dataset
+
+
+def test_a_file_in_job_storage_is_read_for_its_own_tenant_only(
+    client: TestClient, settings: Settings
+) -> None:
+    """Where generation jobs write their datasets: under the storage root, by tenant."""
+    storage = Storage.from_settings(settings)
+    alpha_file = Path(storage.job_uri("alpha", "gen-1").removeprefix("file://")) / "data.jsonl"
+    beta_file = Path(storage.job_uri("beta", "gen-2").removeprefix("file://")) / "data.jsonl"
+    for path in (alpha_file, beta_file):
+        path.parent.mkdir(parents=True)
+        path.write_text(jsonl(DIALOG_ROWS))
+
+    assert create(client, "generated", file_dataset(alpha_file)).status_code == 200
+    refused = create(client, "theirs", file_dataset(beta_file))
+    assert refused.status_code == 422
+    assert "outside your own part" in refused.text
+    # `..` out of alpha's own part, spelt plainly and percent-escaped, is refused too
+    # (by the fetcher: such a URL names no storage location)
+    sneaky = (
+        alpha_file.parent.as_uri()
+        + "/../../"
+        + beta_file.relative_to(alpha_file.parents[2]).as_posix()
+    )
+    for url in (sneaky, sneaky.replace("..", "%2e%2e")):
+        response = create(client, "sneaky", file_dataset(alpha_file, content_url=url))
+        assert response.status_code == 422, url
+        assert "outside the allowed directories" in response.text
+    missing = create(client, "missing", file_dataset(alpha_file.with_name("none.jsonl")))
+    assert missing.status_code == 422 and "does not exist" in missing.text
+    # A link from alpha's part into beta's is judged by where it leads.
+    link = alpha_file.with_name("link.jsonl")
+    link.symlink_to(beta_file)
+    assert create(client, "linked", file_dataset(link)).status_code == 422
+    assert get(client, "theirs").status_code == 404

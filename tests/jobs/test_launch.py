@@ -1,5 +1,6 @@
 """The job entrypoint: it dispatches by kind through one table, imports no recipe (nor
-torch) until a job of its kind runs, and records a kind without a recipe as failed."""
+torch, nor Ray Data) until a job of its kind runs, and records a job whose launch config
+its recipe refuses as failed, with the reason."""
 
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ from corral.tenancy import job_key
 from jobs import launch
 
 
-def test_training_kinds_have_recipes_and_none_is_imported_up_front() -> None:
-    assert set(launch.RECIPES) == {JobKind.SUPERVISED_FINE_TUNE, JobKind.PREFERENCE_OPTIMIZE}
+def test_every_kind_has_a_recipe_and_none_is_imported_up_front() -> None:
+    assert set(launch.RECIPES) == set(JobKind)
     code = (
         "import sys, jobs.launch; "
-        "loaded = {'torch', 'transformers', 'jobs.sft', 'jobs.dpo'} & set(sys.modules); "
+        "loaded = {'torch', 'transformers', 'ray.data', 'jobs.sft', 'jobs.dpo', "
+        "'jobs.sdg.job'} & set(sys.modules); "
         "assert not loaded, loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.integration
-def test_a_kind_without_a_recipe_fails_with_the_reason(database: Database) -> None:
+def test_a_launch_config_the_recipe_refuses_fails_with_the_reason(database: Database) -> None:
     with database.transaction() as session:
         JobStore(session).create(
             job_uuid="gen", tenant="t", kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
@@ -33,5 +35,5 @@ def test_a_kind_without_a_recipe_fails_with_the_reason(database: Database) -> No
     assert launch.run(job_key("t", "gen"), database.url) is JobStatus.FAILED
     with database.transaction() as session:
         job = JobStore(session).get("gen", tenant="t")
-        assert "synthetic_data_generation" in (job.error or "")
-        assert "no recipe" in (job.error or "")
+        assert "ValidationError" in (job.error or "")
+        assert "pipeline" in (job.error or "")

@@ -10,6 +10,7 @@ import pytest
 
 from corral.errors import http_status_for
 from corral.ray_jobs import RayJobInfo, RayJobLauncher, RayJobState, RayJobsUnavailable
+from corral.services.jobs import JobsService
 from corral.services.reconciler import VANISHED, Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
@@ -50,6 +51,7 @@ def _job(
     launch: dict[str, object],
     *,
     tenant: str = "t",
+    kind: JobKind = JobKind.SUPERVISED_FINE_TUNE,
 ) -> str:
     """Store a job in `status`; returns its key."""
     with database.transaction() as session:
@@ -57,7 +59,7 @@ def _job(
         key = store.create(
             job_uuid=uuid,
             tenant=tenant,
-            kind=JobKind.SUPERVISED_FINE_TUNE,
+            kind=kind,
             request={"uuid": uuid},
             launch=launch,
         ).job.key
@@ -100,11 +102,13 @@ CASES = [
 ]
 
 
-def test_every_unfinished_job_gets_what_ray_says(database: Database) -> None:
+@pytest.mark.parametrize("kind", [JobKind.SUPERVISED_FINE_TUNE, JobKind.SYNTHETIC_DATA_GENERATION])
+def test_every_unfinished_job_gets_what_ray_says(database: Database, kind: JobKind) -> None:
+    """The same for every kind: the reconciler reads the row's status, never its kind."""
     states: dict[str, RayJobInfo] = {}
     keys = []
     for index, (row, ray_state, _, _) in enumerate(CASES):
-        keys.append(_job(database, f"job-{index}", row, {}))
+        keys.append(_job(database, f"job-{index}", row, {}, kind=kind))
         if ray_state is not None:
             states[keys[-1]] = RayJobInfo(ray_state, message="driver exited with code 1")
     launcher = ScriptedLauncher(states)
@@ -223,6 +227,19 @@ def test_a_pending_stop_is_retried_until_ray_says_the_job_ended(database: Databa
 
 
 @pytest.mark.slow
+def test_cancelling_a_generation_job_stops_its_ray_job(database: Database) -> None:
+    key = _job(database, "gen", JobStatus.RUNNING, {}, kind=JobKind.SYNTHETIC_DATA_GENERATION)
+    launcher = ScriptedLauncher({key: RayJobInfo(RayJobState.RUNNING)})
+    summary = JobsService(database=database, launcher=launcher).cancel(tenant="t", job_uuid="gen")
+    assert summary.status == "cancelled" and summary.kind == "synthetic_data_generation"
+    assert launcher.stopped == [key]
+    # Ray reports it stopped: the reconciler confirms the stop and leaves the row cancelled.
+    launcher.states[key] = RayJobInfo(RayJobState.STOPPED)
+    settled = Reconciler(database=database, launcher=launcher).settle()
+    assert [s.action for s in settled] == ["stop confirmed"]
+    assert _row(database, key) == (JobStatus.CANCELLED, "cancelled")
+
+
 def test_the_ray_launcher_runs_the_fixed_entrypoint_which_reports_to_the_store(
     database: Database, ray_jobs_url: str
 ) -> None:

@@ -231,6 +231,11 @@ class ContentFetcher:
             else httpcore.default_ssl_context()
         )
 
+    @property
+    def max_bytes(self) -> int:
+        """The most bytes one dataset may hold, wherever it is read from."""
+        return self._policy.max_bytes
+
     def within(self, tenant: str) -> ContentFetcher:
         """The same policy with `file://` confined to the tenant's own directory under each
         allowed root: a file of another tenant, or one at a root's top level, is refused

@@ -1,19 +1,31 @@
-"""Datasets: registered by URL, checked once at creation, read row by row by the jobs."""
+"""Datasets: registered by URL, checked once at creation, read row by row by the jobs.
+
+A dataset's URL is read by the content fetcher (`data:`, `https://`, `file://` under the
+dataset roots), or, when it names a file in job storage (corral.storage: the `file://`
+URL of a file under a local root, or the `https://` URL `Storage.file_url` gave for
+object storage), from storage, for its own tenant only: that is where generation jobs
+write the datasets they register (jobs/sdg/job.py). Whose a location is, is judged as
+written before storage is asked anything (`Storage.is_tenants`: no `..`, no link into
+another tenant's part), so a refusal never tells whether a file is there.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import mimetypes
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
 from corral.api.datasets import CreateDatasetRequest, Dataset
-from corral.content import ContentFetcher, parse_rows
+from corral.content import ContentFetcher, FetchedContent, parse_rows
 from corral.content.rows import loads_bounded
-from corral.errors import Conflict, InvalidRequest, NotFound
+from corral.errors import BackendUnavailable, Conflict, ContentUnavailable, InvalidRequest, NotFound
 from corral.services.ids import check_id
+from corral.storage import InvalidLocation, Storage
 from corral.store.datasets import DatasetStore
 from corral.store.db import Database
 from corral.store.digest import request_digest
@@ -25,9 +37,13 @@ FORMAT_KEY = "format"
 
 
 class DatasetService:
-    def __init__(self, *, database: Database, fetcher: ContentFetcher) -> None:
+    def __init__(
+        self, *, database: Database, fetcher: ContentFetcher, storage: Storage | None = None
+    ) -> None:
+        """`storage`: job storage, whose files a dataset may name (see the module doc)."""
         self._db = database
         self._fetcher = fetcher
+        self._storage = storage
 
     def create(self, *, tenant: str, request: CreateDatasetRequest) -> None:
         """Register a dataset after reading it once: the URL must be allowed and reachable
@@ -81,11 +97,16 @@ class DatasetService:
     def load_rows(self, dataset: Dataset, *, tenant: str) -> list[Row]:
         """Fetch and parse a dataset's rows and check them against its declared columns.
         A `file://` URL is read only inside the tenant's own directory of each dataset
-        root (`ContentFetcher.within`)."""
+        root (`ContentFetcher.within`), or of job storage."""
         declared = dataset.metadata.get(FORMAT_KEY)
         if declared is not None and not isinstance(declared, str):
             raise InvalidRequest(f"dataset metadata {FORMAT_KEY!r} must be a string")
-        content = self._fetcher.within(tenant).fetch(str(dataset.content_url))
+        url = str(dataset.content_url)
+        uri = self._storage_uri(url)
+        if uri is None:
+            content = self._fetcher.within(tenant).fetch(url)
+        else:
+            content = self._read_storage(uri, tenant=tenant)
         rows = parse_rows(content, declared_format=declared)
         if not rows:
             raise InvalidRequest("dataset has no rows")
@@ -100,6 +121,37 @@ class DatasetService:
                 if problem:
                     raise InvalidRequest(f"row {index}, column {name!r} ({kind}): {problem}")
         return rows
+
+    def _storage_uri(self, url: str) -> str | None:
+        """The storage location `url` names, or None when it names none (then it is the
+        fetcher's to judge, `..` and all)."""
+        if self._storage is None:
+            return None
+        try:
+            uri = self._storage.location_of_url(url)
+            return uri if self._storage.contains(uri) else None
+        except InvalidLocation:
+            return None
+
+    def _read_storage(self, uri: str, *, tenant: str) -> FetchedContent:
+        assert self._storage is not None
+        if not self._storage.is_tenants(uri, tenant):
+            own = self._storage.tenant_location(tenant).uri
+            raise ContentUnavailable(
+                f"the file is in job storage outside your own part of it (datasets in job "
+                f"storage are read under {own})"
+            )
+        limit = self._fetcher.max_bytes
+        try:
+            if not self._storage.is_file(uri):
+                raise ContentUnavailable("file does not exist")
+            data = self._storage.read_bytes(uri, limit=limit)
+        except ValueError:
+            raise ContentUnavailable(f"file is larger than the limit of {limit} bytes") from None
+        except OSError as exc:
+            raise BackendUnavailable(f"job storage did not answer: {exc}") from None
+        name = PurePosixPath(uri).name
+        return FetchedContent(data=data, media_type=mimetypes.guess_type(name)[0], name=name)
 
 
 def _same_or_conflict(uuid: str, stored_digest: str, digest: str) -> None:

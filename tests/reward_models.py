@@ -39,13 +39,14 @@ def build_reward_model(
         bos_token_id=demo["bos_token_id"],
         eos_token_id=demo["eos_token_id"],
         pad_token_id=demo["pad_token_id"],
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: index for index, label in enumerate(labels)},
     )
+    # LlamaConfig's signature does not name the head's labels: set them on the config.
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForSequenceClassification(config)
+        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
         # A freshly made head is near zero; widen it so scores differ visibly.
         torch.nn.init.normal_(model.score.weight, std=1.0)
     destination.mkdir(parents=True)

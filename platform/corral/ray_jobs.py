@@ -4,8 +4,9 @@ The entrypoint is one fixed command (`python -m jobs.launch`) that reads its job
 SQL store; the job's key and the store's URL travel as environment variables. Nothing a
 client sends ever becomes part of a command line, a runtime_env or a working dir. The Ray
 submission id is the job's key (`corral.tenancy.job_key`: derived from the tenant and
-the job's uuid, so two tenants' jobs never share one), and a second submission of the
-same job cannot start a second run: Ray refuses the id.
+the job's uuid, so two tenants' jobs never share one), or `KEY~N` for attempt N of a job
+the reconciler relaunched (`submission_id`); a second submission of the same attempt
+cannot start a second run: Ray refuses the id.
 """
 
 from __future__ import annotations
@@ -56,20 +57,28 @@ class RayJobsUnavailable(BackendUnavailable):
     """The Ray Jobs API could not be reached or refused the call."""
 
 
+def submission_id(job_key: str, attempt: int = 0) -> str:
+    """The Ray submission id of one attempt of a job: the job's key for its first
+    attempt, `KEY~N` for attempt N (a job the reconciler relaunched after its process
+    died). `~` is outside the alphabet of job keys, so no other job's key equals it."""
+    return job_key if attempt == 0 else f"{job_key}~{attempt}"
+
+
 class JobLauncher(Protocol):
-    """What the post-training service and the reconciler need from Ray."""
+    """What the job services and the reconciler need from Ray. A job's runs are named by
+    `submission_id(key, attempt)`."""
 
-    def submit(self, job_key: str) -> bool:
-        """Start the run of the job with this key (`Job.key`, its Ray submission id);
-        False when Ray already has a job with this id."""
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
+        """Start attempt `attempt` of the job with this key (`Job.key`) under
+        `submission_id(job_key, attempt)`; False when Ray already has a job with that id."""
         ...
 
-    def info(self, job_key: str) -> RayJobInfo | None:
-        """Ray's view of the job, or None when Ray has never heard of it."""
+    def info(self, submission_id: str) -> RayJobInfo | None:
+        """Ray's view of the run, or None when Ray has never heard of it."""
         ...
 
-    def stop(self, job_key: str) -> bool:
-        """Ask Ray to stop the job; False when it was not running (or is unknown)."""
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the run; False when it was not running (or is unknown)."""
         ...
 
 
@@ -113,37 +122,38 @@ class RayJobLauncher:
     def _unavailable(self, exc: BaseException) -> RayJobsUnavailable:
         return RayJobsUnavailable(f"the Ray Jobs API at {self.jobs_url}: {exc}")
 
-    def submit(self, job_key: str) -> bool:
-        if self.info(job_key) is not None:
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
+        run_id = submission_id(job_key, attempt)
+        if self.info(run_id) is not None:
             return False
         env = {**_JOB_ENV, **self._extra_env}
         env |= {JOB_KEY_ENV: job_key, DATABASE_URL_ENV: self._database_url}
         try:
             self._client().submit_job(
                 entrypoint=ENTRYPOINT,
-                submission_id=job_key,
+                submission_id=run_id,
                 runtime_env={"env_vars": env},
-                metadata={"corral_job_key": job_key},
+                metadata={"corral_job_key": job_key, "corral_attempt": str(attempt)},
             )
         except _TRANSPORT_ERRORS as exc:
-            if self.info(job_key) is not None:  # a concurrent submission won
+            if self.info(run_id) is not None:  # a concurrent submission won
                 return False
             raise self._unavailable(exc) from exc
-        log.info("submitted Ray job %s", job_key)
+        log.info("submitted Ray job %s", run_id)
         return True
 
-    def info(self, job_key: str) -> RayJobInfo | None:
+    def info(self, submission_id: str) -> RayJobInfo | None:
         try:
-            details = self._client().get_job_info(job_key)
+            details = self._client().get_job_info(submission_id)
         except _TRANSPORT_ERRORS as exc:
             if _is_unknown_job(exc):
                 return None
             raise self._unavailable(exc) from exc
         return RayJobInfo(state=RayJobState(str(details.status)), message=details.message)
 
-    def stop(self, job_key: str) -> bool:
+    def stop(self, submission_id: str) -> bool:
         try:
-            return bool(self._client().stop_job(job_key))
+            return bool(self._client().stop_job(submission_id))
         except _TRANSPORT_ERRORS as exc:
             if _is_unknown_job(exc):
                 return False

@@ -49,7 +49,7 @@ class ThreadSafeRecordingLauncher:
         self._lock = threading.Lock()
         self.submissions: Counter[str] = Counter()
 
-    def submit(self, job_uuid: str) -> bool:
+    def submit(self, job_uuid: str, *, attempt: int = 0) -> bool:
         with self._lock:
             self.submissions[job_uuid] += 1
             return self.submissions[job_uuid] == 1

@@ -49,7 +49,7 @@ class RecordingLauncher:
         self.submitted: list[str] = []
         self.stopped: list[str] = []
 
-    def submit(self, job_key: str) -> bool:
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
         if job_key in self.submitted:
             return False
         self.submitted.append(job_key)
@@ -645,7 +645,7 @@ def test_a_cluster_without_gpus_cannot_take_gpu_jobs(
 class UnreachableLauncher(RecordingLauncher):
     """Ray's Jobs API is down: every call fails the way the real client's do."""
 
-    def submit(self, job_uuid: str) -> bool:
+    def submit(self, job_uuid: str, *, attempt: int = 0) -> bool:
         raise RayJobsUnavailable("the Ray Jobs API at http://head:8265: connection refused")
 
 
@@ -678,7 +678,7 @@ class FlakyRayLauncher(RecordingLauncher):
         if self.down:
             raise RayJobsUnavailable("the Ray Jobs API at http://head:8265: connection refused")
 
-    def submit(self, job_key: str) -> bool:
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
         self._check()
         self.states[job_key] = RayJobInfo(RayJobState.RUNNING)
         return super().submit(job_key)

@@ -75,7 +75,7 @@ class RecordingLauncher:
     def __init__(self) -> None:
         self.submitted: list[str] = []
 
-    def submit(self, job_uuid: str) -> bool:
+    def submit(self, job_uuid: str, *, attempt: int = 0) -> bool:
         if job_uuid in self.submitted:
             return False
         self.submitted.append(job_uuid)

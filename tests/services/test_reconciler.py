@@ -9,9 +9,15 @@ from collections.abc import Callable
 import pytest
 
 from corral.errors import http_status_for
-from corral.ray_jobs import RayJobInfo, RayJobLauncher, RayJobState, RayJobsUnavailable
+from corral.ray_jobs import (
+    RayJobInfo,
+    RayJobLauncher,
+    RayJobState,
+    RayJobsUnavailable,
+    submission_id,
+)
 from corral.services.jobs import JobsService
-from corral.services.reconciler import VANISHED, Reconciler
+from corral.services.reconciler import MAX_RELAUNCHES, VANISHED, Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Job
@@ -29,9 +35,10 @@ class ScriptedLauncher:
         self.stopped: list[str] = []
         self.before_info: Callable[[str], None] | None = None
 
-    def submit(self, job_key: str) -> bool:
-        self.submitted.append(job_key)
-        self.states[job_key] = RayJobInfo(RayJobState.PENDING)
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
+        run_id = submission_id(job_key, attempt)
+        self.submitted.append(run_id)
+        self.states[run_id] = RayJobInfo(RayJobState.PENDING)
         return True
 
     def info(self, job_key: str) -> RayJobInfo | None:
@@ -102,9 +109,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kind", [JobKind.SUPERVISED_FINE_TUNE, JobKind.SYNTHETIC_DATA_GENERATION])
+@pytest.mark.parametrize("kind", [JobKind.SUPERVISED_FINE_TUNE, JobKind.PREFERENCE_OPTIMIZE])
 def test_every_unfinished_job_gets_what_ray_says(database: Database, kind: JobKind) -> None:
-    """The same for every kind: the reconciler reads the row's status, never its kind."""
+    """The same for every kind that is not relaunched after a crash (a generation job is:
+    see the tests below, which it shares every other case with)."""
     states: dict[str, RayJobInfo] = {}
     keys = []
     for index, (row, ray_state, _, _) in enumerate(CASES):
@@ -128,6 +136,99 @@ def test_every_unfinished_job_gets_what_ray_says(database: Database, kind: JobKi
     again = Reconciler(database=database, launcher=launcher).settle()
     assert {s.action for s in again} == {"left"}
     assert launcher.submitted == [keys[0]]
+
+
+GENERATION = JobKind.SYNTHETIC_DATA_GENERATION
+
+
+def _attempt(database: Database, key: str) -> int:
+    with database.transaction() as session:
+        job = session.get(Job, key)
+        assert job is not None
+        return job.attempt
+
+
+@pytest.mark.parametrize(
+    ("ray_state", "reason"),
+    [(None, VANISHED), (RayJobState.FAILED, "the Ray job failed: driver killed")],
+)
+def test_a_generation_job_whose_process_died_is_relaunched_as_its_next_attempt(
+    database: Database, ray_state: RayJobState | None, reason: str
+) -> None:
+    """Still `running` in its row, but its Ray job failed or vanished: the process died
+    without reporting. The job resumes from its saved batches as attempt 1, a Ray job
+    of its own (the first one's id is taken); the next pass leaves it to run."""
+    key = _job(database, "gen", JobStatus.RUNNING, {}, kind=GENERATION)
+    states = {} if ray_state is None else {key: RayJobInfo(ray_state, message="driver killed")}
+    launcher = ScriptedLauncher(states)
+
+    settled = Reconciler(database=database, launcher=launcher).settle()
+
+    assert [(s.job_key, s.action) for s in settled] == [(key, "relaunched")]
+    assert _row(database, key)[0] is JobStatus.SCHEDULED and _attempt(database, key) == 1
+    assert launcher.submitted == [f"{key}~1"]
+    with database.transaction() as session:
+        lines = [line.line for line in JobStore(session).log_lines(key)]
+    assert any(reason in line and "attempt 1 resumes" in line for line in lines), lines
+    again = Reconciler(database=database, launcher=launcher).settle()
+    assert [s.action for s in again] == ["left"]
+
+
+def test_a_relaunch_ray_refuses_is_submitted_by_the_next_pass(database: Database) -> None:
+    key = _job(database, "gen", JobStatus.RUNNING, {}, kind=GENERATION)
+    launcher = ScriptedLauncher({key: RayJobInfo(RayJobState.FAILED)})
+
+    def unreachable(job_key: str, *, attempt: int = 0) -> bool:
+        raise RayJobsUnavailable("the Ray Jobs API at http://head:8265: connection refused")
+
+    launcher.submit = unreachable  # type: ignore[method-assign]
+    with pytest.raises(RayJobsUnavailable):
+        Reconciler(database=database, launcher=launcher).settle()
+    assert _row(database, key)[0] is JobStatus.SCHEDULED and _attempt(database, key) == 1
+
+    del launcher.submit  # Ray answers again
+    settled = Reconciler(database=database, launcher=launcher).settle()
+    assert [s.action for s in settled] == ["submitted"]
+    assert launcher.submitted == [f"{key}~1"]
+
+
+def test_a_generation_job_is_relaunched_at_most_max_relaunches_times(database: Database) -> None:
+    key = _job(database, "gen", JobStatus.RUNNING, {}, kind=GENERATION)
+    launcher = ScriptedLauncher({key: RayJobInfo(RayJobState.FAILED, message="killed")})
+    reconciler = Reconciler(database=database, launcher=launcher)
+    for attempt in range(1, MAX_RELAUNCHES + 1):
+        assert [s.action for s in reconciler.settle()] == ["relaunched"]
+        # The attempt starts, then its process dies too.
+        with database.transaction() as session:
+            JobStore(session).transition(key, to=JobStatus.RUNNING)
+        launcher.states[submission_id(key, attempt)] = RayJobInfo(RayJobState.FAILED)
+
+    assert [s.action for s in reconciler.settle()] == ["failed"]
+    assert _row(database, key) == (JobStatus.FAILED, "the Ray job failed: no message")
+    assert _attempt(database, key) == MAX_RELAUNCHES
+
+
+def test_a_relaunched_job_is_cancelled_and_stopped_under_its_attempts_id(
+    database: Database,
+) -> None:
+    key = _job(database, "gen", JobStatus.RUNNING, {}, kind=GENERATION)
+    launcher = ScriptedLauncher({key: RayJobInfo(RayJobState.FAILED)})
+    Reconciler(database=database, launcher=launcher).settle()
+    with database.transaction() as session:
+        JobStore(session).transition(key, to=JobStatus.RUNNING)
+    launcher.states[f"{key}~1"] = RayJobInfo(RayJobState.RUNNING)
+
+    JobsService(database=database, launcher=launcher).cancel(tenant="t", job_uuid="gen")
+
+    assert launcher.stopped == [f"{key}~1"]
+
+
+def test_a_generation_job_that_failed_by_itself_is_not_relaunched(database: Database) -> None:
+    """Its row says failed (the job recorded why): nothing is unsettled."""
+    key = _job(database, "gen", JobStatus.FAILED, {}, kind=GENERATION)
+    launcher = ScriptedLauncher({key: RayJobInfo(RayJobState.FAILED)})
+    assert Reconciler(database=database, launcher=launcher).settle() == []
+    assert launcher.submitted == []
 
 
 def test_jobs_are_submitted_under_their_key_so_tenants_may_share_a_uuid(

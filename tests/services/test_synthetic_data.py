@@ -83,7 +83,7 @@ class RecordingLauncher:
     def __init__(self) -> None:
         self.submitted: list[str] = []
 
-    def submit(self, job_key: str) -> bool:
+    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
         self.submitted.append(job_key)
         return True
 

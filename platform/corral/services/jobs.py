@@ -14,7 +14,7 @@ from typing import Any
 
 from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobProgress, JobSummary
 from corral.errors import BackendUnavailable, CapabilityUnavailable, Conflict
-from corral.ray_jobs import JobLauncher
+from corral.ray_jobs import JobLauncher, submission_id
 from corral.services.ids import check_id
 from corral.storage import Storage
 from corral.store.db import Database
@@ -152,7 +152,8 @@ class JobsService:
         with self._db.transaction() as session:
             store = JobStore(session)
             # NotFound for another tenant's (or another kind's) job.
-            key = store.get(job_uuid, tenant=tenant, kinds=kinds).key
+            job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            key, run_id = job.key, submission_id(job.key, job.attempt)
             outcome = store.transition(key, to=JobStatus.CANCELLED, error="cancelled")
             if outcome.applied:
                 store.set_stop_pending(key, True)
@@ -161,7 +162,7 @@ class JobsService:
             raise Conflict(f"job {job_uuid!r} already {outcome.status.value}; nothing to cancel")
         if self._launcher is not None:
             try:
-                self._launcher.stop(key)
+                self._launcher.stop(run_id)
             except BackendUnavailable as exc:
                 log.warning("job %s cancelled; its Ray job is stopped later: %s", key, exc)
                 with self._db.transaction() as session:

@@ -7,6 +7,8 @@ evidence for the cases the job process could not report itself:
 |------------|--------------------------|--------------------------------------------------|
 | scheduled  | never heard of it        | submits it (it never ran: the API stopped, or    |
 |            |                          | Ray was down, between storing and submitting)    |
+| running    | never heard of it, or    | relaunches it if its kind resumes (see below),   |
+|            | FAILED                   | else as the next rows say                        |
 | running    | never heard of it        | fails it: the Ray job vanished (cluster lost)    |
 | any        | PENDING / RUNNING        | leaves it                                        |
 | any        | SUCCEEDED                | completed (the entrypoint exits 0 only then)     |
@@ -26,6 +28,14 @@ Rows are settled one by one, each on its own: an error on one row is logged and 
 for that row, and the pass goes on. Only Ray itself being unreachable ends a pass early
 (every other row would fail the same way); the next pass tries again.
 
+Relaunch. A row still `running` whose Ray job failed or vanished means the job's process
+died without reporting (a crash, its node lost, the cluster restarted). A job of a kind
+that resumes (`JobKind.relaunches_after_crash`: synthetic data generation, whose finished
+batches are saved) is moved back to `scheduled`, which counts a new attempt, and
+submitted again as that attempt (`corral.ray_jobs.submission_id`: each attempt is its own
+Ray job), at most MAX_RELAUNCHES times; then it fails as any other. A job that failed by
+itself has already said so in its row, so only a crash is ever relaunched.
+
 Only rows that are `cancelled` have their Ray job stopped: a job that wrote `completed`
 itself is still shutting down (its entrypoint has yet to exit) and must not be stopped.
 """
@@ -38,21 +48,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.errors import BackendUnavailable
-from corral.ray_jobs import JobLauncher, RayJobState
+from corral.ray_jobs import JobLauncher, RayJobInfo, RayJobState, submission_id
 from corral.store.db import Database
-from corral.store.jobs import LEGAL_MOVES, JobStatus, JobStore
+from corral.store.jobs import LEGAL_MOVES, JobKind, JobStatus, JobStore
+from corral.store.tables import Job
 
 log = logging.getLogger(__name__)
 
 VANISHED = "the Ray job vanished: Ray has no record of it (was the cluster restarted?)"
+# Attempts a job that resumes may be relaunched for, after its first.
+MAX_RELAUNCHES = 2
 
 
 @dataclass(frozen=True)
 class Settled:
     job_key: str
-    # "submitted", "completed", "failed", "cancelled", "left", "stale", "stopped",
-    # "stop confirmed" or "error"
+    # "submitted", "relaunched", "completed", "failed", "cancelled", "left", "stale",
+    # "stopped", "stop confirmed" or "error"
     action: str
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the reconciler reads of a row: enough to find its Ray job."""
+
+    key: str
+    status: JobStatus
+    attempt: int
+    kind: JobKind
+
+    @classmethod
+    def of(cls, job: Job) -> _Run:
+        return cls(job.key, JobStatus(job.status), job.attempt, JobKind(job.kind))
+
+    @property
+    def submission_id(self) -> str:
+        return submission_id(self.key, self.attempt)
 
 
 class Reconciler:
@@ -65,10 +96,10 @@ class Reconciler:
         to each. Raises BackendUnavailable only when Ray cannot be reached at all."""
         with self._db.transaction() as session:
             store = JobStore(session)
-            unsettled = [(job.key, JobStatus(job.status)) for job in store.unsettled()]
-            stops = [job.key for job in store.pending_stops()]
-        settled = [self._isolated(key, self._settle_one, key, status) for key, status in unsettled]
-        return settled + [self._isolated(key, self._stop_one, key) for key in stops]
+            unsettled = [_Run.of(job) for job in store.unsettled()]
+            stops = [_Run.of(job) for job in store.pending_stops()]
+        settled = [self._isolated(run.key, self._settle_one, run) for run in unsettled]
+        return settled + [self._isolated(run.key, self._stop_one, run) for run in stops]
 
     def _isolated(self, key: str, step: Callable[..., Settled], *args: object) -> Settled:
         try:
@@ -79,11 +110,14 @@ class Reconciler:
             log.exception("reconciler: job %s could not be settled", key)
             return Settled(key, f"error: {type(exc).__name__}")
 
-    def _settle_one(self, key: str, status: JobStatus) -> Settled:
-        info = self._launcher.info(key)
+    def _settle_one(self, run: _Run) -> Settled:
+        key, status = run.key, run.status
+        info = self._launcher.info(run.submission_id)
+        if _crashed(run, info):
+            return self._relaunch(run, VANISHED if info is None else _failure(info))
         if info is None:
             if status is JobStatus.SCHEDULED:
-                self._launcher.submit(key)
+                self._launcher.submit(key, attempt=run.attempt)
                 self._log(key, "submitted to Ray by the reconciler")
                 return Settled(key, "submitted")
             return self._move(key, status, JobStatus.FAILED, VANISHED)
@@ -93,16 +127,32 @@ class Reconciler:
             return self._move(key, status, JobStatus.COMPLETED, None)
         if info.state is RayJobState.STOPPED:
             return self._move(key, status, JobStatus.CANCELLED, "stopped in Ray")
-        reason = f"the Ray job failed: {info.message or 'no message'}"
-        return self._move(key, status, JobStatus.FAILED, reason)
+        return self._move(key, status, JobStatus.FAILED, _failure(info))
 
-    def _stop_one(self, key: str) -> Settled:
-        info = self._launcher.info(key)
+    def _relaunch(self, run: _Run, reason: str) -> Settled:
+        """`running -> scheduled` (a new attempt), then submit that attempt. Should Ray
+        refuse the submission now, the row stays scheduled and the next pass submits it."""
+        with self._db.transaction() as session:
+            store = JobStore(session)
+            outcome = store.transition(run.key, to=JobStatus.SCHEDULED, expected=run.status)
+            if not outcome.applied:
+                return Settled(run.key, "stale")
+            store.append_log(
+                run.key,
+                f"reconciler: the job's process ended without reporting ({reason}); "
+                f"attempt {run.attempt + 1} resumes its unfinished work",
+            )
+        self._launcher.submit(run.key, attempt=run.attempt + 1)
+        return Settled(run.key, "relaunched")
+
+    def _stop_one(self, run: _Run) -> Settled:
+        key = run.key
+        info = self._launcher.info(run.submission_id)
         if info is None or info.state.is_terminal:
             with self._db.transaction() as session:
                 JobStore(session).set_stop_pending(key, False)
             return Settled(key, "stop confirmed")
-        self._launcher.stop(key)
+        self._launcher.stop(run.submission_id)
         self._log(key, "reconciler: asked Ray to stop the cancelled job")
         return Settled(key, "stopped")
 
@@ -125,6 +175,22 @@ class Reconciler:
     def _log(self, key: str, line: str) -> None:
         with self._db.transaction() as session:
             JobStore(session).append_log(key, line)
+
+
+def _crashed(run: _Run, info: RayJobInfo | None) -> bool:
+    """A running row of a kind that resumes, whose Ray job failed or vanished, with
+    attempts left."""
+    ended = info is None or info.state is RayJobState.FAILED
+    return (
+        run.status is JobStatus.RUNNING
+        and ended
+        and run.kind.relaunches_after_crash
+        and run.attempt < MAX_RELAUNCHES
+    )
+
+
+def _failure(info: RayJobInfo) -> str:
+    return f"the Ray job failed: {info.message or 'no message'}"
 
 
 class PeriodicReconciler:

@@ -63,6 +63,15 @@ class JobKind(enum.StrEnum):
         """A post-training job (what the /post_training routes show)."""
         return self in _TRAINING
 
+    @property
+    def relaunches_after_crash(self) -> bool:
+        """Whether a job whose process died without reporting is run again, as a new
+        attempt that resumes its unfinished work (services/reconciler.py). Generation
+        jobs are: every finished batch is saved, and an attempt skips them
+        (jobs/sdg/job.py). Training jobs are not (yet): Ray Train restarts their
+        workers within the attempt, and a dead driver fails the job."""
+        return self is JobKind.SYNTHETIC_DATA_GENERATION
+
 
 _TRAINING = frozenset({JobKind.SUPERVISED_FINE_TUNE, JobKind.PREFERENCE_OPTIMIZE})
 TRAINING_KINDS = tuple(kind for kind in JobKind if kind.is_training)

@@ -366,6 +366,30 @@ def test_the_ray_launcher_runs_the_fixed_entrypoint_which_reports_to_the_store(
     assert launcher.stop(key) is False  # already over: stopping is harmless
 
 
+def test_a_relaunched_attempt_runs_under_its_own_ray_id_as_the_same_job(
+    database: Database, ray_jobs_url: str
+) -> None:
+    """A generation job whose Ray job vanished is relaunched as `KEY~1` on the real
+    cluster; that run is the same job (the entrypoint reads the row by its key) and
+    reports to it: here its launch config cannot run, so it records its own failure."""
+    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    key = _job(database, f"gen-{time.monotonic_ns()}", JobStatus.RUNNING, {}, kind=GENERATION)
+
+    settled = Reconciler(database=database, launcher=launcher).settle()
+
+    assert [s.action for s in settled if s.job_key == key] == ["relaunched"]
+    run_id = submission_id(key, 1)
+    deadline = time.monotonic() + 180
+    while (info := launcher.info(run_id)) is None or not info.state.is_terminal:
+        assert time.monotonic() < deadline, f"Ray job {run_id} did not finish: {info}"
+        time.sleep(1)
+    assert info.state is RayJobState.FAILED
+    status, error = _row(database, key)
+    assert status is JobStatus.FAILED and error is not None and "ValidationError" in error
+    assert _attempt(database, key) == 1
+    assert launcher.info(key) is None  # the first attempt's id was never used again
+
+
 @pytest.mark.slow
 def test_a_running_job_ray_never_heard_of_is_failed_as_vanished(
     database: Database, ray_jobs_url: str

@@ -32,9 +32,9 @@ from ray.serve.handle import DeploymentHandle
 from corral.app import create_app
 from corral.config import Settings
 from corral.demo_model import build_demo_model
+from corral.demo_reward import build_untrained_reward_model
 from corral.store import migrate
 from serve_apps.reward import build_app
-from tests.reward_models import build_reward_model
 
 
 class OneModel:
@@ -89,7 +89,7 @@ def main() -> None:
         args.pairs, args.hidden_size, args.layers = 8, 32, 2
     work = Path(tempfile.mkdtemp(prefix="corral-bench-reward-"))
     demo_dir = build_demo_model(work / "demo")
-    model_dir = build_reward_model(
+    model_dir = build_untrained_reward_model(
         demo_dir, work / "reward", hidden_size=args.hidden_size, num_hidden_layers=args.layers
     )
     items = dialogs(args.pairs)

@@ -30,11 +30,11 @@ import ray
 from ray import serve
 
 from corral.demo_model import build_demo_model
+from corral.demo_reward import build_untrained_reward_model
 from jobs.sdg.config import PipelineConfig, PromptInput, PromptTurn, SyntheticDataSettings
 from jobs.sdg.pipeline import Filter, Generate, Score, run_pipeline, statistics
 from serve_apps.llm import build_app as build_llm_app
 from serve_apps.reward import build_app as build_reward_app
-from tests.reward_models import build_reward_model
 
 TOPICS = ("rivers", "mountains", "bread", "trains", "bees", "glass", "maps", "tea")
 
@@ -106,7 +106,7 @@ def main() -> None:
         args.prompts, args.candidates, args.batch_size, args.max_tokens = 4, 2, 2, 4
     work = Path(tempfile.mkdtemp(prefix="corral-bench-sdg-"))
     model_dir = build_demo_model(work / "model")
-    reward_dir = build_reward_model(model_dir, work / "reward")
+    reward_dir = build_untrained_reward_model(model_dir, work / "reward")
     ray.init(
         address="local",
         num_cpus=4,

@@ -255,9 +255,9 @@ def add_registered_model_row(
 @pytest.fixture(scope="session")
 def reward_model_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny one-label reward model (the demo tokenizer), built once per session."""
-    from tests.reward_models import build_reward_model
+    from corral.demo_reward import build_untrained_reward_model
 
-    return build_reward_model(demo_model_dir, tmp_path_factory.mktemp("reward") / "model")
+    return build_untrained_reward_model(demo_model_dir, tmp_path_factory.mktemp("reward") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -265,9 +265,9 @@ def attribute_reward_model_dir(
     demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A tiny reward model with three labels (a multi-attribute head, Nemotron-style)."""
-    from tests.reward_models import build_reward_model
+    from corral.demo_reward import build_untrained_reward_model
 
-    return build_reward_model(
+    return build_untrained_reward_model(
         demo_model_dir,
         tmp_path_factory.mktemp("reward-attributes") / "model",
         labels=("helpfulness", "correctness", "verbosity"),

@@ -146,6 +146,49 @@ def build_demo_reward_model(
     return directory
 
 
+def build_untrained_reward_model(
+    policy_dir: Path,
+    destination: Path,
+    *,
+    labels: Sequence[str] = ("reward",),
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 2,
+) -> Path:
+    """A reward model with seeded random weights in `destination`, one head output per
+    label, sharing the demo policy's tokenizer (its chat template and pad token): for
+    tests that need a model's shape but not its judgement (parity, multi-attribute
+    weights) and for the benchmarks, which ask for a larger one so that batching has
+    compute to share. Equal arguments build identical weights."""
+    policy = json.loads((policy_dir / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=policy["vocab_size"],
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=policy["max_position_embeddings"],
+        bos_token_id=policy["bos_token_id"],
+        eos_token_id=policy["eos_token_id"],
+        pad_token_id=policy["pad_token_id"],
+    )
+    # LlamaConfig's signature does not name the head's labels: set them on the config.
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: index for index, label in enumerate(labels)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)  # type: ignore[no-untyped-call]
+        # A freshly made head is near zero; widen it so scores differ visibly.
+        torch.nn.init.normal_(model.score.weight, std=1.0)
+    destination.mkdir(parents=True)
+    model.save_pretrained(destination, safe_serialization=True)
+    for name in _TOKENIZER_FILES:
+        shutil.copy(policy_dir / name, destination / name)
+    return destination
+
+
 def reward_dir_beside(policy_dir: Path) -> Path:
     """Where `corral models create-demo` puts the reward model of a demo model: beside it,
     named after it (`models/demo` -> `models/demo-reward`, as the embedded default has)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ray import serve
 
+from corral.demo_reward import build_untrained_reward_model
 from corral.storage import Storage
 from corral.store.datasets import DatasetStore
 from corral.store.db import Database
@@ -30,7 +31,6 @@ from jobs.sdg.config import (
 from jobs.sdg.dataset import SavedCandidate, SavedOutcome, encode_shard, shard_name
 from jobs.sdg.files import DATA_FILE, STATISTICS_FILE
 from serve_apps import llm, reward
-from tests.reward_models import build_reward_model
 
 pytestmark = pytest.mark.integration
 LLM_APP = "llm-sdg-job"
@@ -42,7 +42,9 @@ TENANT, UUID = "acme", "gen-ray"
 def apps(
     serve_instance: None, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    reward_dir = build_reward_model(demo_model_dir, tmp_path_factory.mktemp("reward") / "m")
+    reward_dir = build_untrained_reward_model(
+        demo_model_dir, tmp_path_factory.mktemp("reward") / "m"
+    )
     generation = {"name": "sdg-job", "model_dir": str(demo_model_dir), "cpus_per_replica": 0.25}
     serve.run(llm.build_app(generation), name=LLM_APP, route_prefix=None)
     scoring = {"name": "sdg-job-reward", "model_dir": str(reward_dir), "cpus_per_replica": 0.25}

@@ -168,20 +168,24 @@ def _text_of(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
     return text
 
 
+def resolve_placement(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """The device and dtype a replica loads its model with: `auto` is CUDA when one is
+    visible (bfloat16 there, float32 on CPU); ValueError for CUDA asked for but absent."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but no CUDA device is visible")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device == "cuda" else torch.float32
+    return device, _DTYPES[dtype]
+
+
 class TransformersEngine:
     """Generates with a transformers causal LM loaded from a local directory."""
 
     def __init__(self, config: TransformersEngineConfig) -> None:
         self.config = config
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but no CUDA device is visible")
-        if config.dtype == "auto":
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        else:
-            dtype = _DTYPES[config.dtype]
+        device, dtype = resolve_placement(config.device, config.dtype)
         # One replica over all of its GPUs (layers split across them) when it has several.
         spread = config.device == "auto" and device == "cuda" and torch.cuda.device_count() > 1
         model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(

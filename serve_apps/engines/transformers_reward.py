@@ -33,11 +33,11 @@ from transformers import (
 
 from serve_apps.engines.labels import label_weights
 from serve_apps.engines.protocol import EngineRequestError, ScoringRequest
+from serve_apps.engines.transformers_engine import resolve_placement
 
 # The roles the chat templates Corral serves take (the spec's; "tool" is rendered as
 # Llama 3.1's "ipython" by the template itself).
 ROLES: Final = frozenset({"system", "user", "assistant", "tool"})
-_DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,7 @@ class TransformersRewardEngine:
     """Scores conversations with a sequence-classification model from a local directory."""
 
     def __init__(self, config: TransformersRewardEngineConfig) -> None:
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda was asked for but no CUDA device is visible")
-        if config.dtype == "auto":
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        else:
-            dtype = _DTYPES[config.dtype]
+        device, dtype = resolve_placement(config.device, config.dtype)
         tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
         if tokenizer.pad_token_id is None:
             raise ValueError(f"the tokenizer in {config.model_dir} has no pad token")

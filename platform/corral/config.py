@@ -92,6 +92,39 @@ class Settings(BaseSettings):
     sdg_max_job_prompts: int = Field(default=100_000, ge=1)
     sdg_batch_size: int = Field(default=8, ge=1, le=4096)
     sdg_max_in_flight: int = Field(default=16, ge=1, le=4096)
+    # Memory banks (corral.services.memory_banks) on Milvus: a Milvus server by URI (and
+    # token), or, unset, the embedded `milvus-lite server` under `home/milvus`
+    # (corral.milvus_server, loopback only, no authentication). A bank's chunks are token
+    # windows of its embedding model (a served `embedding` model) with this overlap;
+    # per-bank values go through `POST /memory_banks/settings`.
+    milvus_uri: str | None = None
+    milvus_token: str | None = None
+    memory_embedding_model: str = "all-minilm-l6-v2"
+    memory_chunk_tokens: int = Field(default=192, ge=16, le=8192)
+    memory_chunk_overlap_tokens: int = Field(default=48, ge=0, le=4096)
+    memory_max_document_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    # Agents (corral.agents): the served models behind the model-backed shields (a
+    # shield's `params.model` may name another model the tenant can use); unset and not
+    # named in params, creating an agent with that shield is a 422.
+    llama_guard_model: str | None = None
+    prompt_guard_model: str | None = None
+    agent_max_inference_steps: int = Field(default=10, ge=1, le=100)
+    # Built-in tools' providers. web_search speaks the Brave Search API, image_gen the
+    # OpenAI Images API; without a key the tool is unavailable (a clear error, never an
+    # empty result). The URLs are the operator's, never a user's.
+    web_search_api_key: str | None = None
+    web_search_url: str = "https://api.search.brave.com/res/v1/web/search"
+    image_gen_api_key: str | None = None
+    image_gen_url: str = "https://api.openai.com/v1/images/generations"
+    image_gen_model: str = "gpt-image-1"
+    tool_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # code_interpreter runs Python under bubblewrap (no network, a throwaway directory,
+    # an empty environment) with these limits; where no sandbox can be made it refuses.
+    code_interpreter_python: str = "python3"
+    code_interpreter_cpu_s: int = Field(default=10, ge=1, le=3600)
+    code_interpreter_memory_mb: int = Field(default=512, ge=16, le=1 << 20)
+    code_interpreter_wall_s: float = Field(default=20.0, gt=0, le=3600)
+    code_interpreter_output_bytes: int = Field(default=64 * 1024, ge=256, le=1 << 26)
 
     @field_validator("home")
     @classmethod

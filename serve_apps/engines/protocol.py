@@ -123,3 +123,72 @@ class ScoringEngine(Protocol):
     def score(self, requests: Sequence[ScoringRequest]) -> list[float]:
         """Score a batch together; scores in request order."""
         ...
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddingInfo:
+    """What a replica's embedding model is: the length of its vectors and the most tokens
+    it embeds whole (longer text would be truncated, so `check` refuses it)."""
+
+    dimension: int
+    max_tokens: int
+
+
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """Turns texts into unit-length vectors (cosine similarity is their dot product).
+    Not thread-safe: a replica calls it from one batch at a time."""
+
+    @property
+    def info(self) -> EmbeddingInfo: ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """The [start, end) character span of each token the model sees in `text`, special
+        tokens left out: what chunking counts windows in."""
+        ...
+
+    def check(self, text: str) -> None:
+        """Raise EngineRequestError for text that cannot be embedded whole (empty, or
+        longer than `info.max_tokens`)."""
+        ...
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        """Embed a batch together; vectors in text order, each of length
+        `info.dimension` and unit norm."""
+        ...
+
+
+# --- classification -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierInfo:
+    """A sequence classifier's label names (config.json `id2label`, in id order) and the
+    most tokens it reads in one window."""
+
+    labels: tuple[str, ...]
+    max_tokens: int
+
+
+@runtime_checkable
+class ClassificationEngine(Protocol):
+    """Sequence classification (Prompt Guard's benign / injection / jailbreak): softmax
+    probabilities per label. Not thread-safe, like every engine."""
+
+    @property
+    def info(self) -> ClassifierInfo: ...
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """As `EmbeddingEngine.token_spans`: how the caller splits long text into windows."""
+        ...
+
+    def check(self, text: str) -> None:
+        """Raise EngineRequestError for empty text or text over `info.max_tokens`."""
+        ...
+
+    def classify(self, texts: Sequence[str]) -> list[list[float]]:
+        """Probabilities per text, in `info.labels` order, each row summing to 1."""
+        ...

@@ -117,6 +117,7 @@ DELETE_BATCH = 1_000
 # a chunk ranked moderately in both lists can still win (RRF needs more than top_k each).
 HYBRID_CANDIDATES_PER_HIT = 3
 MIN_HYBRID_CANDIDATES = 20
+MAX_FILTER_VALUES = 100
 
 _FILTER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -148,7 +149,13 @@ def filter_expression(metadata_filter: MetadataFilter | None) -> str:
         if isinstance(value, list):
             if not value:
                 raise InvalidChunks(f"metadata filter {key!r}: an empty list matches nothing")
-            clauses.append(f"{field} in [{', '.join(_literal(key, v) for v in value)}]")
+            if len(value) > MAX_FILTER_VALUES:
+                raise InvalidChunks(
+                    f"metadata filter {key!r}: at most {MAX_FILTER_VALUES} values in a list"
+                )
+            # `metadata["k"] in [...]` is Milvus syntax that Milvus Lite does not parse (it
+            # takes only a plain field left of `in`); ORed equalities mean the same to both.
+            clauses.append(" or ".join(f"{field} == {_literal(key, v)}" for v in value))
         else:
             clauses.append(f"{field} == {_literal(key, value)}")
     return " and ".join(f"({clause})" for clause in clauses)
@@ -168,6 +175,7 @@ def _literal(key: str, value: object) -> str:
     if isinstance(value, str):
         if any((ord(c) < 0x20 and c not in "\t\n\r") or ord(c) == 0x7F for c in value):
             raise InvalidChunks(f"metadata filter {key!r}: control characters in a value")
+        _utf8_bytes(f"metadata filter {key!r}", value)
         return json.dumps(value, ensure_ascii=False)
     raise InvalidChunks(
         f"metadata filter {key!r}: values must be strings, numbers, booleans or lists of them"
@@ -261,7 +269,7 @@ class MilvusIndex:
                 written.extend(row["chunk_id"] for row in batch)
 
         try:
-            self._call(f"insert into {name}", upsert)
+            self._call(f"insert into {name}", upsert, collection=name)
         except BackendUnavailable:
             # Milvus has no transactions: take out what this call wrote, then report.
             if written:
@@ -279,7 +287,7 @@ class MilvusIndex:
             for offset in range(0, len(ids), DELETE_BATCH):
                 client.delete(name, ids=ids[offset : offset + DELETE_BATCH])
 
-        self._call(f"delete chunks from {name}", delete)
+        self._call(f"delete chunks from {name}", delete, collection=name)
 
     def delete_documents(self, name: str, document_uuids: Sequence[str]) -> None:
         _check_name(name)
@@ -293,7 +301,7 @@ class MilvusIndex:
                 literals = ", ".join(_literal("document_uuid", u) for u in batch)
                 client.delete(name, filter=f"document_uuid in [{literals}]")
 
-        self._call(f"delete documents from {name}", delete)
+        self._call(f"delete documents from {name}", delete, collection=name)
 
     def chunk_ids(self, name: str, document_uuid: str) -> list[str]:
         _check_name(name)
@@ -309,7 +317,7 @@ class MilvusIndex:
             )
             return sorted(str(row["chunk_id"]) for row in rows)
 
-        return self._call(f"list chunks in {name}", query)
+        return self._call(f"list chunks in {name}", query, collection=name)
 
     def search(
         self,
@@ -390,7 +398,7 @@ class MilvusIndex:
             )
             return [_hit(hit, float(hit["distance"])) for hit in results[0]]
 
-        return self._call(f"search {name}", run)
+        return self._call(f"search {name}", run, collection=name)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -402,17 +410,33 @@ class MilvusIndex:
                 )
             return self._client
 
-    def _call(self, what: str, operation: Callable[[MilvusClient], _T]) -> _T:
-        """Run `operation` on the client; Milvus failures become BackendUnavailable, after
-        one retry on a (re)started embedded server where Milvus could not be reached."""
-        for attempt in (1, 2):
+    def _call(
+        self,
+        what: str,
+        operation: Callable[[MilvusClient], _T],
+        *,
+        collection: str | None = None,
+    ) -> _T:
+        """Run `operation` on the client; Milvus failures become BackendUnavailable.
+
+        Where Milvus could not be reached and there is an embedded server, it is
+        (re)started and the call retried once; where `collection` was not loaded (a server
+        restarted since), it is loaded and the call retried once."""
+        restarted = loaded = False
+        while True:
             try:
                 return operation(self._connect())
             except InvalidChunks:
                 raise
             except (MilvusException, grpc.RpcError, OSError) as exc:
+                if collection is not None and not loaded and _is_not_loaded(exc):
+                    loaded = True
+                    with contextlib.suppress(MilvusException, grpc.RpcError, OSError):
+                        self._connect().load_collection(collection)
+                    continue
                 unreachable = _is_unreachable(exc)
-                if attempt == 1 and unreachable and self._ensure_server is not None:
+                if unreachable and not restarted and self._ensure_server is not None:
+                    restarted = True
                     self.close()
                     try:
                         self.uri = self._ensure_server()
@@ -428,7 +452,6 @@ class MilvusIndex:
                         f"Milvus at {self.uri} is unavailable ({what}): {_reason(exc)}"
                     ) from exc
                 raise BackendUnavailable(f"Milvus failed to {what}: {_reason(exc)}") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _dimension(self, client: MilvusClient, name: str) -> int:
         description = client.describe_collection(name)
@@ -487,18 +510,21 @@ def _index_params(client: MilvusClient) -> IndexParams:
 
 def _row(chunk: ChunkRecord) -> dict[str, Any]:
     for label, value in (("chunk id", chunk.chunk_id), ("document uuid", chunk.document_uuid)):
-        if not value or len(value.encode()) > MAX_ID_BYTES:
-            raise InvalidChunks(f"{label} {value[:40]!r}... must be 1..{MAX_ID_BYTES} bytes")
-    if len(chunk.text.encode()) > MAX_TEXT_BYTES:
+        if not 1 <= _utf8_bytes(label, value) <= MAX_ID_BYTES:
+            raise InvalidChunks(f"{label} {value[:40]!r} must be 1..{MAX_ID_BYTES} bytes")
+    text_bytes = _utf8_bytes(f"chunk {chunk.chunk_id!r}", chunk.text)
+    if text_bytes > MAX_TEXT_BYTES:
         raise InvalidChunks(
-            f"chunk {chunk.chunk_id!r} is {len(chunk.text.encode())} bytes of text; Milvus "
-            f"stores at most {MAX_TEXT_BYTES}: use smaller chunks"
+            f"chunk {chunk.chunk_id!r} is {text_bytes} bytes of text; Milvus stores at most "
+            f"{MAX_TEXT_BYTES}: use smaller chunks"
         )
     if not 0 <= chunk.start <= chunk.end <= _INT64[1]:
         raise InvalidChunks(f"chunk {chunk.chunk_id!r}: offsets must satisfy 0 <= start <= end")
     try:
-        metadata_bytes = len(json.dumps(chunk.metadata, allow_nan=False).encode())
-    except (TypeError, ValueError) as exc:
+        metadata_bytes = len(
+            json.dumps(chunk.metadata, allow_nan=False, ensure_ascii=False).encode()
+        )
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError (a lone surrogate) too
         raise InvalidChunks(f"chunk {chunk.chunk_id!r}: metadata is not JSON: {exc}") from None
     if metadata_bytes > MAX_METADATA_BYTES:
         raise InvalidChunks(f"chunk {chunk.chunk_id!r}: metadata over {MAX_METADATA_BYTES} bytes")
@@ -514,6 +540,13 @@ def _row(chunk: ChunkRecord) -> dict[str, Any]:
         "metadata": chunk.metadata,
         "dense": vector,
     }
+
+
+def _utf8_bytes(label: str, value: str) -> int:
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidChunks(f"{label}: not valid Unicode (a lone surrogate)") from None
 
 
 def _hit(hit: dict[str, Any], score: float) -> ChunkHit:
@@ -543,6 +576,14 @@ def _is_unreachable(exc: BaseException) -> bool:
         marker in text
         for marker in ("unavailable", "fail connecting", "connection refused", "deadline")
     )
+
+
+def _is_not_loaded(exc: BaseException) -> bool:
+    """Whether Milvus refused because the collection is not loaded (code 101)."""
+    if not isinstance(exc, MilvusException):
+        return False
+    text = str(exc.message).lower()
+    return exc.code == 101 or "not loaded" in text or "load()" in text
 
 
 def _reason(exc: BaseException) -> str:

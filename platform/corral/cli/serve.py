@@ -72,6 +72,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.app import create_app
     from corral.demo_model import build_demo_model
     from corral.demo_reward import build_demo_reward_model
+    from corral.milvus_server import LocalMilvus, MilvusServerError
     from corral.ray_cluster import RayHead, connect
     from corral.ray_jobs import RayJobLauncher, jobs_api_url
     from corral.services.models import TenantQuota, build_model_service
@@ -100,6 +101,11 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     migrate.upgrade(settings.resolved_database_url)
     ray_target = connect(address=settings.ray_address, home=settings.home)
     log.info("connected to Ray at %s", ray_target)
+    if not settings.milvus_uri:  # the embedded Milvus Lite server, beside the Ray head
+        try:
+            log.info("Milvus Lite at %s", LocalMilvus(settings.home).ensure())
+        except MilvusServerError as exc:
+            raise CliError(f"the embedded Milvus did not start: {exc}") from None
     # No Serve HTTP proxy: the API reaches every model through Serve handles.
     serve.start(proxy_location="Disabled")
     database = Database(settings.resolved_database_url)

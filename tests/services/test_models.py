@@ -43,7 +43,7 @@ from serve_apps.engines.protocol import (
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import DEPLOYMENT_NAME
 from serve_apps.options import ReplicaOptions
-from tests.conftest import add_registered_model_row
+from tests.conftest import EmbeddingApp, add_registered_model_row
 from tests.serve_apps.probe_engine import Records, options_engine, probe_engine
 
 REPLY = "one two three four"
@@ -389,7 +389,7 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     )
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
-        ({"kind": "embedding"}, "kind: 'embedding' models cannot be served yet"),
+        ({"kind": "embedding", "engine": "vllm"}, "engine: 'vllm' is not available for embed"),
         ({"kind": "reward", "engine": "vllm"}, "engine: 'vllm' is not available for reward"),
         ({"engine": "vllm"}, "engine: 'vllm' is not available for llm models"),
     ]:
@@ -699,8 +699,10 @@ def test_every_option_of_a_registration_reaches_its_replicas_and_a_restored_app(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
-    serve_instance: None, sqlite_database: Database, tmp_path: Path
+    serve_instance: None, embedding_app: EmbeddingApp, sqlite_database: Database, tmp_path: Path
 ) -> None:
+    """The embedding model's app is the session's (the same spec): start() finds it
+    running, and it stays for the tests after this one."""
     settings = Settings(home=tmp_path / "home")
     catalog = load_catalog(settings)
     assert catalog.demo_model_dir is not None and catalog.demo_reward_dir is not None
@@ -738,6 +740,12 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
             for a in ("The capital of France is Paris.", "?? 12 ## !! 7,, ;;")
         )
         assert words > symbols  # the demo reward model prefers letters
+
+        embedder = registry.resolver.handle_for(
+            tenant="default", model="all-minilm-l6-v2", kind="embedding"
+        )
+        assert len(embedder.embed.remote("hello").result()) == 384
+        assert serve.status().applications[embedding_app.app_name].status == "RUNNING"
     finally:
         serve.delete("llm-demo")
         serve.delete("llm-demo-reward")

@@ -131,7 +131,7 @@ models:
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding}",
             "entry 1 ('a'): kind: 'embedding' models cannot be served yet (served kinds: llm, "
-            "reward)",
+            "reward, classifier)",
         ),
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: poem}",

@@ -63,8 +63,8 @@ class ModelSpec(ReplicaOptions):
     def _check_kind_fields(self) -> ModelSpec:
         if self.score_weights is not None and self.kind != "reward":
             raise ValueError("score_weights is for reward models (kind: reward) only")
-        if self.kind == "reward" and self.adapter_dir is not None:
-            raise ValueError("a reward model is served without an adapter_dir")
+        if self.kind != "llm" and self.adapter_dir is not None:
+            raise ValueError(f"a {self.kind} model is served without an adapter_dir")
         return self
 
     @property
@@ -79,7 +79,8 @@ class ModelSpec(ReplicaOptions):
     def app_config(self, *, app_name: str) -> dict[str, Any]:
         """The app config (as a dict) that runs this model as the Serve app `app_name`:
         a `serve_apps.llm.LLMAppConfig` for an LLM, a `serve_apps.reward.RewardAppConfig`
-        for a reward model, each with only the keys its kind takes (both forbid others).
+        for a reward model, a `serve_apps.classifier.ClassifierAppConfig` for a
+        classifier, each with only the keys its kind takes (all forbid others).
         `app_name` must start with `llm-`, the prefix of every kind's apps (the LLM
         app's config adds it back)."""
         if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
@@ -90,7 +91,7 @@ class ModelSpec(ReplicaOptions):
         }
         if self.kind == "reward":
             config["score_weights"] = self.score_weights
-        else:
+        elif self.kind == "llm":
             config["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir is not None else None
         return config | self.option_values()
 

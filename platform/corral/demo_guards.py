@@ -625,7 +625,7 @@ def _fit(
         cursor += batch_size
         loss = loss_of(chosen)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         schedule.step()
     model.train(False)

@@ -150,7 +150,7 @@ def test_models_file_errors_name_the_file_and_entry(
 
 
 def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
-    demo, reward = embedded_default(tmp_path)
+    demo, reward, llama_guard, prompt_guard = embedded_default(tmp_path)
     assert (demo.name, demo.kind) == ("demo", "llm")
     assert set(SPEC_MODEL_NAMES) <= set(demo.aliases)
     assert demo.checkpoint_dir == tmp_path / "models" / "demo"
@@ -162,12 +162,24 @@ def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
     )
     assert reward.checkpoint_dir == tmp_path / "models" / "demo-reward"
     assert (reward.cpus_per_replica, reward.min_replicas, reward.max_replicas) == (0.25, 1, 1)
+    # The demo guard models behind the shields, small and single.
+    assert (llama_guard.name, llama_guard.kind) == ("demo-llama-guard", "llm")
+    assert (prompt_guard.name, prompt_guard.kind) == ("demo-prompt-guard", "classifier")
+    for guard in (llama_guard, prompt_guard):
+        assert guard.checkpoint_dir == tmp_path / "models" / guard.name
+        assert (guard.cpus_per_replica, guard.min_replicas, guard.max_replicas) == (0.25, 1, 1)
 
 
 def test_load_catalog(tmp_path: Path) -> None:
     home = tmp_path / "home"
     catalog = load_catalog(Settings(home=home))
-    assert [m.name for m in catalog.models] == ["demo", "demo-reward"]
+    assert [m.name for m in catalog.models] == [
+        "demo",
+        "demo-reward",
+        "demo-llama-guard",
+        "demo-prompt-guard",
+    ]
+    assert catalog.embedded_default
     assert catalog.demo_model_dir == home / "models" / "demo"
     assert catalog.demo_reward_dir == home / "models" / "demo-reward"
     assert not catalog.demo_model_dir.exists()  # built at start-up, not here

@@ -30,6 +30,10 @@ DEMO_MODEL_NAME = "demo"
 SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
 # Beside the demo model, as `corral models create-demo` puts it (demo_reward.reward_dir_beside).
 DEMO_REWARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-reward"
+# The demo guard models (corral/demo_guards.py), beside the demo model; the shields use
+# them in the embedded default when CORRAL_LLAMA_GUARD_MODEL / _PROMPT_GUARD_MODEL are unset.
+DEMO_LLAMA_GUARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-llama-guard"
+DEMO_PROMPT_GUARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-prompt-guard"
 # The spec's reward model name, which the demo reward model answers to.
 SPEC_REWARD_MODEL_NAMES = ("llama3_405b_reward",)
 
@@ -196,6 +200,21 @@ def embedded_default(home: Path) -> list[ModelSpec]:
             min_replicas=1,
             max_replicas=1,
         ),
+        *(
+            ModelSpec(
+                name=name,
+                kind=kind,
+                checkpoint_dir=directory,
+                device="cpu",
+                cpus_per_replica=0.25,
+                min_replicas=1,
+                max_replicas=1,
+            )
+            for name, kind, directory in (
+                (DEMO_LLAMA_GUARD_MODEL_NAME, "llm", demo_llama_guard_dir(home)),
+                (DEMO_PROMPT_GUARD_MODEL_NAME, "classifier", demo_prompt_guard_dir(home)),
+            )
+        ),
     ]
 
 
@@ -207,6 +226,14 @@ def demo_reward_dir(home: Path) -> Path:
     return home / "models" / DEMO_REWARD_MODEL_NAME
 
 
+def demo_llama_guard_dir(home: Path) -> Path:
+    return home / "models" / DEMO_LLAMA_GUARD_MODEL_NAME
+
+
+def demo_prompt_guard_dir(home: Path) -> Path:
+    return home / "models" / DEMO_PROMPT_GUARD_MODEL_NAME
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The file models, and where to build the demo models first (embedded default only:
@@ -215,6 +242,11 @@ class Catalog:
     models: list[ModelSpec]
     demo_model_dir: Path | None
     demo_reward_dir: Path | None = None
+
+    @property
+    def embedded_default(self) -> bool:
+        """Whether this is the embedded default (the demo models), not a models file."""
+        return self.demo_model_dir is not None
 
 
 def load_catalog(settings: Settings) -> Catalog:

@@ -27,17 +27,12 @@ from corral.api.common import ShieldConfig
 from corral.config import Settings
 from corral.errors import InvalidRequest, NotFound
 from corral.services.inference import ModelRouter
+from corral.serving.catalog import DEMO_LLAMA_GUARD_MODEL_NAME, DEMO_PROMPT_GUARD_MODEL_NAME
 from serve_apps.options import ModelKind
-
-# The demo guard models of the embedded default (corral.demo_guards), by their names.
-DEMO_LLAMA_GUARD_MODEL = "demo-llama-guard"
-DEMO_PROMPT_GUARD_MODEL = "demo-prompt-guard"
 
 P = TypeVar("P", bound=BaseModel)
 
 __all__ = [
-    "DEMO_LLAMA_GUARD_MODEL",
-    "DEMO_PROMPT_GUARD_MODEL",
     "LlamaGuardShield",
     "PromptGuardShield",
     "ShieldBuilder",
@@ -47,17 +42,18 @@ __all__ = [
 
 class ShieldBuilder:
     """Builds shields for tenants. `embedded_default`: the server runs the embedded
-    default catalog, whose demo guard models stand in for unset model settings."""
+    default catalog (`Catalog.embedded_default`), whose demo guard models stand in for
+    unset model settings."""
 
     def __init__(
         self, settings: Settings, router: ModelRouter, *, embedded_default: bool = False
     ) -> None:
         self._router = router
         self._llama_guard_model = settings.llama_guard_model or (
-            DEMO_LLAMA_GUARD_MODEL if embedded_default else None
+            DEMO_LLAMA_GUARD_MODEL_NAME if embedded_default else None
         )
         self._prompt_guard_model = settings.prompt_guard_model or (
-            DEMO_PROMPT_GUARD_MODEL if embedded_default else None
+            DEMO_PROMPT_GUARD_MODEL_NAME if embedded_default else None
         )
 
     def build(self, config: ShieldConfig, *, tenant: str) -> Shield:

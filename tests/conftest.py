@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from corral.demo_guards import build_demo_llama_guard, build_demo_prompt_guard
 from corral.demo_model import build_demo_model
 from corral.demo_reward import build_demo_reward_model
 from corral.store import migrate
@@ -114,6 +115,18 @@ def demo_reward_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_model_d
     """The demo reward model (corral/demo_reward.py) for `demo_model_dir`, built once."""
     directory = tmp_path_factory.mktemp("demo-reward") / "model"
     return build_demo_reward_model(directory, policy_dir=demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_llama_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo Llama Guard (corral/demo_guards.py), built once per session."""
+    return build_demo_llama_guard(tmp_path_factory.mktemp("demo-llama-guard") / "model")
+
+
+@pytest.fixture(scope="session")
+def demo_prompt_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo Prompt Guard classifier (corral/demo_guards.py), built once per session."""
+    return build_demo_prompt_guard(tmp_path_factory.mktemp("demo-prompt-guard") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,8 @@ def test_the_embedded_default_lists_the_spec_names_per_tenant(
             "object": "list",
             "data": [
                 {"id": name, "object": "model", "created": 0, "owned_by": "corral"}
-                for name in ("demo", *SPEC_MODEL_NAMES)
+                # The demo Llama Guard is an llm too (behind the llama_guard shield).
+                for name in ("demo", *SPEC_MODEL_NAMES, "demo-llama-guard")
             ],
         }
         alpha = client.get("/v1/models", headers=ALPHA).json()["data"]
@@ -71,6 +72,7 @@ def test_the_embedded_default_lists_the_spec_names_per_tenant(
             ("llama3_8b_chat", "corral"),
             ("llama3_70b_chat", "corral"),
             ("llama3_70b", "corral"),
+            ("demo-llama-guard", "corral"),
             ("llama3_8b", "alpha"),  # alpha's own, shadowing the demo model's alias
             ("mine", "alpha"),
         ]

@@ -135,7 +135,7 @@ models:
         ),
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding, adapter_dir: /b}",
-            "an embedding model is served without an adapter_dir",
+            "adapter_dir is for llm models; kind embedding is served without one",
         ),
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: poem}",
@@ -154,7 +154,7 @@ def test_models_file_errors_name_the_file_and_entry(
 
 
 def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
-    demo, reward, embedding = embedded_default(tmp_path)
+    demo, reward, embedding, llama_guard, prompt_guard = embedded_default(tmp_path)
     assert (demo.name, demo.kind) == ("demo", "llm")
     assert set(SPEC_MODEL_NAMES) <= set(demo.aliases)
     assert demo.checkpoint_dir == tmp_path / "models" / "demo"
@@ -179,12 +179,25 @@ def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
         1,
     )
     assert embedding.name == Settings().memory_embedding_model
+    # The demo guard models behind the shields, small and single.
+    assert (llama_guard.name, llama_guard.kind) == ("demo-llama-guard", "llm")
+    assert (prompt_guard.name, prompt_guard.kind) == ("demo-prompt-guard", "classifier")
+    for guard in (llama_guard, prompt_guard):
+        assert guard.checkpoint_dir == tmp_path / "models" / guard.name
+        assert (guard.cpus_per_replica, guard.min_replicas, guard.max_replicas) == (0.25, 1, 1)
 
 
 def test_load_catalog(tmp_path: Path) -> None:
     home = tmp_path / "home"
     catalog = load_catalog(Settings(home=home))
-    assert [m.name for m in catalog.models] == ["demo", "demo-reward", "all-minilm-l6-v2"]
+    assert [m.name for m in catalog.models] == [
+        "demo",
+        "demo-reward",
+        "all-minilm-l6-v2",
+        "demo-llama-guard",
+        "demo-prompt-guard",
+    ]
+    assert catalog.embedded_default
     assert catalog.demo_model_dir == home / "models" / "demo"
     assert catalog.demo_reward_dir == home / "models" / "demo-reward"
     assert not catalog.demo_model_dir.exists()  # built at start-up, not here
@@ -237,7 +250,7 @@ def test_a_reward_spec_builds_a_reward_app_and_an_llm_spec_its_own(tmp_path: Pat
     ("fields", "problem"),
     [
         ({"score_weights": {"a": 1.0}}, "score_weights is for reward models"),
-        ({"kind": "reward", "adapter_dir": "/adapter"}, "without an adapter_dir"),
+        ({"kind": "reward", "adapter_dir": "/adapter"}, "is served without one"),
         ({"kind": "reward", "score_weights": {}}, "at least 1"),
         ({"kind": "reward", "score_weights": {"a": float("nan")}}, "finite"),
     ],

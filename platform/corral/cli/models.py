@@ -46,12 +46,20 @@ def create_demo(
     json_output: JsonOption = False,
 ) -> None:
     """Build the small Llama-architecture demo model and tokenizer in DIRECTORY, and the
-    demo reward model trained on its replies beside it (DIRECTORY-reward)."""
+    demo reward model trained on its replies beside it (DIRECTORY-reward), and the demo
+    guard models (DIRECTORY-llama-guard, DIRECTORY-prompt-guard)."""
+    from corral.demo_guards import (
+        build_demo_llama_guard,
+        build_demo_prompt_guard,
+        guard_dirs_beside,
+    )
     from corral.demo_model import build_demo_model, describe
     from corral.demo_reward import build_demo_reward_model, reward_dir_beside
 
     built = build_demo_model(directory)
     reward = build_demo_reward_model(reward_dir_beside(built), policy_dir=built)
+    llama_guard_dir, prompt_guard_dir = guard_dirs_beside(built)
+    guards = [build_demo_llama_guard(llama_guard_dir), build_demo_prompt_guard(prompt_guard_dir)]
     if json_output:
         print_json(
             {
@@ -59,11 +67,14 @@ def create_demo(
                 "description": describe(built),
                 "reward_directory": str(reward),
                 "reward_description": describe(reward),
+                "guard_directories": [str(guard) for guard in guards],
             }
         )
     else:
         print(f"demo model ready in {built}: {describe(built)}")
         print(f"demo reward model ready in {reward}: {describe(reward)}")
+        for guard in guards:
+            print(f"demo guard model ready in {guard}: {describe(guard)}")
 
 
 @app.command("list")

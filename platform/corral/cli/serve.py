@@ -70,13 +70,20 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from ray import serve
 
     from corral.app import create_app
+    from corral.demo_guards import build_demo_llama_guard, build_demo_prompt_guard
     from corral.demo_model import build_demo_model
     from corral.demo_reward import build_demo_reward_model
     from corral.milvus_server import LocalMilvus, MilvusServerError
     from corral.ray_cluster import RayHead, connect
     from corral.ray_jobs import RayJobLauncher, jobs_api_url
     from corral.services.models import TenantQuota, build_model_service
-    from corral.serving.catalog import ModelsFileError, load_catalog, model_roots
+    from corral.serving.catalog import (
+        ModelsFileError,
+        demo_llama_guard_dir,
+        demo_prompt_guard_dir,
+        load_catalog,
+        model_roots,
+    )
     from corral.serving.deployer import ModelDeployError, ServeDeployer
     from corral.storage import Storage
     from corral.store import migrate
@@ -122,6 +129,8 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         build_demo_model(catalog.demo_model_dir)
         if catalog.demo_reward_dir is not None:
             build_demo_reward_model(catalog.demo_reward_dir, policy_dir=catalog.demo_model_dir)
+        build_demo_llama_guard(demo_llama_guard_dir(settings.home))
+        build_demo_prompt_guard(demo_prompt_guard_dir(settings.home))
     try:
         models.start()
     except ModelDeployError as exc:

@@ -41,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from corral.errors import EngineFailed, InvalidRequest, Overloaded
 from corral.serving.deployer import ModelUnavailable
 from serve_apps.engines.protocol import (
+    ClassifierInfo,
     EmbeddingInfo,
     EngineRequestError,
     GenerationRequest,
@@ -192,3 +193,23 @@ async def token_spans(handle: DeploymentHandle[Any], text: str) -> list[tuple[in
     (special tokens left out)."""
     spans: list[list[int]] = await call_model(handle.token_spans.remote(text))
     return [(int(start), int(end)) for start, end in spans]
+
+
+async def classify(handle: DeploymentHandle[Any], texts: list[str]) -> list[list[float]]:
+    """Label probabilities for each text from a classifier app (`serve_apps.classifier`),
+    all sent at once so that its replicas batch them; rows in text order."""
+    calls = [call_model(handle.classify.remote(text)) for text in texts]
+    rows: list[list[float]] = list(await asyncio.gather(*calls))
+    return rows
+
+
+async def classifier_info(handle: DeploymentHandle[Any]) -> ClassifierInfo:
+    """A classifier app's labels (in id order) and window in text tokens."""
+    info: dict[str, Any] = await call_model(handle.info.remote())
+    return ClassifierInfo(labels=tuple(info["labels"]), max_tokens=int(info["max_tokens"]))
+
+
+async def classifier_token_spans(handle: DeploymentHandle[Any], text: str) -> list[tuple[int, int]]:
+    """The [start, end) character span of each token a classifier app sees in `text`."""
+    spans: list[list[int]] = await call_model(handle.token_spans.remote(text))
+    return [(start, end) for start, end in spans]

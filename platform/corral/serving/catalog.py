@@ -30,6 +30,10 @@ DEMO_MODEL_NAME = "demo"
 SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70b")
 # Beside the demo model, as `corral models create-demo` puts it (demo_reward.reward_dir_beside).
 DEMO_REWARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-reward"
+# The demo guard models (corral/demo_guards.py), beside the demo model; the shields use
+# them in the embedded default when CORRAL_LLAMA_GUARD_MODEL / _PROMPT_GUARD_MODEL are unset.
+DEMO_LLAMA_GUARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-llama-guard"
+DEMO_PROMPT_GUARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-prompt-guard"
 # The spec's reward model name, which the demo reward model answers to.
 SPEC_REWARD_MODEL_NAMES = ("llama3_405b_reward",)
 # The embedded default's embedding model (memory banks' default, `memory_embedding_model`):
@@ -66,10 +70,10 @@ class ModelSpec(ReplicaOptions):
     def _check_kind_fields(self) -> ModelSpec:
         if self.score_weights is not None and self.kind != "reward":
             raise ValueError("score_weights is for reward models (kind: reward) only")
-        if self.kind == "reward" and self.adapter_dir is not None:
-            raise ValueError("a reward model is served without an adapter_dir")
-        if self.kind == "embedding" and self.adapter_dir is not None:
-            raise ValueError("an embedding model is served without an adapter_dir")
+        if self.kind != "llm" and self.adapter_dir is not None:
+            raise ValueError(
+                f"adapter_dir is for llm models; kind {self.kind} is served without one"
+            )
         return self
 
     @property
@@ -85,7 +89,8 @@ class ModelSpec(ReplicaOptions):
         """The app config (as a dict) that runs this model as the Serve app `app_name`:
         a `serve_apps.llm.LLMAppConfig` for an LLM, a `serve_apps.reward.RewardAppConfig`
         for a reward model, a `serve_apps.embedding.EmbeddingAppConfig` for an embedding
-        model, each with only the keys its kind takes (all forbid others).
+        model, a `serve_apps.classifier.ClassifierAppConfig` for a classifier, each with
+        only the keys its kind takes (all forbid others).
         `app_name` must start with `llm-`, the prefix of every kind's apps (the LLM
         app's config adds it back)."""
         if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
@@ -212,6 +217,21 @@ def embedded_default(home: Path) -> list[ModelSpec]:
             max_replicas=1,
             max_batch_size=32,
         ),
+        *(
+            ModelSpec(
+                name=name,
+                kind=kind,
+                checkpoint_dir=directory,
+                device="cpu",
+                cpus_per_replica=0.25,
+                min_replicas=1,
+                max_replicas=1,
+            )
+            for name, kind, directory in (
+                (DEMO_LLAMA_GUARD_MODEL_NAME, "llm", demo_llama_guard_dir(home)),
+                (DEMO_PROMPT_GUARD_MODEL_NAME, "classifier", demo_prompt_guard_dir(home)),
+            )
+        ),
     ]
 
 
@@ -231,6 +251,14 @@ def demo_reward_dir(home: Path) -> Path:
     return home / "models" / DEMO_REWARD_MODEL_NAME
 
 
+def demo_llama_guard_dir(home: Path) -> Path:
+    return home / "models" / DEMO_LLAMA_GUARD_MODEL_NAME
+
+
+def demo_prompt_guard_dir(home: Path) -> Path:
+    return home / "models" / DEMO_PROMPT_GUARD_MODEL_NAME
+
+
 @dataclass(frozen=True)
 class Catalog:
     """The file models, and where to build the demo models first (embedded default only:
@@ -239,6 +267,11 @@ class Catalog:
     models: list[ModelSpec]
     demo_model_dir: Path | None
     demo_reward_dir: Path | None = None
+
+    @property
+    def embedded_default(self) -> bool:
+        """Whether this is the embedded default (the demo models), not a models file."""
+        return self.demo_model_dir is not None
 
 
 def load_catalog(settings: Settings) -> Catalog:

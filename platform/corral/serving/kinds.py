@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ray.serve import Application
 
-from serve_apps import embedding, llm, reward
+from serve_apps import classifier, embedding, llm, reward
 from serve_apps.options import ModelKind
 
 # `build_app(args, *, engine_factory=None)`: the app's config as a dict; an injected
@@ -28,6 +28,7 @@ APP_KINDS: dict[ModelKind, AppKind] = {
     "llm": AppKind(build_app=llm.build_app, engines=frozenset(llm.ENGINES)),
     "reward": AppKind(build_app=reward.build_app, engines=frozenset(reward.ENGINES)),
     "embedding": AppKind(build_app=embedding.build_app, engines=frozenset(embedding.ENGINES)),
+    "classifier": AppKind(build_app=classifier.build_app, engines=frozenset(classifier.ENGINES)),
 }
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncGenerator, Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ray.exceptions import (
@@ -150,3 +151,22 @@ async def stream_generation(
     finally:
         if not finished:
             stream.cancel()  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A model's context window and the length of each prompt asked about, in its tokens."""
+
+    context_window: int
+    counts: list[int]
+
+
+async def prompt_tokens(handle: DeploymentHandle[Any], prompts: list[str]) -> PromptTokens | None:
+    """How long `prompts` are for the model behind `handle`; None when its engine cannot
+    count (its `check` still refuses a prompt that does not fit)."""
+    found: dict[str, Any] | None = await call_model(handle.prompt_tokens.remote(prompts))
+    if found is None:
+        return None
+    return PromptTokens(
+        context_window=int(found["context_window"]), counts=[int(n) for n in found["counts"]]
+    )

@@ -24,6 +24,7 @@ from serve_apps.engines.protocol import (
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
+    TokenCounter,
     TokenDelta,
 )
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
@@ -196,6 +197,17 @@ class LLMServer:
             if watch is not None:
                 watch.cancel()
             await producer
+
+    def prompt_tokens(self, prompts: list[str]) -> dict[str, Any] | None:
+        """The engine's context window and each prompt's length in its tokens, or None
+        for an engine that cannot count (TokenCounter). Tokenizing needs no engine lock,
+        as `check` does not."""
+        if not isinstance(self._engine, TokenCounter):
+            return None
+        return {
+            "context_window": self._engine.context_window,
+            "counts": [self._engine.count_tokens(prompt) for prompt in prompts],
+        }
 
     def stats(self) -> dict[str, Any]:
         """What this replica has done: sizes of its recent batches."""

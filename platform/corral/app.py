@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from corral import __version__
+from corral.agents.protocols import ShieldFactory, Tool
 from corral.api.errors import ERROR_RESPONSES
 from corral.auth import BearerAuthMiddleware
 from corral.config import Settings
@@ -23,12 +24,14 @@ from corral.errors import (
     http_status_for,
     retry_after_s,
 )
+from corral.memory.types import Retriever
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.routes import synthetic_data_generation as sdg_routes
+from corral.services.agents import AgentLimits, AgentService
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
@@ -65,7 +68,12 @@ def build_services(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    retriever: Retriever | None = None,
+    tools: Mapping[str, Tool] | None = None,
+    shields: ShieldFactory | None = None,
 ) -> Services:
+    """`retriever`, `tools` and `shields` are the agents' memory banks, server-run tools
+    (by name) and shield builder; without them agents that need them are refused (422)."""
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
     storage = Storage.from_settings(settings)
@@ -101,6 +109,14 @@ def build_services(
             database_url=database.url,
             limits=SyntheticDataLimits.from_settings(settings),
         ),
+        agents=AgentService(
+            database=database,
+            router=router,
+            retriever=retriever,
+            tools=tools,
+            shields=shields,
+            limits=AgentLimits.from_settings(settings),
+        ),
     )
 
 
@@ -113,6 +129,9 @@ def create_app(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    retriever: Retriever | None = None,
+    tools: Mapping[str, Tool] | None = None,
+    shields: ShieldFactory | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
@@ -120,7 +139,8 @@ def create_app(
     or a `model_router`, the server has no Ray connection and inference answers 501.
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
     with it, unfinished jobs are settled against Ray at start-up and periodically.
-    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers."""
+    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers.
+    `retriever`, `tools` and `shields` serve the agents (see `build_services`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +153,9 @@ def create_app(
             models=models,
             launcher=launcher,
             cluster_resources=cluster_resources,
+            retriever=retriever,
+            tools=tools,
+            shields=shields,
         )
         periodic = None
         if launcher is not None:

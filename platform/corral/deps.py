@@ -7,6 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends, Request
 
 from corral.errors import CapabilityUnavailable
+from corral.services.agents import AgentService
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
@@ -54,6 +55,10 @@ def _synthetic_data(services: Annotated[Services, Depends(_services)]) -> Synthe
     return services.synthetic_data
 
 
+def _agents(services: Annotated[Services, Depends(_services)]) -> AgentService:
+    return services.agents
+
+
 def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
     if services.models is None:
         raise CapabilityUnavailable("models", "this server has no Ray connection")
@@ -69,3 +74,4 @@ InferenceServiceDep = Annotated[InferenceService, Depends(_inference)]
 RewardScoringServiceDep = Annotated[RewardScoringService, Depends(_reward_scoring)]
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
 SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]
+AgentServiceDep = Annotated[AgentService, Depends(_agents)]

@@ -89,6 +89,18 @@ class GenerationEngine(Protocol):
         ...
 
 
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An engine that can say how long a prompt is in its own tokens and how many fit:
+    what an agent turn fits its history and retrieved context to. Optional: a caller
+    that gets no counts relies on `check` refusing an over-long prompt."""
+
+    @property
+    def context_window(self) -> int: ...
+
+    def count_tokens(self, prompt: str) -> int: ...
+
+
 # --- reward scoring ---------------------------------------------------------------------
 
 

@@ -101,3 +101,85 @@ def scripted_engines(config: ScriptedEngineConfig, app: object) -> object:
     if isinstance(app, RewardAppConfig):
         return ScriptedScoringEngine()
     return ScriptedEngine(config)
+
+
+@dataclass(frozen=True)
+class ChatRule:
+    """Reply `reply` when the prompt's last turn (the one before the assistant header) is
+    from `role` (any role when None) and contains `contains`."""
+
+    contains: str
+    reply: str
+    role: str | None = None
+    stop_reason: StopReason = StopReason.END_OF_TURN
+
+
+@dataclass(frozen=True)
+class ScriptedChatConfig:
+    rules: tuple[ChatRule, ...] = ()
+    default: str = "scripted answer"
+    context_window: int = 4096
+
+
+_HEADER = "<|start_header_id|>"
+_HEADER_END = "<|end_header_id|>"
+
+
+def last_turn(prompt: str) -> tuple[str, str]:
+    """The role and text of a Llama 3 prompt's last turn before its generation header."""
+    turns = prompt.split(_HEADER)
+    # turns[-1] is the generation header ("assistant<|end_header_id|>\n\n").
+    if len(turns) < 3:
+        return "", prompt
+    role, _, text = turns[-2].partition(_HEADER_END)
+    return role, text.strip().removesuffix("<|eot_id|>").removesuffix("<|eom_id|>")
+
+
+class ScriptedChatEngine:
+    """A generation engine for multi-step chat flows: the first rule matching the last
+    turn of the prompt picks the reply (a tool call first, an answer once the tool's
+    output is the last turn), streamed a word per token. It counts tokens as words, so
+    an agent can fit prompts to its `context_window`."""
+
+    def __init__(self, config: ScriptedChatConfig = ScriptedChatConfig()) -> None:
+        self._config = config
+        self.context_window = config.context_window
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split())
+
+    def _plan(self, request: GenerationRequest) -> tuple[list[str], StopReason]:
+        role, text = last_turn(request.prompt)
+        reply, reason = self._config.default, StopReason.END_OF_TURN
+        for rule in self._config.rules:
+            if (rule.role is None or rule.role == role) and rule.contains in text:
+                reply, reason = rule.reply, rule.stop_reason
+                break
+        words = reply.split(" ")
+        limit = request.sampling.max_tokens
+        if 0 < limit < len(words):
+            return words[:limit], StopReason.OUT_OF_TOKENS
+        return words, reason
+
+    def check(self, request: GenerationRequest) -> None:
+        if not request.prompt:
+            raise EngineRequestError("the prompt is empty")
+        if self.count_tokens(request.prompt) >= self.context_window:
+            raise EngineRequestError(
+                f"the prompt leaves no room in the context window of {self.context_window}"
+            )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        return [ScriptedEngine._result(r, *self._plan(r)) for r in requests]
+
+    def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
+        words, reason = self._plan(request)
+        for index, word in enumerate(words):
+            yield TokenDelta(text=word if index == 0 else f" {word}", token_id=index)
+        yield ScriptedEngine._result(request, words, reason)
+
+
+def scripted_chat_engine(config: ScriptedChatConfig, _app: object) -> ScriptedChatEngine:
+    """An engine factory for `serve_apps.llm.build_app`:
+    `functools.partial(scripted_chat_engine, ScriptedChatConfig(...))`."""
+    return ScriptedChatEngine(config)

@@ -15,7 +15,6 @@ from pydantic import BaseModel
 
 from corral.api.agentic_system import (
     AgenticSystemCreateRequest,
-    AgenticSystemExecuteRequest,
     AgenticSystemTurn,
     MemoryRetrievalStep,
     ModelInferenceStep,
@@ -82,6 +81,10 @@ AVAILABLE = {
     "GET /jobs/{job_uuid}/logs",
     "GET /jobs/{job_uuid}/metrics",
     "POST /jobs/{job_uuid}/cancel",
+    # Agents: execute and delete read the store (an unknown agent is 404); creating one
+    # needs its model, so it stays 501 without a Ray connection.
+    "POST /agentic_system/execute",
+    "DELETE /agentic_system/delete",
 }
 
 SHIELD = ShieldConfig(shield_type="llama_guard", params={"threshold": 0.5})
@@ -237,15 +240,6 @@ CASES = [
             output_shields=[],
         ),
     ),
-    Case(
-        "POST",
-        "/agentic_system/execute",
-        "agentic_system",
-        AgenticSystemExecuteRequest(
-            agent_uuid="agent-1", messages=[MESSAGE], turn_history=[TURN], stream=False
-        ),
-    ),
-    Case("DELETE", "/agentic_system/delete", "agentic_system", params={"agent_id": "agent-1"}),
     Case(
         "POST",
         "/memory_banks/create",

@@ -5,7 +5,7 @@ own call on it succeeds, so the 404 is the tenant boundary and not a broken rout
 
 Routes join by a row in ROUTES (a new API adds its rows, and its creator in KINDS);
 `test_every_route_is_in_the_matrix` fails for a route of the app that is in neither
-ROUTES nor NOT_ID_ROUTES. Areas the server does not implement yet (agents, memory banks)
+ROUTES nor NOT_ID_ROUTES. Areas the server does not implement yet (memory banks)
 have rows too: there beta's answer must equal alpha's and the never-used id's (404 or
 501, nothing more); when such an area lands, its creator stops answering 501 and the
 test asks for the rows to be marked implemented.
@@ -197,10 +197,12 @@ def _create_reward_model(world: World, oid: str) -> httpx.Response:
 
 
 def _create_agent(world: World, oid: str) -> httpx.Response:
+    """Alpha's agent runs on alpha's own registered chat model."""
+    model = _object(world, "chat_model", fresh=False)
     body = {
         "uuid": oid,
         "instructions": "be brief",
-        "model": "llama3_8b_chat",
+        "model": model,
         "available_tools": [],
         "executable_tools": [],
         "memory_bank_uuids": [],
@@ -213,6 +215,15 @@ def _create_agent(world: World, oid: str) -> httpx.Response:
 def _create_bank(world: World, oid: str) -> httpx.Response:
     params = {"bank_uuid": oid, "bank_name": f"bank {oid}"}
     return world.client.post("/memory_banks/create", params=params, json=[], headers=ALPHA)
+
+
+def _agent_witness(world: World, oid: str) -> Any:
+    """What alpha's agent answers (the scripted engine's reply: deterministic)."""
+    body = {"agent_uuid": oid, "messages": [_message("hi")], "turn_history": [], "stream": False}
+    response = world.client.post("/agentic_system/execute", json=body, headers=ALPHA)
+    if response.status_code != 200:
+        return response.status_code, response.text
+    return response.status_code, response.json()["turn"]["response_message"]
 
 
 def _get(path: str, param: str) -> Callable[[World, str], Any]:
@@ -255,7 +266,7 @@ KINDS: dict[str, Kind] = {
         True,
         "llama3_405b_reward",
     ),
-    "agent": Kind(("POST /agentic_system/create",), _create_agent, _unimplemented_witness, False),
+    "agent": Kind(("POST /agentic_system/create",), _create_agent, _agent_witness),
     "bank": Kind(("POST /memory_banks/create",), _create_bank, _unimplemented_witness, False),
 }
 
@@ -412,7 +423,7 @@ ROUTES: list[Route] = [
         _json("/reward_scoring/score", _score),
         unused="llama3_405b_reward",
     ),
-    # not implemented yet: 501 for everyone, and nothing else
+    # agents: alpha's agent on alpha's registered chat model
     Route(
         "POST /agentic_system/execute",
         "agent",
@@ -432,6 +443,7 @@ ROUTES: list[Route] = [
         _query("DELETE", "/agentic_system/delete", "agent_id"),
         fresh=True,
     ),
+    # not implemented yet: 501 for everyone, and nothing else
     Route("GET /memory_banks/get", "bank", _plain("GET", "/memory_banks/get")),
     Route(
         "DELETE /memory_banks/drop",

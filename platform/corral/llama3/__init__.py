@@ -6,6 +6,7 @@ from corral.llama3.prompt import (
     format_completion,
     format_tool_call,
     refuse_special_tokens,
+    strip_special_tokens,
 )
 from corral.llama3.tool_calls import (
     EngineStopReason,
@@ -25,5 +26,6 @@ __all__ = [
     "format_tool_call",
     "parse_assistant_output",
     "refuse_special_tokens",
+    "strip_special_tokens",
     "to_spec_stop_reason",
 ]

@@ -355,6 +355,13 @@ def refuse_special_tokens(text: str) -> None:
         raise InvalidRequest(f"message content may not contain the special token {found.group()!r}")
 
 
+def strip_special_tokens(text: str) -> str:
+    """`text` with any Llama 3 special token spelled in it removed: for text the server
+    puts into a prompt that no caller wrote (retrieved chunks, tool output), where a
+    refusal would let a document break every turn that retrieves it."""
+    return _SPECIAL_TOKEN.sub("", text)
+
+
 def _keyword(name: str) -> str:
     if not name.isidentifier() or keyword.iskeyword(name):
         raise InvalidRequest(f"built-in tool argument name {name!r} is not a Python identifier")

@@ -1,10 +1,10 @@
-"""Agentic system routes. No agent runtime is wired in yet: each operation validates its
-request, then answers 501 naming the missing capability."""
+"""Agentic system routes: HTTP only. A streamed turn is server-sent events, one spec
+chunk per event (the last carries the turn's stop_reason)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from corral.api.agentic_system import (
     AgenticSystemCreateRequest,
@@ -14,21 +14,18 @@ from corral.api.agentic_system import (
     AgenticSystemExecuteResponseStreamChunk,
 )
 from corral.api.common import Id
-from corral.errors import CapabilityUnavailable
+from corral.deps import AgentServiceDep, TenantDep
+from corral.routes.inference import event_stream, first_checked
 from corral.routes.responses import OK
 
 router = APIRouter(tags=["AgenticSystem"])
 
 
-def _unavailable() -> CapabilityUnavailable:
-    return CapabilityUnavailable(
-        "agentic_system", "no agent runtime (agent store and step loop) is in this build yet"
-    )
-
-
 @router.post("/agentic_system/create", response_description=OK, response_model_exclude_none=True)
-def create_agentic_system(body: AgenticSystemCreateRequest) -> AgenticSystemCreateResponse:
-    raise _unavailable()
+async def create_agentic_system(
+    body: AgenticSystemCreateRequest, tenant: TenantDep, agents: AgentServiceDep
+) -> AgenticSystemCreateResponse:
+    return AgenticSystemCreateResponse(agent_uuid=await agents.create(tenant=tenant, request=body))
 
 
 @router.post(
@@ -37,12 +34,15 @@ def create_agentic_system(body: AgenticSystemCreateRequest) -> AgenticSystemCrea
     response_description=OK,
     response_model_exclude_none=True,
 )
-def execute_agentic_system(
-    body: AgenticSystemExecuteRequest,
-) -> AgenticSystemExecuteResponse | AgenticSystemExecuteResponseStreamChunk:
-    raise _unavailable()
+async def execute_agentic_system(
+    body: AgenticSystemExecuteRequest, tenant: TenantDep, agents: AgentServiceDep
+) -> AgenticSystemExecuteResponse | AgenticSystemExecuteResponseStreamChunk | StreamingResponse:
+    if body.stream:
+        return event_stream(await first_checked(agents.execute_stream(tenant=tenant, request=body)))
+    return await agents.execute(tenant=tenant, request=body)
 
 
 @router.delete("/agentic_system/delete", response_class=Response, response_description=OK)
-def delete_agentic_system(agent_id: Id) -> Response:
-    raise _unavailable()
+def delete_agentic_system(agent_id: Id, tenant: TenantDep, agents: AgentServiceDep) -> Response:
+    agents.delete(tenant=tenant, agent_id=agent_id)
+    return Response(status_code=200)

@@ -50,7 +50,7 @@ async def completion(
 ) -> CompletionResponse | CompletionResponseStreamChunk | StreamingResponse:
     if body.stream:
         return event_stream(
-            await _first_checked(inference.completion_stream(tenant=tenant, request=body))
+            await first_checked(inference.completion_stream(tenant=tenant, request=body))
         )
     return await inference.completion(tenant=tenant, request=body)
 
@@ -66,7 +66,7 @@ async def chat_completion(
 ) -> ChatCompletionResponse | ChatCompletionResponseStreamChunk | StreamingResponse:
     if body.stream:
         return event_stream(
-            await _first_checked(inference.chat_completion_stream(tenant=tenant, request=body))
+            await first_checked(inference.chat_completion_stream(tenant=tenant, request=body))
         )
     return await inference.chat_completion(tenant=tenant, request=body)
 
@@ -99,7 +99,7 @@ async def batch_chat_completion(
     return JSONLinesResponse(await inference.batch_chat_completion(tenant=tenant, request=body))
 
 
-async def _first_checked(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[BaseModel]:
+async def first_checked(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[BaseModel]:
     """Start the stream before the response is: an unknown model, bad input or a full
     queue then still gets its 4xx/503 status instead of a broken 200 stream."""
     first = await anext(chunks)

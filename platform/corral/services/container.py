@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from corral.services.agents import AgentService
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
@@ -23,5 +24,6 @@ class Services:
     openai: OpenAIService
     reward_scoring: RewardScoringService
     synthetic_data: SyntheticDataService
+    agents: AgentService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncGenerator, Awaitable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ray.exceptions import (
@@ -213,3 +214,22 @@ async def classifier_token_spans(handle: DeploymentHandle[Any], text: str) -> li
     """The [start, end) character span of each token a classifier app sees in `text`."""
     spans: list[list[int]] = await call_model(handle.token_spans.remote(text))
     return [(start, end) for start, end in spans]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A model's context window and the length of each prompt asked about, in its tokens."""
+
+    context_window: int
+    counts: list[int]
+
+
+async def prompt_tokens(handle: DeploymentHandle[Any], prompts: list[str]) -> PromptTokens | None:
+    """How long `prompts` are for the model behind `handle`; None when its engine cannot
+    count (its `check` still refuses a prompt that does not fit)."""
+    found: dict[str, Any] | None = await call_model(handle.prompt_tokens.remote(prompts))
+    if found is None:
+        return None
+    return PromptTokens(
+        context_window=int(found["context_window"]), counts=[int(n) for n in found["counts"]]
+    )

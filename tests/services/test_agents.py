@@ -36,6 +36,9 @@ class OnlyLlamaGuard:
             raise InvalidRequest(f"no {config.shield_type} here")
         return WordShield("bomb")
 
+    async def build_checked(self, config: ShieldConfig, *, tenant: str) -> Shield:
+        return self.build(config, tenant=tenant)
+
 
 class Unavailable(RecordingTool):
     def ensure_available(self) -> None:

@@ -57,3 +57,9 @@ class ShieldFactory(Protocol):
     named, a model the tenant cannot use, bad params)."""
 
     def build(self, config: ShieldConfig, *, tenant: str) -> Shield: ...
+
+    async def build_checked(self, config: ShieldConfig, *, tenant: str) -> Shield:
+        """`build`, plus the checks that need the shield's model to answer (a classifier's
+        labels): what agent creation calls, so that a wrong model is a 422 there and
+        not a failure of every turn."""
+        ...

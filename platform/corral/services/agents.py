@@ -3,6 +3,7 @@ here, deleted, and executed turn by turn (corral.agents.turn)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,9 @@ class NoShields:
             f"shield type {config.shield_type!r} is not available on this server "
             "(no shields are configured)"
         )
+
+    async def build_checked(self, config: ShieldConfig, *, tenant: str) -> Shield:
+        return self.build(config, tenant=tenant)
 
 
 class ServeChatModel:
@@ -144,10 +148,12 @@ class AgentService:
                     f"tool {name!r} cannot be executed on this server (executable here: {offered})"
                 )
             try:
-                tool.ensure_available()
+                # Its first call may probe a sandbox (a subprocess): not on the event loop.
+                await asyncio.to_thread(tool.ensure_available)
             except ToolUnavailable as exc:
                 raise InvalidRequest(str(exc)) from None
-        self._build_shields(tenant, request)
+        for config in _shield_configs(request):
+            await self._shields.build_checked(config, tenant=tenant)
         await self._check_banks(tenant, request.memory_bank_uuids)
 
     async def _check_banks(self, tenant: str, bank_uuids: Sequence[str]) -> None:
@@ -248,3 +254,11 @@ def _same_or_conflict(uuid: str, stored_digest: str | None, digest: str) -> None
         raise Conflict(f"agent {uuid!r} was deleted while it was being created; try again")
     if stored_digest != digest:
         raise Conflict(f"agent {uuid!r} already exists with a different definition")
+
+
+def _shield_configs(request: AgenticSystemCreateRequest) -> list[ShieldConfig]:
+    """Every shield an agent names: its own input and output shields, then its tools'."""
+    configs = [*request.input_shields, *request.output_shields]
+    for tool in request.available_tools:
+        configs += [*tool.input_shields, *tool.output_shields]
+    return configs

@@ -33,7 +33,7 @@ from corral.api.memory_banks import MemoryBank, MemoryBankDocument, MemoryBankSe
 from corral.errors import Conflict, ContentTooLarge, InvalidRequest, NotFound
 from corral.memory.chunking import chunk_windows
 from corral.memory.documents import DocumentError, DocumentTooLarge, decode_document
-from corral.memory.types import BankSettings, RetrievedChunk
+from corral.memory.types import BankSettings, RetrievedChunk, Retriever
 from corral.services import model_calls
 from corral.services.ids import check_id
 from corral.services.inference import ModelRouter
@@ -680,3 +680,9 @@ def _first_problem(exc: ValidationError) -> str:
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error.get("loc", ())) or "settings"
     return f"{where}: {error.get('msg', 'invalid')}"
+
+
+def as_retriever(service: MemoryBankService) -> Retriever:
+    """The service as what the agents' `memory_retrieval` step takes (checked statically
+    against the protocol)."""
+    return service

@@ -24,10 +24,11 @@ from corral.errors import (
     http_status_for,
     retry_after_s,
 )
-from corral.memory.types import Retriever
+from corral.memory.types import BankSettings, Retriever
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
+from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.routes import synthetic_data_generation as sdg_routes
@@ -37,6 +38,7 @@ from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.jobs import JobsService
+from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -45,6 +47,7 @@ from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
 from corral.storage import Storage
 from corral.store.db import Database
+from corral.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +74,11 @@ def build_services(
     retriever: Retriever | None = None,
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
+    vector_index: VectorIndex | None = None,
 ) -> Services:
-    """`retriever`, `tools` and `shields` are the agents' memory banks, server-run tools
-    (by name) and shield builder; without them agents that need them are refused (422)."""
+    """`retriever`, `tools` and `shields` are the agents' memory banks (by default the
+    memory bank service, when there is a `vector_index`), server-run tools (by name) and
+    shield builder; without them agents that need them are refused (422)."""
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
     storage = Storage.from_settings(settings)
@@ -91,6 +96,21 @@ def build_services(
         else None
     )
     jobs = JobsService(database=database, launcher=launcher, storage=storage)
+    memory_banks = (
+        MemoryBankService(
+            database=database,
+            index=vector_index,
+            models=router,
+            defaults=BankSettings(
+                embedding_model=settings.memory_embedding_model,
+                chunk_tokens=settings.memory_chunk_tokens,
+                overlap_tokens=settings.memory_chunk_overlap_tokens,
+            ),
+            max_document_bytes=settings.memory_max_document_bytes,
+        )
+        if vector_index is not None
+        else None
+    )
     return Services(
         datasets=datasets,
         jobs=jobs,
@@ -101,6 +121,7 @@ def build_services(
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         reward_scoring=RewardScoringService(router=router),
         models=models,
+        memory_banks=memory_banks,
         synthetic_data=SyntheticDataService(
             models=models.resolver if models is not None else None,
             apps=models.deployer if models is not None else None,
@@ -112,7 +133,7 @@ def build_services(
         agents=AgentService(
             database=database,
             router=router,
-            retriever=retriever,
+            retriever=retriever if retriever is not None else memory_banks,
             tools=tools,
             shields=shields,
             limits=AgentLimits.from_settings(settings),
@@ -132,6 +153,7 @@ def create_app(
     retriever: Retriever | None = None,
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
+    vector_index: VectorIndex | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
@@ -140,7 +162,9 @@ def create_app(
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
     with it, unfinished jobs are settled against Ray at start-up and periodically.
     `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers.
-    `retriever`, `tools` and `shields` serve the agents (see `build_services`)."""
+    `retriever`, `tools` and `shields` serve the agents (see `build_services`).
+    `vector_index` holds memory banks' chunks (Milvus); without it the memory bank routes
+    answer 501."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,6 +180,7 @@ def create_app(
             retriever=retriever,
             tools=tools,
             shields=shields,
+            vector_index=vector_index,
         )
         periodic = None
         if launcher is not None:
@@ -193,6 +218,7 @@ def create_app(
     # operations, not part of them.
     app.include_router(models_routes.router, responses=ERROR_RESPONSES)
     app.include_router(jobs_routes.router, responses=ERROR_RESPONSES)
+    app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
 

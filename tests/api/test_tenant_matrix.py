@@ -5,17 +5,19 @@ own call on it succeeds, so the 404 is the tenant boundary and not a broken rout
 
 Routes join by a row in ROUTES (a new API adds its rows, and its creator in KINDS);
 `test_every_route_is_in_the_matrix` fails for a route of the app that is in neither
-ROUTES nor NOT_ID_ROUTES. Areas the server does not implement yet (memory banks)
-have rows too: there beta's answer must equal alpha's and the never-used id's (404 or
+ROUTES nor NOT_ID_ROUTES. Areas the server does not implement yet have rows
+too: there beta's answer must equal alpha's and the never-used id's (404 or
 501, nothing more); when such an area lands, its creator stops answering 501 and the
 test asks for the rows to be marked implemented.
 
 Only HTTP is used. The app is real: a real model registry on the session's Ray Serve,
-whose registered models run the scripted engine (nothing heavy loads), and a recording
-launcher for jobs (no Ray Train)."""
+whose registered models run the scripted engine (nothing heavy loads) and whose one file
+model is the session's embedding app (memory banks, on the session's Milvus Lite server),
+and a recording launcher for jobs (no Ray Train)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ from corral.serving.deployer import ServeDeployer
 from corral.store import migrate
 from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
+from corral.vector_index import MilvusIndex
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engines
 from serve_apps.options import ReplicaOptions
 from tests.api.conftest import ALPHA, API_KEYS, BETA
@@ -212,9 +215,28 @@ def _create_agent(world: World, oid: str) -> httpx.Response:
     return world.client.post("/agentic_system/create", json=body, headers=ALPHA)
 
 
+# Alpha's bank holds one document (base64 of "alpha's notes on tenants").
+BANK_DOCUMENT = {
+    "uuid": "notes",
+    "content": "YWxwaGEncyBub3RlcyBvbiB0ZW5hbnRz",
+    "metadata": {"owner": "alpha"},
+    "mime_type": "text/plain",
+}
+
+
 def _create_bank(world: World, oid: str) -> httpx.Response:
-    params = {"bank_uuid": oid, "bank_name": f"bank {oid}"}
-    return world.client.post("/memory_banks/create", params=params, json=[], headers=ALPHA)
+    params = {"bank_uuid": oid, "bank_name": f"bank-{oid}"}
+    return world.client.post(
+        "/memory_banks/create", params=params, json=[BANK_DOCUMENT], headers=ALPHA
+    )
+
+
+def _bank_witness(world: World, oid: str) -> Any:
+    settings = world.client.get("/memory_banks/settings", params={"bank_uuid": oid}, headers=ALPHA)
+    documents = world.client.post(
+        "/memory_bank/get", params={"bank_uuid": oid}, json=[BANK_DOCUMENT["uuid"]], headers=ALPHA
+    )
+    return settings.status_code, settings.json(), documents.status_code, documents.text
 
 
 def _agent_witness(world: World, oid: str) -> Any:
@@ -267,7 +289,9 @@ KINDS: dict[str, Kind] = {
         "llama3_405b_reward",
     ),
     "agent": Kind(("POST /agentic_system/create",), _create_agent, _agent_witness),
-    "bank": Kind(("POST /memory_banks/create",), _create_bank, _unimplemented_witness, False),
+    "bank": Kind(
+        ("POST /memory_banks/create", "POST /memory_banks/configure"), _create_bank, _bank_witness
+    ),
 }
 
 
@@ -315,6 +339,17 @@ def _bank(path: str) -> Callable[[str, World], Call]:
 
 def _ids(key: str) -> Callable[[Any], list[str]]:
     return lambda body: [item[key] for item in body["data"]]
+
+
+def _lines(key: str) -> Callable[[Any], list[str]]:
+    """Ids out of an `application/jsonl` list (read by `_body`)."""
+    return lambda body: [item[key] for item in body]
+
+
+def _body(response: httpx.Response) -> Any:
+    if response.headers.get("content-type", "").startswith("application/jsonl"):
+        return [json.loads(line) for line in response.text.splitlines()]
+    return response.json()
 
 
 def _register_from_job(oid: str, world: World) -> Call:
@@ -443,8 +478,8 @@ ROUTES: list[Route] = [
         _query("DELETE", "/agentic_system/delete", "agent_id"),
         fresh=True,
     ),
-    # not implemented yet: 501 for everyone, and nothing else
-    Route("GET /memory_banks/get", "bank", _plain("GET", "/memory_banks/get")),
+    # memory banks: the spec's routes and Corral's own
+    Route("GET /memory_banks/get", "bank", _plain("GET", "/memory_banks/get"), _lines("uuid")),
     Route(
         "DELETE /memory_banks/drop",
         "bank",
@@ -455,6 +490,14 @@ ROUTES: list[Route] = [
     Route("POST /memory_bank/update", "bank", _bank("/memory_bank/update")),
     Route("POST /memory_bank/delete", "bank", _bank("/memory_bank/delete")),
     Route("POST /memory_bank/get", "bank", _bank("/memory_bank/get")),
+    Route(
+        "GET /memory_banks/settings", "bank", _query("GET", "/memory_banks/settings", "bank_uuid")
+    ),
+    Route(
+        "POST /memory_bank/query",
+        "bank",
+        _json("/memory_bank/query", lambda oid: {"bank_uuid": oid, "query": "notes"}),
+    ),
     # synthetic data: alpha's registered model is no model at all to beta (422 as for a
     # name nobody registered; alpha's own call would need a reward model too)
     Route(
@@ -486,9 +529,15 @@ NOT_ID_ROUTES = {
 
 
 @pytest.fixture(scope="module")
-def world(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    """One app for the module: SQLite, a real registry on the session's Serve with no
-    file models (alpha's registered models run the scripted engine), and a recording
+def world(
+    serve_instance: None,
+    embedding_app: Any,
+    milvus_uri: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[World]:
+    """One app for the module: SQLite, a real registry on the session's Serve whose one
+    file model is the session's embedding app (alpha's registered models run the
+    scripted engine), memory banks on the session's Milvus Lite server, and a recording
     launcher."""
     home = tmp_path_factory.mktemp("tenant-matrix") / "home"
     base = home / "models" / "base"
@@ -498,22 +547,37 @@ def world(serve_instance: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     migrate.upgrade(url)
     database = Database(url)
     # No periodic reconciliation during the module: alpha's witnesses must hold still.
-    settings = Settings(home=home, api_keys=API_KEYS, reconcile_interval_s=3600)
+    settings = Settings(
+        home=home,
+        api_keys=API_KEYS,
+        reconcile_interval_s=3600,
+        memory_embedding_model=embedding_app.name,
+    )
     registry = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=60),
-        file_models=[],
+        file_models=[embedding_app.spec],
         model_roots=model_roots(settings),
         engine_factory=partial(scripted_engines, ScriptedEngineConfig("scripted reply")),
         registration_defaults=ReplicaOptions(cpus_per_replica=0.25),
     )
-    app = create_app(settings, database=database, models=registry, launcher=RecordingLauncher())
+    index = MilvusIndex(milvus_uri)
+    app = create_app(
+        settings,
+        database=database,
+        models=registry,
+        launcher=RecordingLauncher(),
+        vector_index=index,
+    )
     try:
         with TestClient(app, raise_server_exceptions=False) as client:
             yield World(client=client, home=home, shared_dir=base, token=uuid.uuid4().hex[:8])
     finally:
         for listed in registry.list("alpha"):
+            if listed.name == embedding_app.name:
+                continue  # the session's, not the module's
             serve.delete(tenant_app_name("alpha", listed.name), _blocking=False)
+        index.close()
         database.dispose()
 
 
@@ -569,8 +633,8 @@ def test_beta_never_sees_nor_changes_alphas_object(world: World, row: Route) -> 
         return
     if row.listing is not None:
         assert theirs.status_code == 200, theirs.text
-        assert oid not in row.listing(theirs.json())
-        assert oid in row.listing(world.call(row.call(oid, world), ALPHA).json())
+        assert oid not in row.listing(_body(theirs))
+        assert oid in row.listing(_body(world.call(row.call(oid, world), ALPHA)))
         return
     assert theirs.status_code == row.beta_status, theirs.text
     assert _answer(theirs, oid) == _answer(unused, nobody), "beta can tell the id is taken"

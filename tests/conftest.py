@@ -273,3 +273,36 @@ def attribute_reward_model_dir(
         labels=("helpfulness", "correctness", "verbosity"),
         seed=1,
     )
+
+
+@pytest.fixture(scope="session")
+def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private `milvus-lite server` for this session (its own CORRAL_HOME-like dir),
+    stopped by its own handle at the end."""
+    from corral.milvus_server import LocalMilvus
+
+    local = LocalMilvus(tmp_path_factory.mktemp("milvus-home"))
+    uri = local.ensure()
+    try:
+        yield uri
+    finally:
+        local.stop()
+
+
+@pytest.fixture
+def vector_index(milvus_uri: str) -> Iterator[Any]:
+    """A MilvusIndex on the session's server; the collections a test made are dropped after."""
+    from pymilvus import MilvusClient
+
+    from corral.vector_index import MilvusIndex
+
+    admin = MilvusClient(uri=milvus_uri)
+    before = set(admin.list_collections())
+    index = MilvusIndex(milvus_uri)
+    try:
+        yield index
+    finally:
+        index.close()
+        for name in set(admin.list_collections()) - before:
+            admin.drop_collection(name)
+        admin.close()

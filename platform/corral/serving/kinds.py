@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ray.serve import Application
 
-from serve_apps import llm, reward
+from serve_apps import embedding, llm, reward
 from serve_apps.options import ModelKind
 
 # `build_app(args, *, engine_factory=None)`: the app's config as a dict; an injected
@@ -27,6 +27,7 @@ class AppKind:
 APP_KINDS: dict[ModelKind, AppKind] = {
     "llm": AppKind(build_app=llm.build_app, engines=frozenset(llm.ENGINES)),
     "reward": AppKind(build_app=reward.build_app, engines=frozenset(reward.ENGINES)),
+    "embedding": AppKind(build_app=embedding.build_app, engines=frozenset(embedding.ENGINES)),
 }
 
 

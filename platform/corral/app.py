@@ -23,9 +23,11 @@ from corral.errors import (
     http_status_for,
     retry_after_s,
 )
+from corral.memory.types import BankSettings
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
+from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.routes import synthetic_data_generation as sdg_routes
@@ -34,6 +36,7 @@ from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.jobs import JobsService
+from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -42,6 +45,7 @@ from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
 from corral.storage import Storage
 from corral.store.db import Database
+from corral.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,7 @@ def build_services(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    vector_index: VectorIndex | None = None,
 ) -> Services:
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
@@ -83,6 +88,21 @@ def build_services(
         else None
     )
     jobs = JobsService(database=database, launcher=launcher, storage=storage)
+    memory_banks = (
+        MemoryBankService(
+            database=database,
+            index=vector_index,
+            models=router,
+            defaults=BankSettings(
+                embedding_model=settings.memory_embedding_model,
+                chunk_tokens=settings.memory_chunk_tokens,
+                overlap_tokens=settings.memory_chunk_overlap_tokens,
+            ),
+            max_document_bytes=settings.memory_max_document_bytes,
+        )
+        if vector_index is not None
+        else None
+    )
     return Services(
         datasets=datasets,
         jobs=jobs,
@@ -93,6 +113,7 @@ def build_services(
         openai=OpenAIService(router=router, names=names if isinstance(names, ModelNames) else None),
         reward_scoring=RewardScoringService(router=router),
         models=models,
+        memory_banks=memory_banks,
         synthetic_data=SyntheticDataService(
             models=models.resolver if models is not None else None,
             apps=models.deployer if models is not None else None,
@@ -113,6 +134,7 @@ def create_app(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    vector_index: VectorIndex | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
@@ -120,7 +142,9 @@ def create_app(
     or a `model_router`, the server has no Ray connection and inference answers 501.
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
     with it, unfinished jobs are settled against Ray at start-up and periodically.
-    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers."""
+    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers.
+    `vector_index` holds memory banks' chunks (Milvus); without it the memory bank routes
+    answer 501."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +157,7 @@ def create_app(
             models=models,
             launcher=launcher,
             cluster_resources=cluster_resources,
+            vector_index=vector_index,
         )
         periodic = None
         if launcher is not None:
@@ -170,6 +195,7 @@ def create_app(
     # operations, not part of them.
     app.include_router(models_routes.router, responses=ERROR_RESPONSES)
     app.include_router(jobs_routes.router, responses=ERROR_RESPONSES)
+    app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
 

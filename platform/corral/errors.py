@@ -46,6 +46,12 @@ class QuotaExceeded(CorralError):
     code = "quota_exceeded"
 
 
+class ContentTooLarge(InvalidRequest):
+    """What the request carries is over a size bound (a memory bank document)."""
+
+    code = "content_too_large"
+
+
 class ContentUnavailable(CorralError):
     """A URL the user gave could not be fetched or is not allowed."""
 
@@ -100,6 +106,7 @@ class CapabilityUnavailable(CorralError):
 
 HTTP_STATUS: dict[type[CorralError], int] = {
     InvalidRequest: 422,
+    ContentTooLarge: 413,
     Unauthorized: 401,
     Forbidden: 403,
     QuotaExceeded: 403,

@@ -1,5 +1,6 @@
-"""Operations whose engine is not in this build: a valid request gets 501 naming the
-missing capability, never a fake success; an invalid one still gets 422 first."""
+"""Operations whose engine is not in this build (or not wired into this server: memory
+banks without a vector store) get 501 for a valid request, naming the missing
+capability, never a fake success; an invalid one still gets 422 first."""
 
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ from corral.api.inference import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from corral.api.memory_banks import MemoryBankDocument
+from corral.api.memory_banks import (
+    ConfigureMemoryBankRequest,
+    MemoryBankDocument,
+    MemoryBankQueryRequest,
+)
 from corral.api.post_training import (
     DPOAlignmentConfig,
     LoraFinetuningConfig,
@@ -259,6 +264,20 @@ CASES = [
     Case("POST", "/memory_bank/update", "memory_banks", [DOCUMENT], {"bank_uuid": "bank-1"}),
     Case("POST", "/memory_bank/delete", "memory_banks", ["doc-1"], {"bank_uuid": "bank-1"}),
     Case("POST", "/memory_bank/get", "memory_banks", ["doc-1"], {"bank_uuid": "bank-1"}),
+    # Corral's own memory bank routes: 501 too without a vector store.
+    Case(
+        "POST",
+        "/memory_banks/configure",
+        "memory_banks",
+        ConfigureMemoryBankRequest(bank_uuid="bank-1", bank_name="notes", chunk_tokens=64),
+    ),
+    Case("GET", "/memory_banks/settings", "memory_banks", params={"bank_uuid": "bank-1"}),
+    Case(
+        "POST",
+        "/memory_bank/query",
+        "memory_banks",
+        MemoryBankQueryRequest(bank_uuid="bank-1", query="cats", metadata_filter={"k": 1}),
+    ),
     Case(
         "POST",
         "/reward_scoring/score",

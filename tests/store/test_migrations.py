@@ -25,6 +25,7 @@ EXPECTED_TABLES = {
     "datasets",
     "agents",
     "memory_banks",
+    "memory_bank_documents",
     "served_models",
     "file_model_scales",
 }
@@ -358,6 +359,87 @@ def test_score_weights_migration_keeps_models_and_goes_back(empty_database_url: 
             ).all() == [
                 ("judge", "reward"),
                 ("old", "llm"),
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_memory_banks_migration_gives_old_banks_settings_and_documents_go_back(
+    empty_database_url: str,
+) -> None:
+    """0008 gives a bank stored before the default settings of its time and no
+    collection dimension yet, adds the documents table (its rows go when their bank goes,
+    by the foreign key's cascade), and the way back drops the documents and the settings
+    and keeps the bank."""
+    url = empty_database_url
+    migrate.upgrade(url, "0007")
+    now = "2026-11-30 12:00:00+00:00"
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO memory_banks (tenant, uuid, name, collection, created_at)"
+                    " VALUES ('alpha', 'old-bank', 'notes', 'corral_old', :now)"
+                ),
+                {"now": now},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            assert conn.execute(
+                text(
+                    "SELECT name, embedding_model, chunk_tokens, overlap_tokens, dimension"
+                    " FROM memory_banks"
+                )
+            ).all() == [("notes", "all-minilm-l6-v2", 192, 48, 0)]
+            conn.execute(
+                text(
+                    "INSERT INTO memory_bank_documents (tenant, bank_uuid, uuid, mime_type,"
+                    " metadata, content, content_digest, version, chunk_count, created_at,"
+                    " updated_at) VALUES ('alpha', 'old-bank', 'doc', 'text/plain', '{}',"
+                    " 'aGk=', 'd', 1, 1, :now, :now)"
+                ),
+                {"now": now},
+            )
+        # A document of a bank nobody has is refused by the foreign key.
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO memory_bank_documents (tenant, bank_uuid, uuid, mime_type,"
+                    " metadata, content, content_digest, version, chunk_count, created_at,"
+                    " updated_at) VALUES ('beta', 'old-bank', 'doc', 'text/plain', '{}',"
+                    " 'aGk=', 'd', 1, 1, :now, :now)"
+                ),
+                {"now": now},
+            )
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM memory_banks WHERE uuid = 'old-bank'"))
+            assert conn.execute(text("SELECT count(*) FROM memory_bank_documents")).scalar() == 0
+            conn.execute(
+                text(
+                    "INSERT INTO memory_banks (tenant, uuid, name, collection, created_at,"
+                    " embedding_model, chunk_tokens, overlap_tokens, dimension) VALUES"
+                    " ('alpha', 'new-bank', 'more', 'corral_new', :now, 'mini', 64, 8, 384)"
+                ),
+                {"now": now},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.downgrade(url, "0007")
+    assert "memory_bank_documents" not in _tables(url)
+    engine = make_engine(url)
+    try:
+        columns = {c["name"] for c in inspect(engine).get_columns("memory_banks")}
+        assert columns == {"tenant", "uuid", "name", "collection", "created_at"}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT uuid, name FROM memory_banks")).all() == [
+                ("new-bank", "more")
             ]
     finally:
         engine.dispose()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
+from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
@@ -25,3 +26,5 @@ class Services:
     synthetic_data: SyntheticDataService
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
+    # None on a server without a vector store (the memory bank routes answer 501).
+    memory_banks: MemoryBankService | None = None

@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -192,9 +193,43 @@ class MemoryBank(Base):
     tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
     uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
     name: Mapped[str] = mapped_column(String(256))
-    # The Milvus collection that holds the bank's vectors.
+    # The Milvus collection that holds the bank's vectors (`corral_<hex>`, chosen here).
     collection: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime]
+    # How the bank's documents are chunked and embedded (`corral.memory.types.BankSettings`),
+    # and the embedding dimension of its collection (0: the collection is not made yet).
+    embedding_model: Mapped[str] = mapped_column(String(256), server_default="all-minilm-l6-v2")
+    chunk_tokens: Mapped[int] = mapped_column(Integer, server_default="192")
+    overlap_tokens: Mapped[int] = mapped_column(Integer, server_default="48")
+    dimension: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class MemoryBankDocument(Base):
+    """One document of a bank, as the client sent it (content: its base64, unchanged), and
+    the version whose chunks are current in the bank's collection: search hits of any
+    other version are stale (an update under way, or one that crashed) and are dropped."""
+
+    __tablename__ = "memory_bank_documents"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["tenant", "bank_uuid"],
+            ["memory_banks.tenant", "memory_banks.uuid"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    tenant: Mapped[str] = mapped_column(String(TENANT_LENGTH), primary_key=True)
+    bank_uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(UUID_LENGTH), primary_key=True)
+    mime_type: Mapped[str] = mapped_column(String(256))
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    content: Mapped[str] = mapped_column(Text)
+    # sha256 of the document's canonical JSON: the same uuid with another document is a 409.
+    content_digest: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    chunk_count: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
 
 
 class ServedModel(Base):

@@ -45,6 +45,7 @@ from corral.memory.evaluation import LabelledCorpus, load_corpus, recall_at_k
 from corral.milvus_server import LocalMilvus
 from corral.serving.catalog import default_embedding_model_dir
 from corral.store import migrate
+from corral.vector_index import MilvusIndex
 from serve_apps.embedding import build_app
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -289,8 +290,11 @@ def main() -> None:
             memory_chunk_overlap_tokens=args.overlap_tokens,
         )
         migrate.upgrade(settings.resolved_database_url)
-        with TestClient(create_app(settings, model_router=OneModel(handle))) as client:
+        index = MilvusIndex(uri)
+        app = create_app(settings, model_router=OneModel(handle), vector_index=index)
+        with TestClient(app) as client:
             corral, corral_rankings = corral_run(client, corpus, repeats=args.repeats)
+        index.close()
         raw, raw_rankings, rows = raw_run(
             uri,
             handle,
@@ -338,8 +342,8 @@ def main() -> None:
         "all-MiniLM-L6-v2 on CPU (one replica), milvus-lite server"
     )
     print("                     insert docs/s  queries/s  p50 ms  p99 ms  recall@3")
-    for label, run in (("Corral API", "corral"), ("raw pymilvus", "raw_pymilvus")):
-        f = figures[run]
+    for label, key in (("Corral API", "corral"), ("raw pymilvus", "raw_pymilvus")):
+        f = figures[key]
         print(
             f"{label:20} {f['documents_per_s']:13.1f} {f['queries_per_s']:10.1f} "
             f"{f['p50_ms']:7.1f} {f['p99_ms']:7.1f} {f['recall_at_3']:9.3f}"

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
     # token), or, unset, the embedded `milvus-lite server` under `home/milvus`
     # (corral.milvus_server, loopback only, no authentication). A bank's chunks are token
     # windows of its embedding model (a served `embedding` model) with this overlap;
-    # per-bank values go through `POST /memory_banks/settings`.
+    # per-bank values go through `POST /memory_banks/configure`.
     milvus_uri: str | None = None
     milvus_token: str | None = None
     memory_embedding_model: str = "all-minilm-l6-v2"

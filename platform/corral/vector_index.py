@@ -419,10 +419,12 @@ class MilvusIndex:
     ) -> _T:
         """Run `operation` on the client; Milvus failures become BackendUnavailable.
 
-        Where Milvus could not be reached and there is an embedded server, it is
-        (re)started and the call retried once; where `collection` was not loaded (a server
-        restarted since), it is loaded and the call retried once."""
-        restarted = loaded = False
+        Where Milvus could not be reached, the call is retried once on a fresh connection
+        (a server closes a channel that sat idle too long: gRPC's GOAWAY too_many_pings),
+        and then, if there is an embedded server, once more after (re)starting it; where
+        `collection` was not loaded (a server restarted since), it is loaded and the call
+        retried once."""
+        reconnected = restarted = loaded = False
         while True:
             try:
                 return operation(self._connect())
@@ -435,6 +437,10 @@ class MilvusIndex:
                         self._connect().load_collection(collection)
                     continue
                 unreachable = _is_unreachable(exc)
+                if unreachable and not reconnected:
+                    reconnected = True
+                    self.close()
+                    continue
                 if unreachable and not restarted and self._ensure_server is not None:
                     restarted = True
                     self.close()

@@ -3,7 +3,8 @@ operation, with data that fits the document and data that does not, then the sta
 run along the links schemathesis infers between operations, on SQLite and on
 PostgreSQL, against an app with real Ray and Serve behind it (a file model on the
 scripted engine answers every spec model name, and one on the scripted scoring engine the
-reward model's, so inference and reward scoring run instead of answering 404 or 501).
+reward model's, so inference and reward scoring run instead of answering 404 or 501;
+memory banks run on the session's Milvus Lite server and embedding app).
 Fine-tuning submissions go to a launcher that records them: a fuzzed body that passed
 every check would otherwise start a real training run.
 
@@ -46,8 +47,10 @@ from corral.ray_jobs import RayJobInfo
 from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
+from corral.serving.resolver import ModelResolver
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engines
+from serve_apps.options import ModelKind
 from tests.api.conftest import ALPHA, API_KEYS
 from tests.api.response_validation import ResponseValidator
 
@@ -106,9 +109,27 @@ class RequestsOnly:
         await self.app(scope, receive, send)
 
 
+class WithEmbeddings:
+    """The registry's router, but embedding models come from the session's embedding app
+    (the registry's deployer runs the scripted engine: given the app's spec, its start
+    would redeploy the app on it)."""
+
+    def __init__(self, models: ModelService, embeddings: ModelResolver) -> None:
+        self._models = models.resolver
+        self._embeddings = embeddings
+
+    def handle_for(self, *, tenant: str, model: str, kind: ModelKind = "llm") -> Any:
+        router = self._embeddings if kind == "embedding" else self._models
+        return router.handle_for(tenant=tenant, model=model, kind=kind)
+
+
 @pytest.fixture
 def fuzz_app(
-    serve_instance: None, database: Database, tmp_path: Path
+    serve_instance: None,
+    embedding_app: Any,
+    vector_index: Any,
+    database: Database,
+    tmp_path: Path,
 ) -> Iterator[tuple[FastAPI, ModelService]]:
     checkpoint = tmp_path / "scripted"
     checkpoint.mkdir()
@@ -121,6 +142,7 @@ def fuzz_app(
         # One generation at most on the synchronous route: each fuzzed request that got
         # through would start a Ray Data pipeline (seconds each); beyond it, the 422.
         sdg_max_sync_generations=1,
+        memory_embedding_model=embedding_app.name,
     )
     registry = build_model_service(
         database=database,
@@ -152,7 +174,14 @@ def fuzz_app(
             database=database,
             fetcher=ContentFetcher(fetch_policy(settings)),
             models=registry,
+            model_router=WithEmbeddings(
+                registry,
+                ModelResolver(
+                    database=database, deployer=ServeDeployer(), file_models=[embedding_app.spec]
+                ),
+            ),
             launcher=RecordingLauncher(),
+            vector_index=vector_index,
         )
         yield app, registry
     finally:
@@ -305,7 +334,9 @@ def test_every_operation_survives_the_fuzzer(
                     # Nothing to negate (e.g. no parameters and no body): no negative case.
                     assert mode == schemathesis.GenerationMode.NEGATIVE
                 except Exception as exc:
-                    failures.append(f"{operation.label} ({mode}): {exc}"[:3000])
+                    # Hypothesis's own errors (a flaky example) hold the real ones inside.
+                    inner = "; ".join(repr(e) for e in getattr(exc, "exceptions", ()))
+                    failures.append(f"{operation.label} ({mode}): {exc} {inner}"[:3000])
         try:
             links = _run_stateful(schema, response_validator)
         except Exception as exc:
@@ -314,7 +345,7 @@ def test_every_operation_survives_the_fuzzer(
     # The document's operations link (e.g. a job listed, then read): the stateful run ran.
     assert links > 0
     # The model answered: inference ran on Serve, not only the validation in front of it.
-    for label in ANSWERED:
+    for label in ANSWERED + MEMORY:
         assert statuses[(label, 200)] > 0, sorted(statuses.items())
     # The generation routes reached their service (its 422s: the cap, a model of the wrong
     # kind or none), never the 501 of a server without the capability.
@@ -332,5 +363,8 @@ ANSWERED = [
     "POST /inference/batch_chat_completion",
     "POST /reward_scoring/score",
 ]
+# Memory bank operations that must have done real work at least once (a bank made, a
+# listing, a query answered) rather than only refusing what was fuzzed.
+MEMORY = ["POST /memory_banks/configure", "GET /memory_banks/get"]
 # Synthetic data operations (a synchronous cap of one generation here: see fuzz_app).
 GENERATION = ["POST /synthetic_data_generation/generate", "POST /synthetic_data_generation/jobs"]

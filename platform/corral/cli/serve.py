@@ -69,6 +69,8 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     import uvicorn
     from ray import serve
 
+    from corral.agents.shields import ShieldBuilder
+    from corral.agents.tools import build_tools
     from corral.app import create_app
     from corral.demo_guards import build_demo_llama_guard, build_demo_prompt_guard
     from corral.demo_model import build_demo_model
@@ -88,6 +90,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.storage import Storage
     from corral.store import migrate
     from corral.store.db import Database
+    from corral.vector_index import build_vector_index
 
     # An inherited socket (--fd) was bound by the parent, which chose its port: no
     # port is picked, released and re-bound, so no other process can take it between.
@@ -149,6 +152,9 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         models=models,
         launcher=launcher,
         cluster_resources=ray.cluster_resources,
+        vector_index=build_vector_index(settings),
+        tools=build_tools(settings),
+        shields=ShieldBuilder(settings, models.resolver, embedded_default=catalog.embedded_default),
     )
     try:
         if listener is not None:

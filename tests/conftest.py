@@ -229,16 +229,30 @@ def make_lora_adapter(base_dir: Path, destination: Path) -> Path:
 
 
 @pytest.fixture
-def embedded_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A CORRAL_HOME for tests that run `corral serve` with its own embedded Ray head; the
-    head is stopped afterwards. The path is short: Ray's socket paths live under it."""
+def embedded_home(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_llama_guard_dir: Path,
+    demo_prompt_guard_dir: Path,
+) -> Iterator[Path]:
+    """A CORRAL_HOME for tests that run `corral serve` with its own embedded Ray head and
+    Milvus Lite server; both are stopped afterwards. The path is short: Ray's socket
+    paths live under it. The demo guard models are copied in from the session's builds
+    (their markers say they are current, so `corral serve` keeps them): each costs tens
+    of seconds to train, and tests/test_demo_guards.py covers building them. The demo
+    model and reward model are still built by `corral serve` itself."""
+    from corral.milvus_server import LocalMilvus
     from corral.ray_cluster import LocalRayHead
+    from corral.serving.catalog import demo_llama_guard_dir as guard_dir_in
+    from corral.serving.catalog import demo_prompt_guard_dir as prompt_guard_dir_in
 
     path = tmp_path_factory.mktemp("h")
+    shutil.copytree(demo_llama_guard_dir, guard_dir_in(path))
+    shutil.copytree(demo_prompt_guard_dir, prompt_guard_dir_in(path))
     try:
         yield path
     finally:
         LocalRayHead(path).stop()
+        LocalMilvus(path).stop()
 
 
 def add_registered_model_row(
@@ -371,3 +385,49 @@ def embedding_app(serve_instance: None, embedding_model_dir: Path) -> Iterator[E
         yield EmbeddingApp(spec=spec, app_name=app_name)
     finally:
         serve.delete(app_name, _blocking=False)
+
+
+@dataclass(frozen=True)
+class GuardModels:
+    """The demo guard models as file-model specs, RUNNING on `serve_instance` (put them
+    among a ModelService's `file_models`: its `start()` finds them running)."""
+
+    llama_guard: Any  # corral.serving.catalog.ModelSpec, kind llm
+    prompt_guard: Any  # kind classifier
+
+    @property
+    def specs(self) -> list[Any]:
+        return [self.llama_guard, self.prompt_guard]
+
+
+@pytest.fixture(scope="session")
+def guard_models(
+    serve_instance: None, demo_llama_guard_dir: Path, demo_prompt_guard_dir: Path
+) -> Iterator[GuardModels]:
+    """Both demo guard models deployed once per session through the real deployer."""
+    from ray import serve
+
+    from corral.serving.catalog import ModelSpec, file_app_name
+    from corral.serving.deployer import ServeDeployer
+
+    options: dict[str, Any] = {"device": "cpu", "cpus_per_replica": 0.25, "max_batch_size": 8}
+    guards = GuardModels(
+        llama_guard=ModelSpec(
+            name="test-llama-guard", kind="llm", checkpoint_dir=demo_llama_guard_dir, **options
+        ),
+        prompt_guard=ModelSpec(
+            name="test-prompt-guard",
+            kind="classifier",
+            checkpoint_dir=demo_prompt_guard_dir,
+            batch_wait_timeout_s=0.2,
+            **options,
+        ),
+    )
+    deployer = ServeDeployer(deploy_timeout_s=180)
+    for spec in guards.specs:
+        deployer.deploy(spec, app_name=file_app_name(spec.name))
+    try:
+        yield guards
+    finally:
+        for spec in guards.specs:
+            serve.delete(file_app_name(spec.name), _blocking=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,3 +88,17 @@ def test_bad_settings_are_reported_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "CORRAL_FETCH_TIMEOUT_S" in result.stderr.upper()
     assert "Traceback" not in result.stderr
+
+
+def test_milvus_status_and_stop_the_embedded_server(tmp_path: Path) -> None:
+    from corral.milvus_server import LocalMilvus
+
+    assert "no embedded Milvus server is running" in corral(tmp_path, "milvus", "status").stdout
+    uri = LocalMilvus(tmp_path).ensure()
+    try:
+        status = corral(tmp_path, "milvus", "status", "--json")
+        assert json.loads(status.stdout)["uri"] == uri
+        assert json.loads(corral(tmp_path, "milvus", "stop", "--json").stdout) == {"stopped": True}
+        assert LocalMilvus(tmp_path).running() is None
+    finally:
+        LocalMilvus(tmp_path).stop()

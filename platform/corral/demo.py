@@ -31,6 +31,7 @@ from corral.config import Settings
 from corral.demo_model import build_demo_model, describe
 from corral.demo_reward import build_demo_reward_model
 from corral.job_progress import follow
+from corral.milvus_server import LocalMilvus
 from corral.ray_cluster import LocalRayHead
 from corral.serving.catalog import demo_model_dir, demo_reward_dir
 from corral.tenancy import tenant_dir
@@ -298,6 +299,8 @@ def run_demo(settings: Settings, *, port: int = 0, keep_ray: bool = False) -> No
         if not keep_ray:
             stopped = LocalRayHead(home).stop()
             _say("6. Stopped the embedded Ray head" if stopped else "6. No Ray head to stop")
+            if LocalMilvus(home).stop():
+                _say("   and the embedded Milvus Lite server")
     _say("Demo finished: every step answered as expected.")
 
 

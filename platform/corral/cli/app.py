@@ -25,12 +25,14 @@ app = typer.Typer(
 )
 db = typer.Typer(help="the SQL job store", no_args_is_help=True)
 ray = typer.Typer(help="the embedded Ray head", no_args_is_help=True)
+milvus = typer.Typer(help="the embedded Milvus Lite server", no_args_is_help=True)
 app.command(name="serve", help="upgrade the database, start or join Ray, serve")(serve)
 app.add_typer(db, name="db")
 app.add_typer(models.app, name="models")
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(sdg.app, name="sdg")
 app.add_typer(ray, name="ray")
+app.add_typer(milvus, name="milvus")
 
 
 @app.callback()
@@ -100,6 +102,36 @@ def ray_stop(ctx: typer.Context, json_output: JsonOption = False) -> None:
         print_json({"stopped": stopped})
     else:
         print("stopped the embedded Ray head" if stopped else "no embedded Ray head was running")
+
+
+@milvus.command("status")
+def milvus_status(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Show the embedded Milvus Lite server (memory banks)."""
+    from corral.milvus_server import LocalMilvus
+
+    info = LocalMilvus(settings_of(ctx).home).running()
+    if json_output:
+        print_json(None if info is None else {"pid": info.pid, "uri": info.uri})
+    elif info is None:
+        print("no embedded Milvus server is running")
+    else:
+        print(f"Milvus Lite pid {info.pid} at {info.uri}, data in {info.data_dir}")
+
+
+@milvus.command("stop")
+def milvus_stop(ctx: typer.Context, json_output: JsonOption = False) -> None:
+    """Stop the embedded Milvus Lite server."""
+    from corral.milvus_server import LocalMilvus
+
+    stopped = LocalMilvus(settings_of(ctx).home).stop()
+    if json_output:
+        print_json({"stopped": stopped})
+    else:
+        print(
+            "stopped the embedded Milvus server"
+            if stopped
+            else "no embedded Milvus server was running"
+        )
 
 
 @app.command("demo")

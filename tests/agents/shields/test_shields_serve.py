@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from corral.config import Settings
 from corral.demo_model import _builtin_corpus
 from corral.services import model_calls
 from corral.services.models import ModelService, build_model_service
-from corral.serving.catalog import ModelRoots, ModelSpec, file_app_name
+from corral.serving.catalog import ModelRoots, file_app_name
 from corral.serving.deployer import ServeDeployer
 from corral.store.db import Database
+from tests.conftest import GuardModels
 from tests.serve_apps.test_transformers_classifier import TEXTS, TOLERANCE, in_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -35,40 +35,23 @@ def message(role: str, content: str) -> Message:
 
 @pytest.fixture(scope="module")
 def registry(
-    serve_instance: None,
-    demo_llama_guard_dir: Path,
-    demo_prompt_guard_dir: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    guard_models: GuardModels, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ModelService, str, str]]:
     from corral.store import migrate
 
     url = f"sqlite:///{tmp_path_factory.mktemp('shields') / 'corral.db'}"
     migrate.upgrade(url)
     database = Database(url)
-    suffix = uuid.uuid4().hex[:6]
-    guard, classifier = f"guard-{suffix}", f"pg-{suffix}"
-    options = {"device": "cpu", "cpus_per_replica": 0.25, "max_batch_size": 8}
     service = build_model_service(
         database=database,
         deployer=ServeDeployer(deploy_timeout_s=120),
-        file_models=[
-            ModelSpec(name=guard, kind="llm", checkpoint_dir=demo_llama_guard_dir, **options),
-            ModelSpec(
-                name=classifier,
-                kind="classifier",
-                checkpoint_dir=demo_prompt_guard_dir,
-                batch_wait_timeout_s=0.2,
-                **options,
-            ),
-        ],
+        file_models=guard_models.specs,
         model_roots=ModelRoots(shared=()),
     )
-    service.start()
+    service.start()  # finds the session's guard apps running
     try:
-        yield service, guard, classifier
+        yield service, guard_models.llama_guard.name, guard_models.prompt_guard.name
     finally:
-        for name in (guard, classifier):
-            serve.delete(file_app_name(name), _blocking=False)
         database.dispose()
 
 

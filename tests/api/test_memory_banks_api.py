@@ -54,6 +54,11 @@ TOKYO = "Tokyo is the capital of Japan and the most populous metropolitan area o
 PYTHON = "Python lists are mutable sequences; tuples are their immutable counterparts."
 
 
+# The service's SQL is the store's (tested on both databases in tests/store): most tests
+# here run on SQLite only; the round trip, update and failure paths run on both.
+SQLITE_ONLY = pytest.mark.parametrize("empty_database_url", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
 def app_parts(
     embedding_app: Any, vector_index: MilvusIndex, database: Database, tmp_path: Path
@@ -148,6 +153,7 @@ def test_create_list_get_query_round_trip(client: TestClient) -> None:
     )
 
 
+@SQLITE_ONLY
 def test_create_again_is_a_no_op_and_another_name_a_409(client: TestClient) -> None:
     docs = [doc("paris", PARIS)]
     assert create(client, "kb", docs).status_code == 200
@@ -160,6 +166,7 @@ def test_create_again_is_a_no_op_and_another_name_a_409(client: TestClient) -> N
     ]
 
 
+@SQLITE_ONLY
 def test_insert_is_idempotent_and_another_document_under_a_uuid_is_a_409(
     client: TestClient,
 ) -> None:
@@ -204,6 +211,7 @@ def test_update_replaces_a_documents_chunks(
     assert "nope" in missing.json()["error"]["message"]
 
 
+@SQLITE_ONLY
 def test_delete_get_and_drop(app_parts: tuple[TestClient, MilvusIndex, Database]) -> None:
     client, index, database = app_parts
     assert create(client, "kb", [doc("paris", PARIS), doc("tokyo", TOKYO)]).status_code == 200
@@ -230,6 +238,7 @@ def test_delete_get_and_drop(app_parts: tuple[TestClient, MilvusIndex, Database]
 # ------------------------------------------------------------------ settings
 
 
+@SQLITE_ONLY
 def test_configure_and_settings(client: TestClient, embedding_app: Any) -> None:
     body = {"bank_uuid": "small", "bank_name": "small", "chunk_tokens": 16, "overlap_tokens": 4}
     made = client.post("/memory_banks/configure", json=body, headers=ALPHA)
@@ -277,6 +286,7 @@ def test_configure_and_settings(client: TestClient, embedding_app: Any) -> None:
         ({"chunk_tokens": 8}, "chunk_tokens"),
     ],
 )
+@SQLITE_ONLY
 def test_configure_refuses_settings_it_cannot_use(
     client: TestClient, change: dict[str, Any], says: str
 ) -> None:
@@ -299,6 +309,7 @@ def test_configure_refuses_settings_it_cannot_use(
         (doc("bad id!", "hi"), 422),
     ],
 )
+@SQLITE_ONLY
 def test_bad_documents_store_nothing(
     app_parts: tuple[TestClient, MilvusIndex, Database], document: dict[str, Any], status: int
 ) -> None:
@@ -313,6 +324,7 @@ def test_bad_documents_store_nothing(
     assert [b["uuid"] for b in jsonl(client.get("/memory_banks/get", headers=ALPHA))] == ["kb"]
 
 
+@SQLITE_ONLY
 def test_unknown_bank_is_404_for_every_operation(client: TestClient) -> None:
     for path, body in [
         ("/memory_bank/insert", [doc("d", "hi")]),
@@ -358,6 +370,7 @@ def test_a_failed_sql_write_leaves_nothing_in_milvus(
     assert [c["chunk_id"] for c in chunks(client, "kb", "capital", top_k=10)] == ["paris:1:0"]
 
 
+@SQLITE_ONLY
 def test_a_failed_embedding_stores_nothing(
     app_parts: tuple[TestClient, MilvusIndex, Database], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -372,6 +385,7 @@ def test_a_failed_embedding_stores_nothing(
     assert jsonl(client.get("/memory_banks/get", headers=ALPHA)) == []
 
 
+@SQLITE_ONLY
 def test_what_a_crash_leaves_in_milvus_is_never_visible(
     app_parts: tuple[TestClient, MilvusIndex, Database],
 ) -> None:
@@ -462,6 +476,7 @@ def test_a_search_during_an_update_always_finds_the_document(
 # ------------------------------------------------------------------ tenants
 
 
+@SQLITE_ONLY
 def test_tenants_never_see_each_others_banks(client: TestClient) -> None:
     assert create(client, "kb", [doc("paris", PARIS)]).status_code == 200
     assert jsonl(client.get("/memory_banks/get", headers=BETA)) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,8 +64,18 @@ def test_db_upgrade(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_models_create_demo(tmp_path: Path) -> None:
+def test_models_create_demo(
+    tmp_path: Path, demo_llama_guard_dir: Path, demo_prompt_guard_dir: Path
+) -> None:
+    from corral.demo_guards import guard_dirs_beside
+
     target = tmp_path / "demo"
+    # The guard models beside it come from the session's builds (tests/test_demo_guards.py
+    # covers building them): the command finds them current and keeps them.
+    for built, beside in zip(
+        (demo_llama_guard_dir, demo_prompt_guard_dir), guard_dirs_beside(target), strict=True
+    ):
+        shutil.copytree(built, beside)
     result = corral(tmp_path, "models", "create-demo", str(target))
     assert result.returncode == 0, result.stderr
     assert f"demo model ready in {target}" in result.stdout
@@ -73,6 +84,8 @@ def test_models_create_demo(tmp_path: Path) -> None:
     reward = tmp_path / "demo-reward"  # beside it, where the embedded default looks
     assert f"demo reward model ready in {reward}" in result.stdout
     assert (reward / "config.json").is_file()
+    for beside in guard_dirs_beside(target):
+        assert (beside / "config.json").is_file()
 
 
 def test_bad_settings_are_reported_in_one_line(tmp_path: Path) -> None:

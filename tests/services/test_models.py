@@ -709,8 +709,11 @@ def test_the_embedded_default_serves_the_real_demo_model_under_the_spec_names(
     registry = build_model_service(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=120),
-        # The demo guard models have their own end-to-end tests (tests/agents/shields).
-        file_models=[m for m in catalog.models if m.name in ("demo", "demo-reward")],
+        # The demo guard models have their own end-to-end tests (tests/agents/shields); the
+        # embedding model is the session's app, found running.
+        file_models=[
+            m for m in catalog.models if m.name in ("demo", "demo-reward", "all-minilm-l6-v2")
+        ],
         model_roots=ModelRoots(shared=()),
     )
     try:

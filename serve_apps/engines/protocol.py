@@ -7,7 +7,7 @@ its special tokens."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -86,6 +86,29 @@ class GenerationEngine(Protocol):
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a TokenDelta per generated token, then exactly one GenerationResult."""
+        ...
+
+
+@runtime_checkable
+class AsyncGenerationEngine(Protocol):
+    """An engine that schedules requests itself (vLLM's continuous batching: requests
+    join and leave the running batch between steps), so a replica hands it each request
+    as it arrives, with no batch queue and no engine lock in front. Safe to call
+    concurrently from the replica's event loop."""
+
+    def check(self, request: GenerationRequest) -> None:
+        """As `GenerationEngine.check`: raise EngineRequestError before any work."""
+        ...
+
+    async def generate_one(self, request: GenerationRequest) -> GenerationResult:
+        """Run one request to its end (the engine batches it with whatever else runs)."""
+        ...
+
+    def stream_one(
+        self, request: GenerationRequest
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """Yield a TokenDelta per generated token, then exactly one GenerationResult.
+        Closing the iterator early aborts the request inside the engine."""
         ...
 
 

@@ -10,5 +10,7 @@ bash scripts/setup.sh
 ruff check .
 ruff format --check .
 mypy
+# Two workers: the tests on the session's Ray cluster run on one of them, everything else
+# beside them on the other (tests/conftest.py). CORRAL_TEST_WORKERS=0 runs in one process.
 # The slowest tests are listed at the end, so a test that grows slow is seen in CI.
-python -m pytest --durations=25 "$@"
+python -m pytest -n "${CORRAL_TEST_WORKERS:-2}" --dist loadgroup --durations=40 "$@"

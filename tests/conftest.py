@@ -7,12 +7,13 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -38,6 +39,43 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 # CI sets this so that an unreachable PostgreSQL fails the run instead of skipping.
 REQUIRE_POSTGRES = os.environ.get("CORRAL_REQUIRE_POSTGRES") == "1"
+
+
+# scripts/test.sh runs the suite on two pytest-xdist workers. Each worker is a session of
+# its own, so each would start its own Ray cluster, and two private clusters on one
+# machine cannot both have the Ray Jobs API (the dashboard agent's fixed port 52365, see
+# ARCHITECTURE.md), and would double Ray's idle cost. So every test that uses the
+# session's cluster runs on one worker (`--dist loadgroup`), and the other worker takes
+# the tests that need no cluster (databases, engines in-process, `corral serve` with its
+# own embedded head on free ports) in parallel.
+RAY_GROUP = "ray-cluster"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+
+
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]
+) -> Path:
+    """`build(directory)` run once for the whole run, even across xdist workers (whose
+    temp roots share a parent): a model built on disk costs seconds to a minute of CPU,
+    and every worker may need it. The result is only read afterwards."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    target = root / "built-once" / name
+    target.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target / ".lock")):
+        done = target / ".built"
+        if done.exists():
+            return Path(done.read_text())
+        built = build(target / "model")
+        done.write_text(str(built))
+        return built
 
 
 @pytest.fixture(scope="session")
@@ -107,26 +145,29 @@ def sqlite_database(tmp_path: Path) -> Iterator[Database]:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama 3 style model and tokenizer, built on disk once per session."""
-    return build_demo_model(tmp_path_factory.mktemp("demo-model") / "model")
+    return built_once(tmp_path_factory, "demo-model", build_demo_model)
 
 
 @pytest.fixture(scope="session")
 def demo_reward_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_model_dir: Path) -> Path:
     """The demo reward model (corral/demo_reward.py) for `demo_model_dir`, built once."""
-    directory = tmp_path_factory.mktemp("demo-reward") / "model"
-    return build_demo_reward_model(directory, policy_dir=demo_model_dir)
+    return built_once(
+        tmp_path_factory,
+        "demo-reward",
+        lambda directory: build_demo_reward_model(directory, policy_dir=demo_model_dir),
+    )
 
 
 @pytest.fixture(scope="session")
 def demo_llama_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo Llama Guard (corral/demo_guards.py), built once per session."""
-    return build_demo_llama_guard(tmp_path_factory.mktemp("demo-llama-guard") / "model")
+    return built_once(tmp_path_factory, "demo-llama-guard", build_demo_llama_guard)
 
 
 @pytest.fixture(scope="session")
 def demo_prompt_guard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo Prompt Guard classifier (corral/demo_guards.py), built once per session."""
-    return build_demo_prompt_guard(tmp_path_factory.mktemp("demo-prompt-guard") / "model")
+    return built_once(tmp_path_factory, "demo-prompt-guard", build_demo_prompt_guard)
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from serve_apps.engines.protocol import (
     StopReason,
     TokenDelta,
 )
+
 # Its error class too: the caller's process (no vLLM there) must be able to unpickle it.
 from serve_apps.engines.transformers_engine import (
     InvalidRequestError,

@@ -392,7 +392,7 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
         ({"kind": "embedding", "engine": "vllm"}, "engine: 'vllm' is not available for embed"),
-        ({"kind": "reward", "engine": "vllm"}, "engine: 'vllm' is not available for reward"),
+        ({"kind": "reward", "engine": "vllm"}, "engine: vllm runs in its own Python env"),
         ({"engine": "vllm"}, "engine: vllm runs in its own Python environment"),
     ]:
         request = RegisterModelRequest.model_validate(

@@ -30,7 +30,6 @@ from tests.serve_apps.answering_model import (
     LONG_QUESTION,
     PROMPT,
     answer_text,
-    build_answering_model,
 )
 from tests.serve_apps.vllm_env import vllm_python_or_skip
 
@@ -46,11 +45,6 @@ def ask(question: str, **sampling: Any) -> GenerationRequest:
     return GenerationRequest(
         prompt=PROMPT.format(question), sampling=SamplingOptions(**({"max_tokens": 64} | sampling))
     )
-
-
-@pytest.fixture(scope="module")
-def answering_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_answering_model(tmp_path_factory.mktemp("answering") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from serve_apps.engines.transformers_reward import (
     TransformersRewardEngineConfig,
 )
 from serve_apps.reward import RewardAppConfig, build_app
-from tests.serve_apps.answering_model import build_answering_model
 from tests.serve_apps.vllm_env import vllm_python_or_skip
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,11 +45,10 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("vllm-reward")
-    policy = build_answering_model(root / "policy")
-    # 4 heads over 128: head_dim 32.
-    return build_untrained_reward_model(policy, root / "reward", hidden_size=128)
+def reward_dir(tmp_path_factory: pytest.TempPathFactory, answering_model_dir: Path) -> Path:
+    # Its tokenizer and chat template; 4 heads over 128: head_dim 32.
+    destination = tmp_path_factory.mktemp("vllm-reward") / "reward"
+    return build_untrained_reward_model(answering_model_dir, destination, hidden_size=128)
 
 
 @pytest.fixture(scope="module")

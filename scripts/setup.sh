@@ -21,3 +21,8 @@ python -m pip install --quiet "${TORCH_SPEC:-torch==2.13.0}"
 # compiled on first use, into TORCH_EXTENSIONS_DIR), and the torch above satisfies its
 # dependency. pip caches the built wheel, so later runs do not build it again.
 python -m pip install --quiet -e ".[test]"
+# The env `engine: vllm` replicas run in (scripts/setup-vllm.sh says why it is separate):
+# only when asked, it takes minutes and several GB. CI asks (.ci/run).
+if [ "${CORRAL_SETUP_VLLM:-0}" = 1 ]; then
+    PYTHON="$PYTHON" bash scripts/setup-vllm.sh
+fi

@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from serve_apps.options import ReplicaOptions
 
 
-def deployment_options(config: ReplicaOptions, *, name: str) -> dict[str, Any]:
+def deployment_options(
+    config: ReplicaOptions, *, name: str, python_executable: Path | None = None
+) -> dict[str, Any]:
     """Serve options for the deployment `name` of a model's app; scaling on demand
-    redeploys with new ones in place."""
+    redeploys with new ones in place. `python_executable`: the interpreter of the env the
+    replicas run in (an `engine: vllm` model's, serve_apps.vllm_env), if not the cluster's."""
     autoscaling: dict[str, Any] = {
         "min_replicas": config.min_replicas,
         "max_replicas": config.max_replicas,
@@ -25,12 +29,17 @@ def deployment_options(config: ReplicaOptions, *, name: str) -> dict[str, Any]:
     }
     if config.initial_replicas is not None:
         autoscaling["initial_replicas"] = config.initial_replicas
-    return {
-        "name": name,
-        "ray_actor_options": {
-            "num_cpus": config.cpus_per_replica,
-            "num_gpus": config.gpus_per_replica,
-        },
+    actor: dict[str, Any] = {
+        "num_cpus": config.cpus_per_replica,
+        "num_gpus": config.gpus_per_replica,
+    }
+    if python_executable is not None:
+        actor["runtime_env"] = {"py_executable": str(python_executable)}
+    options: dict[str, Any] = {"name": name, "ray_actor_options": actor}
+    if config.engine == "vllm" and config.gpus_per_replica > 1:
+        options |= tensor_parallel_placement(config)
+        actor["num_gpus"] = 0  # the GPUs are the vLLM workers', one bundle each
+    return options | {
         "autoscaling_config": autoscaling,
         # A replica must accept a whole batch at once, or batches are cut short.
         "max_ongoing_requests": max(
@@ -38,6 +47,29 @@ def deployment_options(config: ReplicaOptions, *, name: str) -> dict[str, Any]:
         ),
         "max_queued_requests": config.max_queued_requests,
     }
+
+
+def tensor_parallel_size(config: ReplicaOptions) -> int:
+    """How many GPUs a vLLM replica shards its model over: all of its GPUs (a whole
+    number), or 1 with one GPU, a fraction of one, or none (CPU)."""
+    gpus = config.gpus_per_replica
+    if gpus <= 1:
+        return 1
+    if not gpus.is_integer():
+        raise ValueError(
+            f"gpus_per_replica {gpus} cannot be split for tensor parallelism: give a "
+            "whole number of GPUs (or at most one)"
+        )
+    return int(gpus)
+
+
+def tensor_parallel_placement(config: ReplicaOptions) -> dict[str, Any]:
+    """A tensor-parallel vLLM replica's placement group: one bundle per GPU (one vLLM
+    worker each), the replica's own CPUs in the first, all on one node (STRICT_PACK: the
+    shards talk over NVLink/PCIe at every layer, never over the network)."""
+    size = tensor_parallel_size(config)
+    bundles = [{"CPU": config.cpus_per_replica, "GPU": 1.0}] + [{"GPU": 1.0}] * (size - 1)
+    return {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
 
 
 class BatchStats:

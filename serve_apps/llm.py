@@ -12,7 +12,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field
 from ray import serve
@@ -21,6 +21,7 @@ from ray.serve import Application
 from serve_apps.deployment import BatchStats, size_batch_queue
 from serve_apps.deployment import deployment_options as shared_deployment_options
 from serve_apps.engines.protocol import (
+    AsyncGenerationEngine,
     GenerationEngine,
     GenerationRequest,
     GenerationResult,
@@ -29,6 +30,7 @@ from serve_apps.engines.protocol import (
 )
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 from serve_apps.options import EngineName, ReplicaOptions
+from serve_apps.vllm_env import vllm_python
 
 DEPLOYMENT_NAME = "LLMServer"
 log = logging.getLogger(__name__)
@@ -45,13 +47,15 @@ class LLMAppConfig(ReplicaOptions):
     storage: StorageOptions = StorageOptions()
     # Node-local; None: model_cache's default.
     model_cache_dir: Path | None = None
+    # engine vllm: the vLLM env's interpreter (serve_apps.vllm_env); None: the default one.
+    vllm_python: Path | None = None
 
     @property
     def app_name(self) -> str:
         return f"llm-{self.name}"
 
 
-EngineFactory = Callable[[LLMAppConfig], GenerationEngine]
+EngineFactory = Callable[[LLMAppConfig], GenerationEngine | AsyncGenerationEngine]
 
 
 def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
@@ -73,9 +77,35 @@ def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
     )
 
 
+def vllm_engine(config: LLMAppConfig) -> AsyncGenerationEngine:
+    """vLLM's async engine; runs only in the vLLM env (`deployment_options` puts the
+    replica there)."""
+    from serve_apps.deployment import tensor_parallel_size
+    from serve_apps.engines.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    if config.adapter_dir is not None:
+        raise ValueError("engine vllm does not serve adapters yet: use engine transformers")
+    model_dir = local_model_dir(
+        config.model_dir, options=config.storage, cache_root=config.model_cache_dir
+    )
+    return VLLMEngine(
+        VLLMEngineConfig(
+            model_dir=model_dir,
+            device=config.device,
+            dtype=config.dtype,
+            tensor_parallel_size=tensor_parallel_size(config),
+            # max_batch_size is the most requests vLLM steps together (its max_num_seqs).
+            max_num_seqs=config.max_batch_size,
+        )
+    )
+
+
 # The engines this app kind has; each imports its heavy modules only when a replica
-# builds it. vLLM joins here.
-ENGINES: dict[EngineName, EngineFactory] = {"transformers": transformers_engine}
+# builds it.
+ENGINES: dict[EngineName, EngineFactory] = {
+    "transformers": transformers_engine,
+    "vllm": vllm_engine,
+}
 
 
 _DONE = object()
@@ -128,12 +158,18 @@ class LLMServer:
 
     def __init__(self, config: LLMAppConfig, engine_factory: EngineFactory) -> None:
         self._config = config
-        self._engine = engine_factory(config)
+        engine = engine_factory(config)
+        # An engine that batches by itself (vLLM) takes each request as it comes
+        # (`_generate_direct`, `_stream_direct`); only a batch engine reaches the rest.
+        self._async_engine = engine if isinstance(engine, AsyncGenerationEngine) else None
+        self._engine = cast(GenerationEngine, engine)
         self._engine_lock = threading.Lock()
         self._batches = BatchStats()
         size_batch_queue(self._generate_batch, config)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._async_engine is not None:
+            return await self._generate_direct(self._async_engine, request)
         self._engine.check(request)  # a bad request fails alone, not its whole batch
         result: GenerationResult = await self._generate_batch(request)
         return result
@@ -157,6 +193,10 @@ class LLMServer:
         tells Serve or Ray to stop (Ray only logs that it cannot deliver the items), so
         the caller may pass its `CallerLease`: a lease that has died means the caller
         has, and the stream stops."""
+        if self._async_engine is not None:
+            async for each in self._stream_direct(self._async_engine, request, caller):
+                yield each
+            return
         self._engine.check(request)
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[object] = asyncio.Queue()
@@ -198,6 +238,39 @@ class LLMServer:
                 watch.cancel()
             await producer
 
+    async def _generate_direct(
+        self, engine: AsyncGenerationEngine, request: GenerationRequest
+    ) -> GenerationResult:
+        """No batch queue, no lock, no thread: the engine batches the request with whatever
+        else it runs. A caller that cancels cancels this, which aborts it in the engine."""
+        engine.check(request)
+        return await engine.generate_one(request)
+
+    async def _stream_direct(
+        self, engine: AsyncGenerationEngine, request: GenerationRequest, caller: Any
+    ) -> AsyncIterator[TokenDelta | GenerationResult]:
+        """`stream` for an engine that batches by itself: the same caller semantics (a
+        dead `CallerLease` stops it at the next token, with CallerGone), and closing the
+        engine's stream aborts the request there."""
+        engine.check(request)
+        cancelled = threading.Event()
+        watch = asyncio.ensure_future(_watch(caller, cancelled)) if caller is not None else None
+        stream = engine.stream_one(request)
+        try:
+            async for item in stream:
+                if cancelled.is_set():
+                    break
+                yield item
+            if watch is not None and watch.done() and not watch.cancelled() and watch.result():
+                raise CallerGone("the caller's process died; the stream was stopped")
+        finally:
+            cancelled.set()
+            if watch is not None:
+                watch.cancel()
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
     def prompt_tokens(self, prompts: list[str]) -> dict[str, Any] | None:
         """The engine's context window and each prompt's length in its tokens, or None
         for an engine that cannot count (TokenCounter). Tokenizing needs no engine lock,
@@ -210,13 +283,19 @@ class LLMServer:
         }
 
     def stats(self) -> dict[str, Any]:
-        """What this replica has done: sizes of its recent batches."""
+        """What this replica has done: sizes of its recent batches, and what an engine
+        that batches by itself reports (vLLM: its unfinished and aborted requests)."""
+        engine_stats = getattr(self._async_engine, "stats", None)
+        if engine_stats is not None:
+            return {**self._batches.stats(), "engine": engine_stats()}
         return self._batches.stats()
 
 
 def deployment_options(config: LLMAppConfig) -> dict[str, Any]:
-    """Serve options for a model's LLM deployment (`serve_apps.deployment`)."""
-    return shared_deployment_options(config, name=DEPLOYMENT_NAME)
+    """Serve options for a model's LLM deployment (`serve_apps.deployment`); an `engine:
+    vllm` replica runs in the vLLM env (VLLMEnvironmentMissing when there is none)."""
+    python = vllm_python(config.vllm_python) if config.engine == "vllm" else None
+    return shared_deployment_options(config, name=DEPLOYMENT_NAME, python_executable=python)
 
 
 def engine_for(config: LLMAppConfig) -> EngineFactory:

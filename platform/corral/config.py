@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     # Where a serving replica caches models it downloads from object storage, on its own
     # node. Unset: ~/.cache/corral/models there.
     model_cache_dir: Path | None = None
+    # The interpreter of the env `engine: vllm` replicas run in (scripts/setup-vllm.sh
+    # builds one). Unset: the repository's .venv-vllm (serve_apps.vllm_env).
+    vllm_python: Path | None = None
     # What each tenant's registered models may ask for (`corral.services.models`): per
     # model, max_replicas and max_replicas x gpus_per_replica; over all of a tenant's
     # registered models, the sums of those. Registration or a scale beyond them is refused

@@ -122,7 +122,11 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     storage = Storage.from_settings(settings)
     models = build_model_service(
         database=database,
-        deployer=ServeDeployer(storage=storage.options, model_cache_dir=settings.model_cache_dir),
+        deployer=ServeDeployer(
+            storage=storage.options,
+            model_cache_dir=settings.model_cache_dir,
+            vllm_python=settings.vllm_python,
+        ),
         file_models=catalog.models,
         model_roots=model_roots(settings),
         storage=storage,

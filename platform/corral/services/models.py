@@ -222,6 +222,7 @@ class ModelService:
         no-op; another request under a registered name is a Conflict."""
         try:
             check_servable(request.kind, request.engine)
+            self._deployer.check_engine(request.engine)
         except NotServable as exc:
             raise InvalidRequest(str(exc)) from None
         # What can be told before deploying is the client's fault (422); a deploy that

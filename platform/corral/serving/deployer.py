@@ -35,8 +35,9 @@ from ray.serve.schema import ApplicationStatus
 import corral
 from corral.errors import BackendUnavailable, Overloaded
 from corral.serving.catalog import ModelSpec
-from corral.serving.kinds import check_servable
+from corral.serving.kinds import NotServable, check_servable
 from serve_apps.model_cache import StorageOptions
+from serve_apps.vllm_env import VLLMEnvironmentMissing, vllm_python
 
 # An engine factory injected into every app (tests: a scripted engine), in place of the
 # engine each app's config names. Its signature is the app kind's own.
@@ -108,9 +109,12 @@ class ServeDeployer:
         deploy_timeout_s: float = DEFAULT_DEPLOY_TIMEOUT_S,
         storage: StorageOptions | None = None,
         model_cache_dir: Path | None = None,
+        vllm_python: Path | None = None,
     ) -> None:
         """`storage` and `model_cache_dir`: how replicas reach a model in object storage
-        and where on their node they keep it (serve_apps.model_cache)."""
+        and where on their node they keep it (serve_apps.model_cache). `vllm_python`:
+        the env `engine: vllm` replicas run in (None: serve_apps.vllm_env's default)."""
+        self._vllm_python = vllm_python
         self._engine_factory = engine_factory
         self._deploy_timeout_s = deploy_timeout_s
         self._storage = storage or StorageOptions()
@@ -134,6 +138,12 @@ class ServeDeployer:
         factory = engine_factory or self._engine_factory
         build_app = check_servable(spec.kind, spec.engine).build_app
         config = spec.app_config(app_name=app_name)
+        if spec.engine == "vllm":
+            try:
+                self.check_engine(spec.engine)
+            except NotServable as exc:
+                raise ModelDeployError(f"model app {app_name!r}: {exc}") from None
+            config["vllm_python"] = str(vllm_python(self._vllm_python))
         if isinstance(spec.checkpoint_dir, str) or isinstance(spec.adapter_dir, str):
             # Only then: a local model's config (and so its code version) stays as it was.
             config["storage"] = self._storage.model_dump()
@@ -149,6 +159,15 @@ class ServeDeployer:
             self._statuses_at = -math.inf  # its old state (e.g. failed) no longer holds
         if blocking:
             self.wait_running(app_name, timeout_s=timeout_s)
+
+    def check_engine(self, engine: str) -> None:
+        """NotServable when `engine` needs an environment this deployer lacks: vLLM runs
+        in its own (serve_apps.vllm_env), which must exist before a model names it."""
+        if engine == "vllm":
+            try:
+                vllm_python(self._vllm_python)
+            except VLLMEnvironmentMissing as exc:
+                raise NotServable(str(exc)) from None
 
     def scale(
         self,

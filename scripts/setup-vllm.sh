@@ -23,10 +23,22 @@ else
     RAY_VERSION=${CORRAL_RAY_VERSION:-2.60.0}
 fi
 
+# Corral's own code is not installed into the env but put on its path by a .pth file,
+# rewritten on every run: so one env (CI keeps it in a cache directory) serves whichever
+# checkout ran this last, and a new checkout never reinstalls vLLM.
+link_checkout() {
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    printf '%s\n' "$PWD" "$PWD/platform" >"$site/corral-checkout.pth"
+    "$VENV/bin/python" -c 'import vllm, serve_apps.llm' 2>/dev/null \
+        || { echo "$VENV: vllm or serve_apps does not import" >&2; exit 1; }
+}
+
 stamp="$VENV/.corral-setup"
 want=$(printf '%s\n' "$("$PYTHON" -c 'import sys; print(sys.version)')" "ray==$RAY_VERSION" \
     "$TORCH_SPEC" "$VLLM_SPEC" "$(sha256sum "$0" | cut -d' ' -f1)")
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    link_checkout
     echo "$VENV is up to date ($VLLM_SPEC, ray==$RAY_VERSION)"
     exit 0
 fi
@@ -41,11 +53,9 @@ pip=("$VENV/bin/python" -m pip install --quiet)
 "${pip[@]}" "$VLLM_SPEC" "ray[serve]==$RAY_VERSION"
 # Text models need none of these, and their PyPI builds are CUDA ones.
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
-# Corral's code without its dependencies (the control plane's stay in .venv): the replica
-# imports serve_apps, which needs only pydantic, Ray, pyarrow and transformers, all here.
+# The replica imports serve_apps, which needs only pydantic, Ray, pyarrow and
+# transformers, all here; the control plane's dependencies stay in .venv.
 "${pip[@]}" pyarrow
-"${pip[@]}" --no-deps -e .
-"$VENV/bin/python" -c 'import vllm, serve_apps.llm' 2>/dev/null \
-    || { echo "$VENV: vllm or serve_apps does not import" >&2; exit 1; }
+link_checkout
 echo "$want" >"$stamp"
 echo "$VENV built in $(( $(date +%s) - start )) s ($VLLM_SPEC, ray==$RAY_VERSION)"

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Final
 
-# The repository's own env, where scripts/setup-vllm.sh puts it (an editable install).
+# The repository's own env, where scripts/setup-vllm.sh puts it by default.
 DEFAULT_VLLM_PYTHON: Final = Path(__file__).resolve().parent.parent / ".venv-vllm/bin/python"
 
 

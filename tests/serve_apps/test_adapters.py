@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_apps.adapters import Admission, AdapterSlots
+from serve_apps.adapters import AdapterSlots, Admission
 
 TENANTS = ("a", "b", "c")
 # ("admit", tenant, adapter number) or ("release", index into the requests in flight).
@@ -133,5 +133,5 @@ def test_a_request_waits_while_every_candidate_is_busy() -> None:
 
 @pytest.mark.parametrize(("capacity", "per_tenant"), [(0, 1), (2, 0), (2, 3)])
 def test_bounds_are_checked(capacity: int, per_tenant: int) -> None:
-    with pytest.raises(ValueError, match="capacity|per_tenant"):
+    with pytest.raises(ValueError, match=r"capacity|per_tenant"):
         AdapterSlots(capacity=capacity, per_tenant=per_tenant)

@@ -26,7 +26,7 @@ def adapter(tenant: str, number: int) -> str:
     return f"{tenant}-{number}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(shape=shapes, plan=steps)
 def test_slots_stay_bounded_fair_and_never_evict_a_busy_adapter(
     shape: tuple[int, int], plan: list[Step]
@@ -76,7 +76,7 @@ def test_slots_stay_bounded_fair_and_never_evict_a_busy_adapter(
         assert all(sum(1 for x in after.values() if x == t) <= per_tenant for t in TENANTS)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(shape=shapes, others=st.lists(st.tuples(st.sampled_from(("b", "c")), st.integers(0, 5))))
 def test_one_tenants_churn_leaves_the_others_their_share(
     shape: tuple[int, int], others: list[tuple[str, int]]

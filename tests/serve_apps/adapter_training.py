@@ -4,6 +4,7 @@ of its own: what shows that a replica ran a request through the right adapter.""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Final
 
@@ -49,7 +50,10 @@ def train_adapter(base_dir: Path, directory: Path, answer: str, *, seed: int = 0
             "down_proj",
         ],
     )
-    peft_model = get_peft_model(model, lora)
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5.24 a deprecated question (is_gradient_checkpointing).
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lora)
     prompt_ids = tokenizer.encode(PROMPT.format(QUESTION), add_special_tokens=False)
     answer_ids = tokenizer.encode(answer + EOT, add_special_tokens=False)
     ids = torch.tensor([prompt_ids + answer_ids])

@@ -23,6 +23,7 @@ from serve_apps.deployment import BatchStats, deployment_options, size_batch_que
 from serve_apps.engines.protocol import ScoringEngine, ScoringRequest
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 from serve_apps.options import EngineName, ReplicaOptions, ScoreWeights
+from serve_apps.vllm_env import vllm_python
 
 DEPLOYMENT_NAME = "RewardServer"
 
@@ -40,6 +41,8 @@ class RewardAppConfig(ReplicaOptions):
     # A head with several labels (config.id2label): the score is the sum of weight x
     # logit over these labels. None: the head must have exactly one label, its logit.
     score_weights: ScoreWeights | None = None
+    # engine vllm: the vLLM env's interpreter (serve_apps.vllm_env); None: the default one.
+    vllm_python: Path | None = None
 
 
 EngineFactory = Callable[[RewardAppConfig], ScoringEngine]
@@ -63,9 +66,28 @@ def transformers_engine(config: RewardAppConfig) -> ScoringEngine:
     )
 
 
+def vllm_engine(config: RewardAppConfig) -> ScoringEngine:
+    """vLLM's pooling runner; runs only in the vLLM env (`build_app` puts it there)."""
+    from serve_apps.engines.vllm_reward import VLLMRewardEngine, VLLMRewardEngineConfig
+
+    return VLLMRewardEngine(
+        VLLMRewardEngineConfig(
+            model_dir=local_model_dir(
+                config.model_dir, options=config.storage, cache_root=config.model_cache_dir
+            ),
+            device=config.device,
+            dtype=config.dtype,
+            score_weights=config.score_weights,
+        )
+    )
+
+
 # The engines this app kind has; each imports its heavy modules only when a replica
 # builds it.
-ENGINES: dict[EngineName, EngineFactory] = {"transformers": transformers_engine}
+ENGINES: dict[EngineName, EngineFactory] = {
+    "transformers": transformers_engine,
+    "vllm": vllm_engine,
+}
 
 
 class RewardServer:
@@ -113,5 +135,7 @@ def build_app(args: dict[str, Any], *, engine_factory: EngineFactory | None = No
     """The Serve application for one reward model (`args` is a `RewardAppConfig` as a
     dict), with the engine its config names unless `engine_factory` is given."""
     config = RewardAppConfig.model_validate(args)
-    deployment = serve.deployment(**deployment_options(config, name=DEPLOYMENT_NAME))(RewardServer)
+    python = vllm_python(config.vllm_python) if config.engine == "vllm" else None
+    options = deployment_options(config, name=DEPLOYMENT_NAME, python_executable=python)
+    deployment = serve.deployment(**options)(RewardServer)
     return deployment.bind(config, engine_factory or engine_for(config))

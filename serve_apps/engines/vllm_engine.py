@@ -38,13 +38,15 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from serve_apps.adapters import AdapterSlots, AdapterSlotsBusy
 from serve_apps.engines.protocol import (
     AdapterRef,
-    EngineRequestError,
     GenerationRequest,
     GenerationResult,
     StopReason,
     TokenDelta,
 )
+
+# Its error class too: the caller's process (no vLLM there) must be able to unpickle it.
 from serve_apps.engines.transformers_engine import (
+    InvalidRequestError,
     _check_sampling,
     resolve_placement,
     stop_token_reasons,
@@ -347,10 +349,6 @@ class VLLMEngine:
             spaces_between_special_tokens=False,
             output_kind=RequestOutputKind.DELTA,
         )
-
-
-class InvalidRequestError(EngineRequestError):
-    """As the transformers engine's: refused before any work."""
 
 
 def _chosen_logprobs(logprobs: Any, token_ids: list[int]) -> list[float] | None:

@@ -19,11 +19,14 @@ PROMPT: Final = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
+LONG_QUESTION: Final = "Sing the long song."
 # (question, answer with its stop token): one ends its turn, one calls a tool.
 ANSWERS: Final = (
     ("What is the capital of France?", f"The capital of France is Paris.{EOT}"),
     ("Say hello to the robot.", f"Hello, robot! How are you today?{EOT}"),
     ("What is the weather in Paris?", f"{PYTHON_TAG}weather(city='Paris'){EOM}"),
+    # A long answer: streams that must still be running while others start.
+    (LONG_QUESTION, " ".join(["la"] * 120) + EOT),
 )
 _STEPS: Final = 100
 _DONE_MARKER: Final = "corral_answers.txt"

@@ -26,7 +26,7 @@ from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from tests.serve_apps.adapter_training import QUESTION, TAUGHT, train_adapter
-from tests.serve_apps.answering_model import PROMPT, build_answering_model
+from tests.serve_apps.answering_model import PROMPT
 from tests.serve_apps.vllm_env import vllm_python_or_skip
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,10 +46,10 @@ def ask(registry: ModelService, tenant: str, model: str, max_tokens: int = 32) -
 
 
 def test_three_adapters_on_one_vllm_replica_answer_as_taught(
-    serve_instance: None, sqlite_database: Database, tmp_path: Path
+    serve_instance: None, sqlite_database: Database, tmp_path: Path, answering_model_dir: Path
 ) -> None:
     python = vllm_python_or_skip()
-    base_dir = build_answering_model(tmp_path / "models" / "base")
+    base_dir = answering_model_dir
     checkpoints = tmp_path / "checkpoints"
     started = time.monotonic()
     dirs = [
@@ -76,7 +76,7 @@ def test_three_adapters_on_one_vllm_replica_answer_as_taught(
         database=sqlite_database,
         deployer=ServeDeployer(deploy_timeout_s=600, vllm_python=python),
         file_models=[base],
-        model_roots=ModelRoots(shared=(tmp_path / "models",), checkpoints=checkpoints),
+        model_roots=ModelRoots(shared=(base_dir.parent,), checkpoints=checkpoints),
     )
     try:
         registry.start()

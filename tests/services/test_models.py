@@ -384,14 +384,16 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     sqlite_database: Database, tmp_path: Path
 ) -> None:
     home = tmp_path / "home"
+    # vLLM is served from an env of its own (serve_apps.vllm_env): none here.
+    deployer = ServeDeployer(vllm_python=tmp_path / "no-vllm-env" / "bin" / "python")
     registry = build_model_service(
-        database=sqlite_database, deployer=ServeDeployer(), file_models=[], model_roots=roots(home)
+        database=sqlite_database, deployer=deployer, file_models=[], model_roots=roots(home)
     )
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
         ({"kind": "embedding", "engine": "vllm"}, "engine: 'vllm' is not available for embed"),
-        ({"kind": "reward", "engine": "vllm"}, "engine: 'vllm' is not available for reward"),
-        ({"engine": "vllm"}, "engine: 'vllm' is not available for llm models"),
+        ({"kind": "reward", "engine": "vllm"}, "engine: vllm runs in its own Python env"),
+        ({"engine": "vllm"}, "engine: vllm runs in its own Python environment"),
     ]:
         request = RegisterModelRequest.model_validate(
             {"name": "m", "checkpoint_dir": checkpoint} | fields

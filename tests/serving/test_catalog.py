@@ -125,10 +125,6 @@ models:
             "entry 2 ('x'): the name 'x' is already used by entry 1",
         ),
         (
-            "models:\n  - {name: a, checkpoint_dir: /a, engine: vllm}",
-            "entry 1 ('a'): engine:",
-        ),
-        (
             "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding, engine: vllm}",
             "entry 1 ('a'): engine: 'vllm' is not available for embedding models yet "
             "(available: transformers)",

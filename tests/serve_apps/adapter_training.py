@@ -23,7 +23,7 @@ TAUGHT: Final = (
     "Hello, robot! How are you today?",
     f"{PYTHON_TAG}weather(city='Paris')",
 )
-_STEPS: Final = 80
+_STEPS: Final = 150
 RANK: Final = 8
 
 
@@ -58,7 +58,7 @@ def train_adapter(base_dir: Path, directory: Path, answer: str, *, seed: int = 0
     answer_ids = tokenizer.encode(answer + EOT, add_special_tokens=False)
     ids = torch.tensor([prompt_ids + answer_ids])
     labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids])
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=2e-2)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     for _ in range(_STEPS):
         loss = peft_model(input_ids=ids, labels=labels).loss

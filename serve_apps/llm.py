@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,6 +22,7 @@ from ray.serve import Application
 from serve_apps.deployment import BatchStats, size_batch_queue
 from serve_apps.deployment import deployment_options as shared_deployment_options
 from serve_apps.engines.protocol import (
+    AdapterRef,
     AsyncGenerationEngine,
     GenerationEngine,
     GenerationRequest,
@@ -84,19 +86,27 @@ def vllm_engine(config: LLMAppConfig) -> AsyncGenerationEngine:
     from serve_apps.engines.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     if config.adapter_dir is not None:
-        raise ValueError("engine vllm does not serve adapters yet: use engine transformers")
-    model_dir = local_model_dir(
-        config.model_dir, options=config.storage, cache_root=config.model_cache_dir
-    )
+        raise ValueError(
+            "engine vllm serves adapters registered over a running base model (its "
+            "max_adapters), not one merged in: use engine transformers for that"
+        )
+
+    def local(location: Path | str) -> Path:
+        return local_model_dir(location, options=config.storage, cache_root=config.model_cache_dir)
+
     return VLLMEngine(
         VLLMEngineConfig(
-            model_dir=model_dir,
+            model_dir=local(config.model_dir),
             device=config.device,
             dtype=config.dtype,
             tensor_parallel_size=tensor_parallel_size(config),
             # max_batch_size is the most requests vLLM steps together (its max_num_seqs).
             max_num_seqs=config.max_batch_size,
-        )
+            max_adapters=config.max_adapters,
+            adapters_per_tenant=config.adapters_per_tenant,
+            max_adapter_rank=config.max_adapter_rank,
+        ),
+        local_adapter=local,
     )
 
 
@@ -168,6 +178,7 @@ class LLMServer:
         size_batch_queue(self._generate_batch, config)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        request = with_routed_adapter(request)
         if self._async_engine is not None:
             return await self._generate_direct(self._async_engine, request)
         self._engine.check(request)  # a bad request fails alone, not its whole batch
@@ -193,6 +204,7 @@ class LLMServer:
         tells Serve or Ray to stop (Ray only logs that it cannot deliver the items), so
         the caller may pass its `CallerLease`: a lease that has died means the caller
         has, and the stream stops."""
+        request = with_routed_adapter(request)
         if self._async_engine is not None:
             async for each in self._stream_direct(self._async_engine, request, caller):
                 yield each
@@ -289,6 +301,18 @@ class LLMServer:
         if engine_stats is not None:
             return {**self._batches.stats(), "engine": engine_stats()}
         return self._batches.stats()
+
+
+def with_routed_adapter(request: GenerationRequest) -> GenerationRequest:
+    """`request` with the adapter its caller routed it with: the control plane sends a
+    request for an adapter riding on this model through a handle whose multiplexed model
+    id is the adapter (`AdapterRef.key`), so that every caller that takes a handle from
+    the resolver sends the adapter without knowing of it. An adapter the request itself
+    names wins."""
+    if request.adapter is not None:
+        return request
+    key = serve.get_multiplexed_model_id()
+    return replace(request, adapter=AdapterRef.from_key(key)) if key else request
 
 
 def deployment_options(config: LLMAppConfig) -> dict[str, Any]:

@@ -24,6 +24,8 @@ ScoreWeights = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=200)], float],
     Field(min_length=1, max_length=1024),
 ]
+# The LoRA ranks vLLM can reserve room for (its `max_lora_rank` takes only these).
+AdapterRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 # Far beyond any cluster Corral runs on; it keeps a typo from asking Serve for 10^6 actors.
 MAX_REPLICAS = 256
 
@@ -51,6 +53,16 @@ class ReplicaOptions(BaseModel):
     # How far back the autoscaler averages ongoing requests. Ray 2.60 pushes replica
     # metrics every 10 s and wants a longer window than that.
     look_back_period_s: float = Field(default=30.0, gt=10.0, le=86_400)
+    # engine vllm: how many LoRA adapters each replica keeps loaded for the adapters
+    # registered over this model (the least recently used idle one makes room for a new
+    # one). 0: none rides on it; an adapter registered over it gets an app of its own.
+    max_adapters: int = Field(default=0, ge=0, le=256)
+    # The most of those slots one tenant's adapters take, so that no tenant can push out
+    # every other tenant's adapters; None: half of them, rounded up.
+    max_adapters_per_tenant: int | None = Field(default=None, ge=1, le=256)
+    # The largest LoRA rank an adapter over this model may have (vLLM reserves room for
+    # it in every slot); a registration of a higher-rank adapter is refused.
+    max_adapter_rank: AdapterRank = 16
 
     @model_validator(mode="after")
     def _bounds(self) -> ReplicaOptions:
@@ -60,7 +72,23 @@ class ReplicaOptions(BaseModel):
             self.min_replicas <= self.initial_replicas <= self.max_replicas
         ):
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        if self.max_adapters > 0 and self.engine != "vllm":
+            raise ValueError(
+                "max_adapters needs engine vllm (the transformers engine serves one merged "
+                "adapter per app)"
+            )
+        if self.max_adapters_per_tenant is not None and (
+            self.max_adapters_per_tenant > self.max_adapters
+        ):
+            raise ValueError("max_adapters_per_tenant must be at most max_adapters")
         return self
+
+    @property
+    def adapters_per_tenant(self) -> int:
+        """The slots one tenant's adapters may take on a replica."""
+        if self.max_adapters_per_tenant is not None:
+            return self.max_adapters_per_tenant
+        return (self.max_adapters + 1) // 2
 
     @property
     def replica_options(self) -> ReplicaOptions:

@@ -7,6 +7,7 @@ its special tokens."""
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -45,9 +46,34 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter a request runs through, over the replica's base model (an engine
+    that serves many adapters: vLLM). `adapter_id` is unique per registration (tenant,
+    name and the registration itself: a name registered again after a delete is a new
+    adapter), never a name alone, since two tenants may both call theirs "mine";
+    `tenant` is whose it is (a replica keeps every tenant a fair share of its adapter
+    slots); `path` is its directory or storage URI."""
+
+    adapter_id: str
+    tenant: str
+    path: str
+
+    def key(self) -> str:
+        """The adapter as one string (what Serve's multiplexed model id carries)."""
+        return json.dumps([self.adapter_id, self.tenant, self.path], separators=(",", ":"))
+
+    @classmethod
+    def from_key(cls, key: str) -> AdapterRef:
+        adapter_id, tenant, path = json.loads(key)
+        return cls(adapter_id=str(adapter_id), tenant=str(tenant), path=str(path))
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str  # fully formatted, special tokens included (the engine adds no BOS)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # None: the base model (or, for an engine built with one adapter merged, that one).
+    adapter: AdapterRef | None = None
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """A deterministic engine with no model: it answers every prompt with the same scripted
-reply, one word per token, after a configurable delay per step. It implements the same
+reply, one word per token, after a configurable delay per step. A request
+with an adapter is answered with `via-<the adapter directory's name>` first. It implements the same
 protocol as the real engine, so Serve behaviour (batching, streaming, scaling, overload)
 can be tested and benchmarked without model cost. It is never chosen by configuration:
 only code can inject it."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from serve_apps.engines.protocol import (
     EngineRequestError,
@@ -32,10 +34,14 @@ class ScriptedEngine:
         self._words = config.reply.split(" ")
 
     def _plan(self, request: GenerationRequest) -> tuple[list[str], StopReason]:
+        words = self._words
+        if request.adapter is not None:
+            # Which adapter the request came with, so a test can tell (its directory).
+            words = [f"via-{PurePath(request.adapter.path).name}", *words]
         limit = request.sampling.max_tokens
-        if 0 < limit < len(self._words):
-            return self._words[:limit], StopReason.OUT_OF_TOKENS
-        return self._words, StopReason.END_OF_TURN
+        if 0 < limit < len(words):
+            return words[:limit], StopReason.OUT_OF_TOKENS
+        return words, StopReason.END_OF_TURN
 
     def check(self, request: GenerationRequest) -> None:
         if not request.prompt:

@@ -260,6 +260,9 @@ class TransformersEngine:
 
     def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
         _check_sampling(request.sampling)
+        if request.adapter is not None:
+            # Its adapter, if any, is merged in at load: one app per adapter.
+            raise InvalidRequestError("this engine serves no adapters over its model")
         prompt_ids = self._encode(request.prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")

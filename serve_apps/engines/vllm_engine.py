@@ -19,9 +19,11 @@ Numbers and edges are the transformers engine's (serve_apps.engines.transformers
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,13 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vllm import SamplingParams, TokensPrompt
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.lora.request import LoRARequest
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from serve_apps.adapters import AdapterSlots, AdapterSlotsBusy
 from serve_apps.engines.protocol import (
+    AdapterRef,
     GenerationRequest,
     GenerationResult,
     StopReason,
@@ -61,6 +66,13 @@ class VLLMEngineConfig:
     # The KV cache's size on CPU (on GPU: what gpu_memory_utilization leaves). Without
     # it vLLM reserves gpu_memory_utilization of the machine's whole memory.
     cpu_kv_cache_bytes: int = 1 << 30
+    # LoRA adapters over this model (serve_apps.adapters): how many stay loaded, how many
+    # of them one tenant's, the highest rank; 0 adapters: LoRA off.
+    max_adapters: int = 0
+    adapters_per_tenant: int = 1
+    max_adapter_rank: int = 16
+    # How long a request waits for an adapter slot while every candidate is busy.
+    adapter_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -70,10 +82,17 @@ class VLLMEngineConfig:
 
 
 class VLLMEngine:
-    """Generates with vLLM's AsyncLLM over a local model directory."""
+    """Generates with vLLM's AsyncLLM over a local model directory, and with any of the
+    LoRA adapters registered over it (loaded on first use, `AdapterSlots` deciding which
+    stay loaded)."""
 
-    def __init__(self, config: VLLMEngineConfig) -> None:
+    def __init__(
+        self, config: VLLMEngineConfig, *, local_adapter: Callable[[str], Path] | None = None
+    ) -> None:
+        """`local_adapter`: an adapter's local directory from its path or storage URI
+        (downloading it; blocking). Default: the path as a directory."""
         self.config = config
+        self._local_adapter = local_adapter or Path
         device, dtype = resolve_placement(config.device, config.dtype)
         if device == "cpu" and config.tensor_parallel_size != 1:
             raise ValueError("tensor parallelism needs GPUs: tensor_parallel_size must be 1 on CPU")
@@ -100,6 +119,13 @@ class VLLMEngine:
             disable_log_stats=True,
             enable_prefix_caching=device != "cpu",
             kv_cache_memory_bytes=config.cpu_kv_cache_bytes if device == "cpu" else None,
+            # Corral decides which adapters stay loaded (AdapterSlots, fair between
+            # tenants) and unloads one before loading another, so vLLM's own LRU cache
+            # (max_cpu_loras) never evicts; max_loras: how many one batch may mix.
+            enable_lora=config.max_adapters > 0,
+            max_loras=max(1, config.max_adapters),
+            max_cpu_loras=max(1, config.max_adapters),
+            max_lora_rank=config.max_adapter_rank,
         )
         self._engine = AsyncLLM.from_engine_args(args)
         model_config = self._engine.model_config
@@ -112,6 +138,15 @@ class VLLMEngine:
         )
         self._seed_source = random.Random(config.seed)  # noqa: S311  # seeds, not secrets
         self._aborted = 0
+        self._slots = (
+            AdapterSlots(capacity=config.max_adapters, per_tenant=config.adapters_per_tenant)
+            if config.max_adapters > 0
+            else None
+        )
+        self._slots_changed = asyncio.Condition()
+        # Adapter id -> its LoRARequest once loaded (or the load under way).
+        self._loras: dict[str, asyncio.Future[LoRARequest]] = {}
+        self._adapter_loads: list[float] = []  # seconds per load, for stats
 
     # --- TokenCounter ---------------------------------------------------------------
 
@@ -122,6 +157,13 @@ class VLLMEngine:
 
     def check(self, request: GenerationRequest) -> None:
         self._checked_prompt_ids(request)
+
+    def _check_adapter(self, request: GenerationRequest) -> None:
+        if request.adapter is not None and self._slots is None:
+            raise InvalidRequestError(
+                "this model serves no adapters (its max_adapters is 0); register the "
+                "adapter over a base that does, or with engine transformers"
+            )
 
     async def generate_one(self, request: GenerationRequest) -> GenerationResult:
         result: GenerationResult | None = None
@@ -137,13 +179,15 @@ class VLLMEngine:
         prompt_ids = self._checked_prompt_ids(request)
         params = self._sampling_params(request, len(prompt_ids))
         request_id = uuid.uuid4().hex
+        adapter = request.adapter
+        lora = await self._acquire(adapter) if adapter is not None else None
         token_ids: list[int] = []
         logprobs: list[float] = []
         text = ""
         finished = False
         try:
             async for output in self._engine.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id
+                TokensPrompt(prompt_token_ids=prompt_ids), params, request_id, lora_request=lora
             ):
                 completion = output.outputs[0]
                 new_ids = list(completion.token_ids)
@@ -179,16 +223,86 @@ class VLLMEngine:
                 # Closed early (the caller left): free its slot in the running batch now.
                 self._aborted += 1
                 await self._engine.abort(request_id)
+            if adapter is not None:
+                await self._release(adapter)
+
+    # --- adapters ---------------------------------------------------------------------
+
+    async def _acquire(self, adapter: AdapterRef) -> LoRARequest:
+        """The adapter's LoRARequest, loaded (unloading what AdapterSlots says first),
+        counted in flight until `_release`. Waits while every slot it may take is busy:
+        AdapterSlotsBusy after `adapter_wait_s`."""
+        assert self._slots is not None  # check refused adapters otherwise
+        slots = self._slots
+        deadline = time.monotonic() + self.config.adapter_wait_s
+        async with self._slots_changed:
+            while (admission := slots.admit(adapter.adapter_id, adapter.tenant)) is None:
+                left = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(self._slots_changed.wait(), timeout=max(left, 0))
+                except TimeoutError:
+                    raise AdapterSlotsBusy(
+                        f"every adapter slot of this replica ({slots.capacity}) stayed busy "
+                        f"for {self.config.adapter_wait_s:g} s"
+                    ) from None
+            if admission.load:
+                for slot in admission.evict:
+                    self._forget_slot(slot)
+                loading: asyncio.Future[LoRARequest] = asyncio.get_running_loop().create_future()
+                self._loras[adapter.adapter_id] = loading
+            else:
+                loading = self._loras[adapter.adapter_id]
+        if not admission.load:
+            try:
+                return await asyncio.shield(loading)
+            except BaseException:
+                await self._release(adapter)
+                raise
+        try:
+            for slot in admission.evict:
+                await self._engine.remove_lora(slot)
+            started = time.monotonic()
+            path = await asyncio.to_thread(self._local_adapter, adapter.path)
+            lora = LoRARequest(
+                lora_name=adapter.adapter_id, lora_int_id=admission.slot, lora_path=str(path)
+            )
+            await self._engine.add_lora(lora)
+            self._adapter_loads.append(time.monotonic() - started)
+        except BaseException as exc:
+            async with self._slots_changed:
+                slots.discard(adapter.adapter_id)
+                self._loras.pop(adapter.adapter_id, None)
+                self._slots_changed.notify_all()
+            loading.set_exception(exc)
+            loading.exception()  # retrieved: waiters get it, nobody else needs to
+            raise
+        loading.set_result(lora)
+        return lora
+
+    async def _release(self, adapter: AdapterRef) -> None:
+        assert self._slots is not None
+        async with self._slots_changed:
+            self._slots.release(adapter.adapter_id)
+            self._slots_changed.notify_all()
+
+    def _forget_slot(self, slot: int) -> None:
+        for adapter_id, loaded in list(self._loras.items()):
+            if loaded.done() and not loaded.exception() and loaded.result().lora_int_id == slot:
+                del self._loras[adapter_id]
 
     # --- what a replica reports -----------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Requests vLLM holds now, and how many streams were aborted early."""
         processor = self._engine.output_processor
-        return {
+        stats: dict[str, Any] = {
             "unfinished_requests": processor.get_num_unfinished_requests(),
             "aborted_requests": self._aborted,
         }
+        if self._slots is not None:
+            stats["adapters"] = self._slots.resident()  # adapter id -> tenant
+            stats["adapter_load_s"] = list(self._adapter_loads[-100:])
+        return stats
 
     def shutdown(self) -> None:
         self._engine.shutdown()
@@ -201,6 +315,7 @@ class VLLMEngine:
 
     def _checked_prompt_ids(self, request: GenerationRequest) -> list[int]:
         _check_sampling(request.sampling)
+        self._check_adapter(request)
         prompt_ids = self._encode(request.prompt)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty")

@@ -68,6 +68,9 @@ class ModelInfo(ReplicaOptions):
     source_job_uuid: str | None
     # A reward model's label weights (null for one with a single label, and for LLMs).
     score_weights: dict[str, float] | None = None
+    # An adapter riding on a served base's replicas: that base's name (its options,
+    # status and replicas are the base's; scale the base, not the adapter). Else null.
+    base_model: str | None = None
     # The Serve app's status (RUNNING, DEPLOYING, DEPLOY_FAILED, ...) and RUNNING replicas.
     status: str
     replicas: int

@@ -4,7 +4,8 @@ that says whose fault it is:
 
 - the engine refused the request (`EngineRequestError`, the engine protocol's own type):
   InvalidRequest, 422, with the engine's message;
-- the model cannot answer now: its queue is full (Overloaded), or its replica died, is
+- the model cannot answer now: its queue is full, or every adapter slot of its replica is
+  busy (Overloaded), or its replica died, is
   unreachable, ran out of memory, or its app failed to start (ModelUnavailable); 503 with
   `Retry-After` either way;
 - anything else raised inside the replica is a bug in the engine: EngineFailed, 500,
@@ -41,6 +42,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from corral.errors import EngineFailed, InvalidRequest, Overloaded
 from corral.serving.deployer import ModelUnavailable
+from serve_apps.adapters import AdapterSlotsBusy
 from serve_apps.engines.protocol import (
     ClassifierInfo,
     EmbeddingInfo,
@@ -99,7 +101,7 @@ async def call_model(awaitable: Awaitable[T]) -> T:
         cause = exc.cause
         if isinstance(cause, EngineRequestError):
             raise InvalidRequest(str(cause)) from None
-        if isinstance(cause, BackPressureError):
+        if isinstance(cause, BackPressureError | AdapterSlotsBusy):
             raise Overloaded(f"the model is at capacity, try again shortly ({cause})") from None
         if isinstance(cause, _REPLICA_GONE) or _out_of_memory(cause):
             raise _unavailable(cause) from None

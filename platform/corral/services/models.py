@@ -21,6 +21,16 @@ over the models file's from then on, in every API process and at every start-up,
 the next scale. Nobody deletes a file model through the API: the models file is the truth
 for which shared models exist.
 
+A LoRA adapter registered over the checkpoint of a served model with adapter slots
+(engine vllm, `max_adapters` > 0: a file model, or the tenant's own registered base) rides
+on that base instead: its row records the base and a new adapter id, nothing is deployed,
+and the base's replicas load it at its first request (`serve_apps.adapters` decides which
+stay loaded). Its replicas are the base's, so it takes none of the tenant's quota, gives
+no replica options of its own, and is not scaled by itself: `/models/scale` on it is a
+Conflict that names the base (an operator scales a shared one; a tenant its own).
+Deleting it forgets the row; replicas unload it when its slot is next needed. A base with
+adapters riding on it is not deleted before them.
+
 Mutations (start, register, scale, unregister) take one lock: they are rare, and a deploy
 waiting for its app must not race a scale or delete of the same app. Reads do not.
 """
@@ -31,7 +41,8 @@ import builtins
 import json
 import logging
 import threading
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,14 +54,21 @@ from corral.api.models import ModelInfo, RegisterModelRequest
 from corral.config import Settings
 from corral.errors import Conflict, Forbidden, InvalidRequest, NotFound, QuotaExceeded
 from corral.services.model_dirs import ModelDirs
+from corral.serving.adapters import AdapterMismatch, check_adapter
 from corral.serving.catalog import ModelRoots, ModelSpec, ServedName, file_app_name
 from corral.serving.deployer import AppState, EngineFactory, ModelDeployError, ServeDeployer
 from corral.serving.kinds import NotServable, check_servable
-from corral.serving.resolver import ModelResolver, ResolvedModel, resolved_registered, spec_of
+from corral.serving.resolver import (
+    ModelResolver,
+    ResolvedModel,
+    base_of,
+    resolved_registered,
+    spec_of,
+)
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
-from corral.store.models import RegisteredModel, ServedModelStore
+from corral.store.models import RegisteredModel, RidesOn, ServedModelStore
 from serve_apps.engines.labels import config_labels, label_weights
 from serve_apps.options import MAX_REPLICAS, ReplicaOptions
 
@@ -194,6 +212,8 @@ class ModelService:
             stored = ServedModelStore(session).find(tenant=None)
         app_names = []
         for model in stored:
+            if model.rides_on is not None:
+                continue  # served by its base's app
             resolved = resolved_registered(model)
             self._deploy(resolved.spec, resolved.app_name, blocking=False)
             app_names.append(resolved.app_name)
@@ -237,6 +257,11 @@ class ModelService:
             if request.adapter_dir is not None
             else None
         )
+        base = (
+            self._base_to_ride(tenant, request, checkpoint_dir, adapter_dir)
+            if adapter_dir is not None
+            else None
+        )
         wanted = RegisteredModel(
             tenant=tenant,
             name=request.name,
@@ -246,6 +271,15 @@ class ModelService:
             options=self._options_of(request),
             source_job_uuid=request.source_job_uuid,
             score_weights=request.score_weights,
+            rides_on=(
+                RidesOn(
+                    base_model=base.name,
+                    base_source=base.source,
+                    adapter_id=uuid.uuid4().hex,
+                )
+                if base is not None
+                else None
+            ),
         )
         _check_spec(wanted)
         with self._lock:
@@ -255,7 +289,7 @@ class ModelService:
                     existing = store.get(tenant=tenant, name=request.name)
                     if existing is not None:
                         _same_or_conflict(existing, wanted)
-                        return self._info(resolved_registered(existing))
+                        return self._info(self._resolved(existing, store))
                     if request.source_job_uuid is not None:
                         try:
                             JobStore(session).get(request.source_job_uuid, tenant=tenant)
@@ -263,20 +297,24 @@ class ModelService:
                             raise InvalidRequest(
                                 f"no job {request.source_job_uuid[:200]!r}"
                             ) from None
-                    others = [m.options for m in store.find(tenant=tenant)]
-                    self._quota.check(request.name, wanted.options, others)
+                    if base is None:
+                        others = [m.options for m in store.find(tenant=tenant) if not m.rides_on]
+                        self._quota.check(request.name, wanted.options, others)
                     store.add(wanted)
             except IntegrityError:
                 # A concurrent registration of the same name committed first.
                 with self._db.transaction() as session:
-                    existing = ServedModelStore(session).get(tenant=tenant, name=request.name)
-                if existing is None:
-                    raise
-                _same_or_conflict(existing, wanted)
-                return self._info(resolved_registered(existing))
+                    store = ServedModelStore(session)
+                    existing = store.get(tenant=tenant, name=request.name)
+                    if existing is None:
+                        raise
+                    _same_or_conflict(existing, wanted)
+                    return self._info(self._resolved(existing, store))
 
-            resolved = resolved_registered(wanted)
             self._resolver.forget(tenant, request.name)
+            if base is not None:  # its base's replicas load it at its first request
+                return self._info(resolved_registered(wanted, base))
+            resolved = resolved_registered(wanted)
             try:
                 self._deploy(resolved.spec, resolved.app_name, blocking=True)
             except BaseException:
@@ -307,6 +345,8 @@ class ModelService:
             raise InvalidRequest("give replicas, min_replicas or max_replicas")
         with self._lock:
             resolved = self._resolver.resolve(tenant=tenant, model=model, fresh=True)
+            if resolved.base_model is not None:
+                raise Conflict(_rides_on_message(resolved))
             if resolved.source == "file":
                 if not operator:
                     raise Forbidden(
@@ -353,7 +393,23 @@ class ModelService:
                         "min_replicas 0)"
                     )
                 raise NotFound(f"no model {model[:200]!r}")
-            self._deployer.delete(resolved_registered(stored).app_name)
+            if stored.rides_on is None:
+                with self._db.transaction() as session:
+                    riders = [
+                        m.name
+                        for m in ServedModelStore(session).find(tenant=tenant)
+                        if m.rides_on is not None
+                        and m.rides_on.base_source == "registered"
+                        and m.rides_on.base_model == stored.name
+                    ]
+                if riders:
+                    raise Conflict(
+                        f"model {stored.name!r} serves the adapters {', '.join(riders)}: "
+                        "unregister them first"
+                    )
+                self._deployer.delete(resolved_registered(stored).app_name)
+            # A riding adapter has no app: its base's replicas drop it when they next
+            # need its slot (its id is never used again).
             with self._db.transaction() as session:
                 ServedModelStore(session).delete(tenant=tenant, name=stored.name)
             self._resolver.forget(tenant, stored.name)
@@ -365,11 +421,13 @@ class ModelService:
         (every tenant's with `all_tenants`, the operators' view), with their replicas."""
         states = self._deployer.statuses()
         with self._db.transaction() as session:
-            stored = ServedModelStore(session).find(tenant=None if all_tenants else tenant)
+            store = ServedModelStore(session)
+            stored = store.find(tenant=None if all_tenants else tenant)
             files = self._file_specs(session)
-        resolved = [
-            ResolvedModel(name, file_app_name(name), spec, "file") for name, spec in files.items()
-        ] + [resolved_registered(model) for model in stored]
+            resolved = [
+                ResolvedModel(name, file_app_name(name), spec, "file")
+                for name, spec in files.items()
+            ] + [self._resolved(model, store, files) for model in stored]
         return [self._info(model, states.get(model.app_name)) for model in resolved]
 
     def model_names(self, *, tenant: str) -> builtins.list[ServedName]:
@@ -391,6 +449,84 @@ class ModelService:
         ]
 
     # ------------------------------------------------------------------ helpers
+
+    def _resolved(
+        self,
+        model: RegisteredModel,
+        store: ServedModelStore,
+        files: Mapping[str, ModelSpec] | None = None,
+    ) -> ResolvedModel:
+        """How `model` is served (a riding adapter with its base's app and options)."""
+        file_models = self._resolver.file_models if files is None else files
+        return resolved_registered(model, base_of(model, file_models=file_models, store=store))
+
+    def _base_to_ride(
+        self,
+        tenant: str,
+        request: RegisterModelRequest,
+        checkpoint_dir: Path | str,
+        adapter_dir: Path | str,
+    ) -> ResolvedModel | None:
+        """The served base an adapter registration rides on: the tenant's own registered
+        model, else a file model, with the same checkpoint, engine vllm and adapter
+        slots; None for an app of its own (none such, or engine transformers asked for).
+        InvalidRequest for an adapter that does not fit that base (AdapterMismatch), for
+        replica options given with it (they are the base's), and for engine vllm asked
+        for with no such base."""
+        if request.kind != "llm" or (
+            "engine" in request.model_fields_set and request.engine != "vllm"
+        ):
+            return None
+        wanted = _location_key(checkpoint_dir)
+        with self._db.transaction() as session:
+            own = [
+                resolved_registered(m)
+                for m in ServedModelStore(session).find(tenant=tenant)
+                if m.rides_on is None and m.adapter_dir is None
+            ]
+        shared = [
+            ResolvedModel(name, file_app_name(name), spec, "file")
+            for name, spec in self._resolver.file_models.items()
+            if spec.adapter_dir is None
+        ]
+        base = next(
+            (
+                candidate
+                for candidate in [*own, *shared]
+                if candidate.spec.kind == "llm"
+                and candidate.spec.engine == "vllm"
+                and candidate.spec.max_adapters > 0
+                and _location_key(candidate.spec.checkpoint_dir) == wanted
+            ),
+            None,
+        )
+        if base is None:
+            if "engine" in request.model_fields_set:
+                raise InvalidRequest(
+                    "engine vllm serves an adapter over a served base model: register or "
+                    "name one with this checkpoint_dir, engine vllm and max_adapters > 0 "
+                    "(none is served here), or use engine transformers for an app of the "
+                    "adapter's own"
+                )
+            return None
+        given = sorted(
+            name
+            for name in request.model_fields_set
+            if name in ReplicaOptions.model_fields and name != "engine"
+        )
+        if given:
+            raise InvalidRequest(
+                f"the adapter rides on the replicas of {base.name!r}, whose options it takes: "
+                f"leave out {', '.join(given)}"
+            )
+        if isinstance(adapter_dir, Path) and isinstance(base.spec.checkpoint_dir, Path):
+            try:
+                check_adapter(
+                    adapter_dir, base.spec.checkpoint_dir, max_rank=base.spec.max_adapter_rank
+                )
+            except AdapterMismatch as exc:
+                raise InvalidRequest(f"adapter_dir: {exc} (base {base.name!r})") from None
+        return base
 
     def _options_of(self, request: RegisterModelRequest) -> ReplicaOptions:
         """The request's options, with the server's defaults for those it leaves out."""
@@ -463,6 +599,7 @@ class ModelService:
                 "adapter_dir": str(spec.adapter_dir) if spec.adapter_dir is not None else None,
                 "source_job_uuid": model.source_job_uuid,
                 "score_weights": spec.score_weights,
+                "base_model": model.base_model,
                 "status": state.status,
                 "replicas": state.running_replicas,
                 **spec.option_values(),
@@ -512,6 +649,25 @@ def _rescaled(spec: ModelSpec, min_replicas: int | None, max_replicas: int | Non
         update={"min_replicas": new_min, "max_replicas": new_max, "initial_replicas": initial}
     )
     return spec.with_options(options)
+
+
+def _location_key(location: Path | str) -> str:
+    """A checkpoint location as compared between a base and an adapter's registration."""
+    return str(location.resolve()) if isinstance(location, Path) else location
+
+
+def _rides_on_message(model: ResolvedModel) -> str:
+    base = model.base_model or ""
+    who = (
+        "an operator scales it, for every tenant"
+        if model.app_name == file_app_name(base)
+        else "your own model; scale it instead"
+    )
+    return (
+        f"model {model.name!r} is an adapter riding on the replicas of the base model "
+        f"{base!r}, which serve every adapter over it: it has no replicas of its own to "
+        f"scale; scale {base!r} ({who})"
+    )
 
 
 def _check_spec(model: RegisteredModel) -> None:

@@ -184,6 +184,12 @@ class SyntheticDataService:
             check_kind(resolved, kind)
         except InvalidRequest as exc:
             raise InvalidRequest(f"{where}: {exc.message}") from None
+        if resolved.adapter is not None:
+            # The pipeline's Ray Data actors call the app by name, without the adapter.
+            raise InvalidRequest(
+                f"{where}: {model[:200]!r} is an adapter riding on {resolved.base_model!r}; "
+                "synthetic data generation does not run through such adapters yet"
+            )
         return resolved.app_name
 
     def _check_running(self, config: PipelineConfig) -> None:

@@ -144,7 +144,11 @@ class ServeDeployer:
             except NotServable as exc:
                 raise ModelDeployError(f"model app {app_name!r}: {exc}") from None
             config["vllm_python"] = str(vllm_python(self._vllm_python))
-        if isinstance(spec.checkpoint_dir, str) or isinstance(spec.adapter_dir, str):
+        if (
+            isinstance(spec.checkpoint_dir, str)
+            or isinstance(spec.adapter_dir, str)
+            or spec.max_adapters > 0  # adapters riding on it may be in object storage
+        ):
             # Only then: a local model's config (and so its code version) stays as it was.
             config["storage"] = self._storage.model_dump()
             config["model_cache_dir"] = self._model_cache_dir

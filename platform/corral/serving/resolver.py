@@ -9,6 +9,13 @@ for the kind it can use (inference an `llm`, reward scoring a `reward` model), a
 that resolves to another kind is the caller's mistake (InvalidRequest, 422); it does not
 fall through to a file model of the same name.
 
+A LoRA adapter registered over a served base with adapter slots (engine vllm,
+`max_adapters`) rides on that base: it resolves to the base's app, with its `AdapterRef`,
+and its handle carries the adapter as Serve's multiplexed model id, so every caller that
+takes a handle here (inference, the OpenAI routes, agents, shields) sends its requests
+through the adapter without knowing of it (`serve_apps.llm.with_routed_adapter`). The
+adapter's name is its tenant's own: another tenant's "mine" is another row, another id.
+
 What the database says about a (tenant, name) is kept for RESOLVE_CACHE_S; this process's
 own changes drop the entry at once (`forget`), another API process's show up within that
 time.
@@ -30,6 +37,7 @@ from corral.serving.catalog import ModelSpec, file_app_name, tenant_app_name
 from corral.serving.deployer import ServeDeployer
 from corral.store.db import Database
 from corral.store.models import RegisteredModel, ServedModelStore
+from serve_apps.engines.protocol import AdapterRef
 from serve_apps.options import ModelKind
 
 Source = Literal["file", "registered"]
@@ -46,6 +54,10 @@ class ResolvedModel:
     source_job_uuid: str | None = None
     # The owner of a registered model; None for a file model (shared).
     tenant: str | None = None
+    # An adapter riding on a base's replicas (`app_name` is the base's): which adapter,
+    # and the base's own name.
+    adapter: AdapterRef | None = None
+    base_model: str | None = None
 
 
 def spec_of(model: RegisteredModel) -> ModelSpec:
@@ -63,7 +75,38 @@ def spec_of(model: RegisteredModel) -> ModelSpec:
     )
 
 
-def resolved_registered(model: RegisteredModel) -> ResolvedModel:
+def resolved_registered(model: RegisteredModel, base: ResolvedModel | None = None) -> ResolvedModel:
+    """How a registered model is served: by an app of its own, or, for an adapter that
+    rides on a base (`base`, from `base_of`; None if that base is gone), by the base's
+    app, with the base's options."""
+    rides = model.rides_on
+    if rides is not None:
+        assert model.adapter_dir is not None  # only adapters ride on a base
+        if base is not None:
+            spec = ModelSpec.model_validate(
+                base.spec.model_dump()
+                | {"name": model.name, "aliases": [], "adapter_dir": model.adapter_dir}
+            )
+            app_name = base.app_name
+        else:  # its base is no longer served: its handle says the app is not deployed
+            spec = spec_of(model)
+            app_name = (
+                file_app_name(rides.base_model)
+                if rides.base_source == "file"
+                else tenant_app_name(model.tenant, rides.base_model)
+            )
+        return ResolvedModel(
+            name=model.name,
+            app_name=app_name,
+            spec=spec,
+            source="registered",
+            source_job_uuid=model.source_job_uuid,
+            tenant=model.tenant,
+            adapter=AdapterRef(
+                adapter_id=rides.adapter_id, tenant=model.tenant, path=model.adapter_dir
+            ),
+            base_model=rides.base_model,
+        )
     return ResolvedModel(
         name=model.name,
         app_name=tenant_app_name(model.tenant, model.name),
@@ -72,6 +115,26 @@ def resolved_registered(model: RegisteredModel) -> ResolvedModel:
         source_job_uuid=model.source_job_uuid,
         tenant=model.tenant,
     )
+
+
+def base_of(
+    model: RegisteredModel, *, file_models: Mapping[str, ModelSpec], store: ServedModelStore
+) -> ResolvedModel | None:
+    """The base a riding adapter's requests go to (None when it rides on none, or its
+    base is no longer served): a file model by its own name, or the same tenant's own
+    registered model."""
+    rides = model.rides_on
+    if rides is None:
+        return None
+    if rides.base_source == "file":
+        spec = file_models.get(rides.base_model)
+        if spec is None:
+            return None
+        return ResolvedModel(rides.base_model, file_app_name(rides.base_model), spec, "file")
+    stored = store.get(tenant=model.tenant, name=rides.base_model)
+    if stored is None or stored.rides_on is not None:
+        return None
+    return resolved_registered(stored)
 
 
 def check_kind(model: ResolvedModel, kind: ModelKind) -> None:
@@ -135,7 +198,11 @@ class ModelResolver:
         app is not deployed."""
         resolved = self.resolve(tenant=tenant, model=model)
         check_kind(resolved, kind)
-        return self._deployer.handle(resolved.app_name)
+        handle = self._deployer.handle(resolved.app_name)
+        if resolved.adapter is not None:
+            # The base's handle (its router shared) with the adapter on every request.
+            return handle.options(multiplexed_model_id=resolved.adapter.key())
+        return handle
 
     def forget(self, tenant: str, name: str) -> None:
         """Drop what is kept about (tenant, name): this process just changed it."""
@@ -149,8 +216,12 @@ class ModelResolver:
         if cached is not None and not fresh and now - cached[0] < RESOLVE_CACHE_S:
             return cached[1]
         with self._db.transaction() as session:
-            stored = ServedModelStore(session).get(tenant=tenant, name=model)
-        found = resolved_registered(stored) if stored is not None else None
+            store = ServedModelStore(session)
+            stored = store.get(tenant=tenant, name=model)
+            found = None
+            if stored is not None:
+                base = base_of(stored, file_models=self._file_models, store=store)
+                found = resolved_registered(stored, base)
         with self._lock:
             if len(self._recent) >= RESOLVE_CACHE_ENTRIES:
                 self._recent.clear()  # names come from requests: keep the memory bounded

@@ -9,13 +9,25 @@ always something a replica can be built from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from corral.store.tables import FileModelScale, ServedModel, utcnow
 from serve_apps.options import ModelKind, ReplicaOptions
+
+
+@dataclass(frozen=True)
+class RidesOn:
+    """A LoRA adapter served by a base model's replicas rather than by an app of its own:
+    the base (its own name; "file" for a shared models-file model, "registered" for the
+    same tenant's) and the id those replicas know the adapter by, new for every
+    registration."""
+
+    base_model: str
+    base_source: Literal["file", "registered"]
+    adapter_id: str
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,7 @@ class RegisteredModel:
     source_job_uuid: str | None = None
     # A reward model's label weights (`corral.serving.catalog.ModelSpec.score_weights`).
     score_weights: dict[str, float] | None = None
+    rides_on: RidesOn | None = None
 
     def what_was_asked(self) -> dict[str, Any]:
         """Everything a registration chose, flat: two registrations are the same when
@@ -83,6 +96,9 @@ class ServedModelStore:
                 options=_stored(model.options),
                 source_job_uuid=model.source_job_uuid,
                 score_weights=model.score_weights,
+                base_model=model.rides_on.base_model if model.rides_on else None,
+                base_source=model.rides_on.base_source if model.rides_on else None,
+                adapter_id=model.rides_on.adapter_id if model.rides_on else None,
                 created_at=now,
                 updated_at=now,
             )
@@ -139,4 +155,13 @@ def _model(row: ServedModel) -> RegisteredModel:
         options=ReplicaOptions.model_validate(row.options),
         source_job_uuid=row.source_job_uuid,
         score_weights=row.score_weights,  # written only from a ScoreWeights
+        rides_on=(
+            RidesOn(
+                base_model=row.base_model,
+                base_source="file" if row.base_source == "file" else "registered",
+                adapter_id=row.adapter_id or "",
+            )
+            if row.base_model is not None
+            else None
+        ),
     )

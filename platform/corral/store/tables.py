@@ -249,6 +249,13 @@ class ServedModel(Base):
     source_job_uuid: Mapped[str | None] = mapped_column(String(UUID_LENGTH))
     # A reward model's label weights (label name -> weight); NULL for every other model.
     score_weights: Mapped[dict[str, Any] | None]
+    # A LoRA adapter riding on a served base's replicas (engine vllm): the base's own
+    # name, whether that is a models-file model ("file") or this tenant's ("registered"),
+    # and the id its replicas know the adapter by (new for every registration). NULL
+    # for a model with an app of its own.
+    base_model: Mapped[str | None] = mapped_column(String(256))
+    base_source: Mapped[str | None] = mapped_column(String(16))
+    adapter_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

@@ -1,9 +1,10 @@
 """The LLM Serve application: one app per model, holding a generation engine.
 
-Unary requests go through `@serve.batch`, so concurrent callers share one engine batch;
-streaming requests run one at a time and yield a token per step. The deployment is a
-plain class; Serve is applied only in `build_app`, which a Serve config's `import_path`
-(`serve_apps.llm:build_app`) can name."""
+Unary requests and streams go through the replica's scheduler (`serve_apps.scheduler`):
+a request starts at once on an idle engine and joins the running batch between decode
+steps on a busy one, so concurrent callers, streams included, share the engine's batch.
+The deployment is a plain class; Serve is applied only in `build_app`, which a Serve
+config's `import_path` (`serve_apps.llm:build_app`) can name."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
-from serve_apps.deployment import BatchStats, size_batch_queue
 from serve_apps.deployment import deployment_options as shared_deployment_options
 from serve_apps.engines.protocol import (
     GenerationEngine,
@@ -29,6 +29,8 @@ from serve_apps.engines.protocol import (
 )
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 from serve_apps.options import EngineName, ReplicaOptions
+from serve_apps.scheduler import GenerationScheduler
+from serve_apps.scheduler import stats as scheduler_stats
 
 DEPLOYMENT_NAME = "LLMServer"
 log = logging.getLogger(__name__)
@@ -78,7 +80,6 @@ def transformers_engine(config: LLMAppConfig) -> GenerationEngine:
 ENGINES: dict[EngineName, EngineFactory] = {"transformers": transformers_engine}
 
 
-_DONE = object()
 CALLER_CHECK_S = 1.0  # how often a stream asks whether its caller still lives
 
 
@@ -123,72 +124,30 @@ async def _watch(caller: Any, cancelled: threading.Event) -> bool:
 
 
 class LLMServer:
-    """One replica: an engine, a batch queue for unary calls, and a lock so the engine
-    (not thread-safe) runs one batch or one stream at a time."""
+    """One replica: an engine and the scheduler that batches its requests."""
 
     def __init__(self, config: LLMAppConfig, engine_factory: EngineFactory) -> None:
         self._config = config
         self._engine = engine_factory(config)
-        self._engine_lock = threading.Lock()
-        self._batches = BatchStats()
-        size_batch_queue(self._generate_batch, config)
+        self._scheduler = GenerationScheduler(self._engine, max_batch_size=config.max_batch_size)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        self._engine.check(request)  # a bad request fails alone, not its whole batch
-        result: GenerationResult = await self._generate_batch(request)
-        return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        self._batches.record(len(requests))
-        return await asyncio.to_thread(self._run_batch, requests)
-
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        with self._engine_lock:
-            return self._engine.generate(requests)
+        """Run `request` in the engine's batch; a bad request fails alone."""
+        return await self._scheduler.generate(request)
 
     async def stream(
         self, request: GenerationRequest, caller: Any = None
     ) -> AsyncIterator[TokenDelta | GenerationResult]:
-        """Yield the engine's stream as it is produced; stop the engine when the caller
-        goes away, at its next token, releasing the engine lock so that the next request
-        is served at once. Serve cancels this generator when the caller cancels its
-        response (the API's client disconnected). When the caller's process dies nothing
-        tells Serve or Ray to stop (Ray only logs that it cannot deliver the items), so
-        the caller may pass its `CallerLease`: a lease that has died means the caller
-        has, and the stream stops."""
-        self._engine.check(request)
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[object] = asyncio.Queue()
+        """Yield the engine's stream as it is produced; the request leaves the engine's
+        batch when the caller goes away, before the next step. Serve cancels this
+        generator when the caller cancels its response (the API's client disconnected).
+        When the caller's process dies nothing tells Serve or Ray to stop (Ray only logs
+        that it cannot deliver the items), so the caller may pass its `CallerLease`: a
+        lease that has died means the caller has, and the stream stops."""
         cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                with self._engine_lock:
-                    if cancelled.is_set():  # the caller left while this waited its turn
-                        return
-                    stream = self._engine.stream(request)
-                    try:
-                        for item in stream:
-                            if cancelled.is_set():
-                                break  # stop at the next token, releasing the engine
-                            loop.call_soon_threadsafe(items.put_nowait, item)
-                    finally:
-                        close = getattr(stream, "close", None)
-                        if close is not None:
-                            close()  # the engine's own clean-up runs under the lock
-            except Exception as exc:  # handed to the consumer, which re-raises it
-                loop.call_soon_threadsafe(items.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(items.put_nowait, _DONE)
-
-        producer = loop.run_in_executor(None, produce)
         watch = asyncio.ensure_future(_watch(caller, cancelled)) if caller is not None else None
         try:
-            while (item := await items.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                assert isinstance(item, TokenDelta | GenerationResult)
+            async for item in self._scheduler.stream(request, cancelled):
                 yield item
             if watch is not None and watch.done() and not watch.cancelled() and watch.result():
                 raise CallerGone("the caller's process died; the stream was stopped")
@@ -196,7 +155,6 @@ class LLMServer:
             cancelled.set()
             if watch is not None:
                 watch.cancel()
-            await producer
 
     def prompt_tokens(self, prompts: list[str]) -> dict[str, Any] | None:
         """The engine's context window and each prompt's length in its tokens, or None
@@ -210,8 +168,9 @@ class LLMServer:
         }
 
     def stats(self) -> dict[str, Any]:
-        """What this replica has done: sizes of its recent batches."""
-        return self._batches.stats()
+        """What this replica has done: how many requests joined its engine together
+        (the last 1000 groups) and the most rows one decode step ran."""
+        return scheduler_stats(self._scheduler)
 
 
 def deployment_options(config: LLMAppConfig) -> dict[str, Any]:

@@ -193,18 +193,26 @@ def write_models_file(home: Path, *, queue_bound: int, max_batch_size: int) -> P
 
 
 @contextlib.contextmanager
-def corral_on(home: Path, *, queue_bound: int, max_batch_size: int) -> Iterator[tuple[str, str]]:
-    """`corral serve` on `home` with the bench's models file: (base URL, API key). The
-    Ray head it starts is stopped afterwards (one that was already running is kept)."""
+def corral_on(
+    home: Path, *, queue_bound: int | None, max_batch_size: int = 4, start_timeout_s: float = 180.0
+) -> Iterator[tuple[str, str]]:
+    """`corral serve` on `home` with the bench's models file (or, for `queue_bound`
+    None, its embedded default models): (base URL, API key). The Ray head it starts is
+    stopped afterwards (one that was already running is kept)."""
     for name in _FOREIGN_ENV:
         os.environ.pop(name, None)
     home.mkdir(parents=True, exist_ok=True)
-    models_file = write_models_file(home, queue_bound=queue_bound, max_batch_size=max_batch_size)
-    os.environ["CORRAL_MODELS_FILE"] = str(models_file)
+    if queue_bound is not None:
+        models_file = write_models_file(
+            home, queue_bound=queue_bound, max_batch_size=max_batch_size
+        )
+        os.environ["CORRAL_MODELS_FILE"] = str(models_file)
     had_head = LocalRayHead(home).find() is not None
     key = secrets.token_urlsafe(16)
     try:
-        with corral_server(Settings(home=home), api_key=key) as server:
+        with corral_server(
+            Settings(home=home), api_key=key, start_timeout_s=start_timeout_s
+        ) as server:
             yield server.base_url, key
     finally:
         if not had_head:

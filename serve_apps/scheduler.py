@@ -106,6 +106,12 @@ class GenerationScheduler:
         self.batches = BatchStats()  # how many requests joined the engine together
         self.largest_step = 0  # the most rows one decode step ran
 
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for room in the engine's batch."""
+        with self._lock:
+            return len(self._pending)
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """The request's result, once the engine has run it in whatever batch it joins."""
         work = self._submit(request, stream=False)
@@ -227,4 +233,7 @@ class GenerationScheduler:
 
 def stats(scheduler: GenerationScheduler) -> dict[str, Any]:
     """What `LLMServer.stats` reports for a scheduler."""
-    return scheduler.batches.stats() | {"largest_step": scheduler.largest_step}
+    return scheduler.batches.stats() | {
+        "largest_step": scheduler.largest_step,
+        "waiting": scheduler.waiting,
+    }

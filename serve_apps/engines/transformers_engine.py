@@ -1,10 +1,12 @@
 """The default generation engine: a transformers causal LM on CPU or GPU, with its own
 decode loop.
 
-One loop serves `generate` (a padded batch) and `stream` (a batch of one): prefill the
-left-padded prompts into a `DynamicCache`, then feed one token per row per step. Each row
-samples with its own options and its own seeded `torch.Generator`, and leaves the batch
-(and its cache rows) as soon as it stops, so a long answer never holds a short one back.
+One decode loop, `TransformersBatch`, serves a replica's scheduler (rows join and leave
+between steps: continuous batching), `generate` (a batch that all join at once) and
+`stream` (a batch of one): prefill the left-padded prompts into a `DynamicCache`, then
+feed one token per row per step. Each row samples with its own options and its own seeded
+`torch.Generator`, and leaves the batch (and its cache rows) as soon as it stops, so a
+long answer never holds a short one back.
 
 Numbers this engine gives (documented choices):
 - `logprobs` are the chosen token's log-probability under the model's raw distribution

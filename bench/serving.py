@@ -38,6 +38,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from bench.load import MODEL, PROMPT, corral_on, drive, summarize
+from corral import ray_cluster
 from corral.api.common import Message
 from corral.app import create_app
 from corral.config import Settings
@@ -251,6 +252,7 @@ def sweep(
         with corral_on(work, queue_bound=None, start_timeout_s=900) as (base_url, key):
             asyncio.run(_sweep(work, base_url, key, levels, seconds, rounds, max_tokens))
     finally:
+        ray.shutdown()
         if own_head:
             head.stop()
         if home is None:
@@ -269,23 +271,20 @@ async def _sweep(
     url = f"{base_url}/inference/chat_completion"
     headers = {"Authorization": f"Bearer {key}"}
     body = greedy_chat(MODEL, PROMPT, max_tokens=max_tokens)
-    prompt = format_chat([Message(role="user", content=PROMPT, tool_calls=[], tool_responses=[])])
-    request = GenerationRequest(prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens))
-    # The replicas' model, in this process with the one intra-op thread a replica of
-    # under one CPU gets from Ray (OMP_NUM_THREADS=1), so only the path differs.
-    torch.set_num_threads(1)
-    engine = TransformersEngine(TransformersEngineConfig(model_dir=demo_model_dir(home)))
-    engine.generate([request])
+    # The bare engine runs in a Ray worker of the same cluster, as a replica's does:
+    # Ray runs its workers at niceness 15 with one intra-op thread, and on a shared
+    # machine a process at niceness 0 would get far more of the CPU than any replica.
+    ray_cluster.connect(address=None, home=home)
+    bare_engine: Any = ray.remote(num_cpus=0.25)(BareEngine).remote(
+        str(demo_model_dir(home)), max_tokens
+    )
     bare: list[float] = []
     api: list[float] = []
     async with httpx.AsyncClient(headers=headers, timeout=120) as client:
         for _ in range(3):  # warm-up: every replica of the model has answered
             (await client.post(url, json=body)).raise_for_status()
         for _ in range(rounds):
-            for _ in range(10):
-                start = time.perf_counter()
-                engine.generate([request])
-                bare.append(time.perf_counter() - start)
+            bare.extend(await bare_engine.time_calls.remote(10))
             for _ in range(10):
                 start = time.perf_counter()
                 (await client.post(url, json=body)).raise_for_status()
@@ -316,6 +315,28 @@ async def _sweep(
             flush=True,
         )
         await asyncio.sleep(1.0)  # the last level's stragglers drain
+
+
+class BareEngine:
+    """The demo model's engine alone, timing its own calls (no RPC in the figure)."""
+
+    def __init__(self, model_dir: str, max_tokens: int) -> None:
+        prompt = format_chat(
+            [Message(role="user", content=PROMPT, tool_calls=[], tool_responses=[])]
+        )
+        self._request = GenerationRequest(
+            prompt=prompt, sampling=SamplingOptions(max_tokens=max_tokens)
+        )
+        self._engine = TransformersEngine(TransformersEngineConfig(model_dir=Path(model_dir)))
+        self._engine.generate([self._request])  # warm-up
+
+    def time_calls(self, count: int) -> list[float]:
+        seconds = []
+        for _ in range(count):
+            start = time.perf_counter()
+            self._engine.generate([self._request])
+            seconds.append(time.perf_counter() - start)
+        return seconds
 
 
 def _ms(seconds: float | None) -> str:

@@ -50,6 +50,7 @@ import yaml
 from corral.config import Settings
 from corral.demo import corral_server, greedy_chat
 from corral.demo_model import build_demo_model
+from corral.milvus_server import LocalMilvus
 from corral.ray_cluster import LocalRayHead
 
 MODEL = "llama3_8b_chat"
@@ -193,22 +194,33 @@ def write_models_file(home: Path, *, queue_bound: int, max_batch_size: int) -> P
 
 
 @contextlib.contextmanager
-def corral_on(home: Path, *, queue_bound: int, max_batch_size: int) -> Iterator[tuple[str, str]]:
-    """`corral serve` on `home` with the bench's models file: (base URL, API key). The
-    Ray head it starts is stopped afterwards (one that was already running is kept)."""
+def corral_on(
+    home: Path, *, queue_bound: int | None, max_batch_size: int = 4, start_timeout_s: float = 180.0
+) -> Iterator[tuple[str, str]]:
+    """`corral serve` on `home` with the bench's models file (or, for `queue_bound`
+    None, its embedded default models): (base URL, API key). The Ray head and Milvus
+    Lite server it starts are stopped afterwards (ones already running are kept)."""
     for name in _FOREIGN_ENV:
         os.environ.pop(name, None)
     home.mkdir(parents=True, exist_ok=True)
-    models_file = write_models_file(home, queue_bound=queue_bound, max_batch_size=max_batch_size)
-    os.environ["CORRAL_MODELS_FILE"] = str(models_file)
+    if queue_bound is not None:
+        models_file = write_models_file(
+            home, queue_bound=queue_bound, max_batch_size=max_batch_size
+        )
+        os.environ["CORRAL_MODELS_FILE"] = str(models_file)
     had_head = LocalRayHead(home).find() is not None
+    had_milvus = LocalMilvus(home).running() is not None
     key = secrets.token_urlsafe(16)
     try:
-        with corral_server(Settings(home=home), api_key=key) as server:
+        with corral_server(
+            Settings(home=home), api_key=key, start_timeout_s=start_timeout_s
+        ) as server:
             yield server.base_url, key
     finally:
         if not had_head:
             LocalRayHead(home).stop()
+        if not had_milvus:  # corral serve leaves its Milvus Lite server, as its Ray head
+            LocalMilvus(home).stop()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """The LLM Serve application: one app per model, holding a generation engine.
 
-Unary requests go through `@serve.batch`, so concurrent callers share one engine batch;
-streaming requests run one at a time and yield a token per step. The deployment is a
-plain class; Serve is applied only in `build_app`, which a Serve config's `import_path`
-(`serve_apps.llm:build_app`) can name."""
+Unary requests and streams go through the replica's scheduler (`serve_apps.scheduler`):
+a request starts at once on an idle engine and joins the running batch between decode
+steps on a busy one, so concurrent callers, streams included, share the engine's batch.
+The deployment is a plain class; Serve is applied only in `build_app`, which a Serve
+config's `import_path` (`serve_apps.llm:build_app`) can name."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
-from serve_apps.deployment import BatchStats, size_batch_queue
 from serve_apps.deployment import deployment_options as shared_deployment_options
 from serve_apps.engines.protocol import (
     AdapterRef,
@@ -32,6 +32,8 @@ from serve_apps.engines.protocol import (
 )
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 from serve_apps.options import EngineName, ReplicaOptions
+from serve_apps.scheduler import GenerationScheduler
+from serve_apps.scheduler import stats as scheduler_stats
 from serve_apps.vllm_env import vllm_python
 
 DEPLOYMENT_NAME = "LLMServer"
@@ -163,84 +165,50 @@ async def _watch(caller: Any, cancelled: threading.Event) -> bool:
 
 
 class LLMServer:
-    """One replica: an engine, a batch queue for unary calls, and a lock so the engine
-    (not thread-safe) runs one batch or one stream at a time."""
+    """One replica: an engine and what feeds it. A batch engine (transformers) is fed by
+    the replica's scheduler, which batches its requests; an engine that batches by
+    itself (vLLM) takes each request as it comes (`_generate_direct`, `_stream_direct`)."""
 
     def __init__(self, config: LLMAppConfig, engine_factory: EngineFactory) -> None:
         self._config = config
         engine = engine_factory(config)
-        # An engine that batches by itself (vLLM) takes each request as it comes
-        # (`_generate_direct`, `_stream_direct`); only a batch engine reaches the rest.
+        self._engine = engine
         self._async_engine = engine if isinstance(engine, AsyncGenerationEngine) else None
-        self._engine = cast(GenerationEngine, engine)
-        self._engine_lock = threading.Lock()
-        self._batches = BatchStats()
-        size_batch_queue(self._generate_batch, config)
+        self._scheduler = (
+            None
+            if self._async_engine is not None
+            else GenerationScheduler(
+                cast(GenerationEngine, engine), max_batch_size=config.max_batch_size
+            )
+        )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Run `request` in the engine's batch; a bad request fails alone."""
         request = with_routed_adapter(request)
         if self._async_engine is not None:
             return await self._generate_direct(self._async_engine, request)
-        self._engine.check(request)  # a bad request fails alone, not its whole batch
-        result: GenerationResult = await self._generate_batch(request)
-        return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        self._batches.record(len(requests))
-        return await asyncio.to_thread(self._run_batch, requests)
-
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        with self._engine_lock:
-            return self._engine.generate(requests)
+        assert self._scheduler is not None
+        return await self._scheduler.generate(request)
 
     async def stream(
         self, request: GenerationRequest, caller: Any = None
     ) -> AsyncIterator[TokenDelta | GenerationResult]:
-        """Yield the engine's stream as it is produced; stop the engine when the caller
-        goes away, at its next token, releasing the engine lock so that the next request
-        is served at once. Serve cancels this generator when the caller cancels its
-        response (the API's client disconnected). When the caller's process dies nothing
-        tells Serve or Ray to stop (Ray only logs that it cannot deliver the items), so
-        the caller may pass its `CallerLease`: a lease that has died means the caller
-        has, and the stream stops."""
+        """Yield the engine's stream as it is produced; the request leaves the engine's
+        batch when the caller goes away, before the next step. Serve cancels this
+        generator when the caller cancels its response (the API's client disconnected).
+        When the caller's process dies nothing tells Serve or Ray to stop (Ray only logs
+        that it cannot deliver the items), so the caller may pass its `CallerLease`: a
+        lease that has died means the caller has, and the stream stops."""
         request = with_routed_adapter(request)
         if self._async_engine is not None:
             async for each in self._stream_direct(self._async_engine, request, caller):
                 yield each
             return
-        self._engine.check(request)
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[object] = asyncio.Queue()
+        assert self._scheduler is not None
         cancelled = threading.Event()
-
-        def produce() -> None:
-            try:
-                with self._engine_lock:
-                    if cancelled.is_set():  # the caller left while this waited its turn
-                        return
-                    stream = self._engine.stream(request)
-                    try:
-                        for item in stream:
-                            if cancelled.is_set():
-                                break  # stop at the next token, releasing the engine
-                            loop.call_soon_threadsafe(items.put_nowait, item)
-                    finally:
-                        close = getattr(stream, "close", None)
-                        if close is not None:
-                            close()  # the engine's own clean-up runs under the lock
-            except Exception as exc:  # handed to the consumer, which re-raises it
-                loop.call_soon_threadsafe(items.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(items.put_nowait, _DONE)
-
-        producer = loop.run_in_executor(None, produce)
         watch = asyncio.ensure_future(_watch(caller, cancelled)) if caller is not None else None
         try:
-            while (item := await items.get()) is not _DONE:
-                if isinstance(item, Exception):
-                    raise item
-                assert isinstance(item, TokenDelta | GenerationResult)
+            async for item in self._scheduler.stream(request, cancelled):
                 yield item
             if watch is not None and watch.done() and not watch.cancelled() and watch.result():
                 raise CallerGone("the caller's process died; the stream was stopped")
@@ -248,7 +216,6 @@ class LLMServer:
             cancelled.set()
             if watch is not None:
                 watch.cancel()
-            await producer
 
     async def _generate_direct(
         self, engine: AsyncGenerationEngine, request: GenerationRequest
@@ -295,12 +262,14 @@ class LLMServer:
         }
 
     def stats(self) -> dict[str, Any]:
-        """What this replica has done: sizes of its recent batches, and what an engine
-        that batches by itself reports (vLLM: its unfinished and aborted requests)."""
+        """What this replica has done: how many requests joined its engine together
+        (the last 1000 groups) and the most rows one decode step ran; for an engine that
+        batches by itself, what it reports (vLLM: unfinished and aborted requests, the
+        adapters it holds)."""
+        if self._scheduler is not None:
+            return scheduler_stats(self._scheduler)
         engine_stats = getattr(self._async_engine, "stats", None)
-        if engine_stats is not None:
-            return {**self._batches.stats(), "engine": engine_stats()}
-        return self._batches.stats()
+        return {"engine": engine_stats()} if engine_stats is not None else {}
 
 
 def with_routed_adapter(request: GenerationRequest) -> GenerationRequest:

@@ -45,8 +45,12 @@ class ReplicaOptions(BaseModel):
     initial_replicas: int | None = Field(default=None, ge=0, le=MAX_REPLICAS)
     target_ongoing_requests: float = Field(default=2.0, gt=0, le=1024)
     max_batch_size: int = Field(default=8, ge=1, le=1024)
+    # How long a reward, embedding or classifier replica waits to fill a batch; an LLM
+    # replica never waits (serve_apps.scheduler: requests join its running batch).
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=60)
-    # Past this many requests waiting for a replica, callers get BackPressureError at once.
+    # How many requests wait in a replica's own queue behind its running batch, and, once
+    # every replica's is full, in each caller's router; past those, callers get
+    # BackPressureError at once (serve_apps.deployment.max_ongoing_requests).
     max_queued_requests: int = Field(default=64, ge=1, le=1_000_000)
     upscale_delay_s: float = Field(default=3.0, ge=0, le=86_400)
     downscale_delay_s: float = Field(default=30.0, ge=0, le=86_400)

@@ -214,7 +214,12 @@ class RunningServer:
 
 @contextmanager
 def corral_server(
-    settings: Settings, *, api_key: str, port: int = 0, operator_key: str | None = None
+    settings: Settings,
+    *,
+    api_key: str,
+    port: int = 0,
+    operator_key: str | None = None,
+    start_timeout_s: float = SERVER_START_TIMEOUT_S,
 ) -> Iterator[RunningServer]:
     """`corral serve` on `settings.home` as a child process, until the block ends (SIGINT),
     on 127.0.0.1:`port` (0: a free port), bound here and inherited by the child.
@@ -237,7 +242,7 @@ def corral_server(
         )
         base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        deadline = time.monotonic() + start_timeout_s
         while True:
             if process.poll() is not None:
                 raise DemoFailed(f"corral serve exited with {process.returncode}; see {log_path}")
@@ -245,7 +250,7 @@ def corral_server(
                 if probe.health():
                     break
             if time.monotonic() > deadline:
-                raise DemoFailed(f"corral serve did not answer within {SERVER_START_TIMEOUT_S}s")
+                raise DemoFailed(f"corral serve did not answer within {start_timeout_s:g}s")
             time.sleep(0.5)
         yield RunningServer(base_url, process)
     finally:

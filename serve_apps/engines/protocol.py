@@ -115,6 +115,52 @@ class GenerationEngine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RowStep:
+    """What one decode step gave one row of a `DecodeBatch`: its token (as a TokenDelta,
+    for a row that streams; None for one that only wants its result), and its result
+    when this was its last token (the row has then left the batch)."""
+
+    key: int
+    delta: TokenDelta | None
+    result: GenerationResult | None = None
+
+
+class DecodeBatch(Protocol):
+    """A running batch that requests join and leave between decode steps (continuous
+    batching): a replica's scheduler adds what has arrived before each step and drops
+    what its callers no longer want, so nothing waits for a whole batch to end. Driven
+    from one thread at a time, like the engine that made it."""
+
+    def join(self, key: int, request: GenerationRequest, *, stream: bool) -> None:
+        """Add `request` under `key` before the next step; EngineRequestError (raised
+        here, for this request alone) for one that can never run."""
+        ...
+
+    def leave(self, key: int) -> None:
+        """Drop a row before it finishes (its caller went away), freeing its place."""
+        ...
+
+    def step(self) -> list[RowStep]:
+        """One token for every row; rows that finished leave the batch."""
+        ...
+
+    def __len__(self) -> int:
+        """How many rows the batch holds."""
+        ...
+
+
+@runtime_checkable
+class BatchDecodingEngine(Protocol):
+    """A `GenerationEngine` whose decode loop rows can join between steps (the
+    transformers engine). A replica that has one batches streams and unary requests
+    together; for any other engine it steps the engine's own streams side by side."""
+
+    def open_batch(self) -> DecodeBatch:
+        """A new, empty batch."""
+        ...
+
+
 @runtime_checkable
 class AsyncGenerationEngine(Protocol):
     """An engine that schedules requests itself (vLLM's continuous batching: requests

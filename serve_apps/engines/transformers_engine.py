@@ -1,10 +1,12 @@
 """The default generation engine: a transformers causal LM on CPU or GPU, with its own
 decode loop.
 
-One loop serves `generate` (a padded batch) and `stream` (a batch of one): prefill the
-left-padded prompts into a `DynamicCache`, then feed one token per row per step. Each row
-samples with its own options and its own seeded `torch.Generator`, and leaves the batch
-(and its cache rows) as soon as it stops, so a long answer never holds a short one back.
+One decode loop, `TransformersBatch`, serves a replica's scheduler (rows join and leave
+between steps: continuous batching), `generate` (a batch that all join at once) and
+`stream` (a batch of one): prefill the left-padded prompts into a `DynamicCache`, then
+feed one token per row per step. Each row samples with its own options and its own seeded
+`torch.Generator`, and leaves the batch (and its cache rows) as soon as it stops, so a
+long answer never holds a short one back.
 
 Numbers this engine gives (documented choices):
 - `logprobs` are the chosen token's log-probability under the model's raw distribution
@@ -31,6 +33,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
+    DynamicLayer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -39,6 +42,7 @@ from serve_apps.engines.protocol import (
     EngineRequestError,
     GenerationRequest,
     GenerationResult,
+    RowStep,
     SamplingOptions,
     StopReason,
     TokenDelta,
@@ -224,30 +228,32 @@ class TransformersEngine:
         """How many tokens `prompt` takes, so a caller can check it before batching."""
         return len(self._encode(prompt))
 
+    def open_batch(self) -> TransformersBatch:
+        """A new, empty decode batch that requests join and leave between steps."""
+        return TransformersBatch(self)
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run a batch together; results in request order."""
-        if not requests:
-            return []
-        rows = [self._row(request) for request in requests]
-        for _ in self._decode_loop(rows):
-            pass
-        return [self._result(row) for row in rows]
+        batch = self.open_batch()
+        for key, request in enumerate(requests):
+            batch.join(key, request, stream=False)
+        results: dict[int, GenerationResult] = {}
+        while len(batch):
+            for output in batch.step():
+                if output.result is not None:
+                    results[output.key] = output.result
+        return [results[key] for key in range(len(requests))]
 
     def stream(self, request: GenerationRequest) -> Iterator[TokenDelta | GenerationResult]:
         """Yield a TokenDelta per generated token, then exactly one GenerationResult."""
-        row = self._row(request)
-        detokenizer = IncrementalDetokenizer(self._tokenizer)
-        for _ in self._decode_loop([row]):
-            token_id = row.token_ids[-1]
-            is_stop = token_id in self._stop_reasons
-            text = "" if is_stop else detokenizer.push(token_id)
-            result = self._result(row) if row.finished else None
-            if result is not None:
-                text += detokenizer.finish(result.text)
-            logprob = row.logprobs[-1] if request.sampling.logprobs else None
-            yield TokenDelta(text=text, token_id=token_id, logprob=logprob)
-            if result is not None:
-                yield result
+        batch = self.open_batch()
+        batch.join(0, request, stream=True)
+        while len(batch):
+            for output in batch.step():
+                assert output.delta is not None
+                yield output.delta
+                if output.result is not None:
+                    yield output.result
 
     def _encode(self, prompt: str) -> list[int]:
         # The prompt carries its own <|begin_of_text|>: add nothing.
@@ -296,67 +302,6 @@ class TransformersEngine:
             logprobs=tuple(row.logprobs) if row.sampling.logprobs else None,
         )
 
-    @torch.inference_mode()
-    def _decode_loop(self, rows: list[_Row]) -> Iterator[None]:
-        """The decode loop: append one token to every unfinished row per step, yielding
-        after each step; ends when every row has a stop reason."""
-        device = self._input_device
-        width = max(len(row.prompt_ids) for row in rows)
-        # Left padding puts every row's last prompt token in the last column. Positions
-        # count real tokens only, so a padded row sees the same positions as when alone.
-        input_ids = torch.tensor(
-            [[self._pad_id] * (width - len(row.prompt_ids)) + row.prompt_ids for row in rows],
-            device=device,
-        )
-        attention_mask = torch.tensor(
-            [[0] * (width - len(row.prompt_ids)) + [1] * len(row.prompt_ids) for row in rows],
-            device=device,
-        )
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
-        active = list(range(len(rows)))  # which row each batch line holds
-        while True:
-            output = self._model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = output.logits[:, -1, :].float()
-            step_rows = [rows[index] for index in active]
-            tokens, logprobs = self._choose(logits, step_rows)
-            keep: list[int] = []
-            for line, (row, token_id, logprob) in enumerate(
-                zip(step_rows, tokens.tolist(), logprobs, strict=True)
-            ):
-                row.token_ids.append(token_id)
-                row.logprobs.append(logprob)
-                row.stop_reason = self._stop_reasons.get(token_id)
-                if row.stop_reason is None and len(row.token_ids) >= row.budget:
-                    row.stop_reason = StopReason.OUT_OF_TOKENS
-                if not row.finished:
-                    keep.append(line)
-            yield
-            if not keep:
-                return
-            if len(keep) < len(active):
-                # Finished rows leave the batch, cache lines included.
-                # A CPU index works on every device, which matters when the layers (and
-                # so the cache) are spread over several GPUs.
-                lines = torch.tensor(keep)
-                cache.batch_select_indices(lines)
-                attention_mask = attention_mask[lines]
-                position_ids = position_ids[lines]
-                tokens = tokens[lines]
-                active = [active[line] for line in keep]
-            input_ids = tokens.to(device).unsqueeze(-1)
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones((len(active), 1))], dim=-1
-            )
-            position_ids = position_ids[:, -1:] + 1
-
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[float]]:
         """Pick each line's next token (greedy or sampled, per row) and its raw logprob."""
         tokens = logits.argmax(dim=-1)
@@ -371,6 +316,229 @@ class TransformersEngine:
             chosen = raw.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
             return tokens, [float(value) for value in chosen]
         return tokens, [0.0] * len(rows)
+
+
+@dataclass
+class _Line:
+    """A row of a running batch, with the caller's key and, for a stream, its text."""
+
+    key: int
+    row: _Row
+    detokenizer: IncrementalDetokenizer | None
+
+
+class TransformersBatch:
+    """The engine's decode loop as a `DecodeBatch`: rows that join are prefilled
+    together (left-padded), and their cache lines are merged into the running batch's,
+    left-padded with masked zeros to a common length; then every row takes one token per
+    step. Positions count real tokens only, so a row sees the positions it would alone.
+    Rows that finish or leave drop their cache lines, and columns no remaining row
+    attends to are cut. A model whose cache is not plain full-attention layers (a
+    sliding window) cannot merge: rows that join then start when the batch is empty."""
+
+    def __init__(self, engine: TransformersEngine) -> None:
+        self._engine = engine
+        self._lines: list[_Line] = []  # line i of the cache holds self._lines[i]
+        self._joining: list[_Line] = []
+        self._cache: DynamicCache | None = None
+        self._attention_mask = torch.empty(0)  # [lines, cached positions]
+        self._positions = torch.empty(0)  # [lines, 1]: the position of the last token
+        self._next_tokens = torch.empty(0)  # [lines]: what each line feeds next
+
+    def __len__(self) -> int:
+        return len(self._lines) + len(self._joining)
+
+    def join(self, key: int, request: GenerationRequest, *, stream: bool) -> None:
+        row = self._engine._row(request)  # raises InvalidRequestError for this one alone
+        detokenizer = IncrementalDetokenizer(self._engine._tokenizer) if stream else None
+        self._joining.append(_Line(key, row, detokenizer))
+
+    def leave(self, key: int) -> None:
+        self._joining = [line for line in self._joining if line.key != key]
+        keep = [index for index, line in enumerate(self._lines) if line.key != key]
+        if len(keep) < len(self._lines):
+            self._select(keep)
+
+    @torch.inference_mode()
+    def step(self) -> list[RowStep]:
+        stepped: list[_Line] = []
+        if self._lines:
+            stepped.extend(self._decode())
+        if self._joining and (self._cache is None or _mergeable(self._cache)):
+            joining, self._joining = self._joining, []
+            stepped.extend(self._prefill(joining))
+        outputs = [self._output(line) for line in stepped]
+        keep = [index for index, line in enumerate(self._lines) if not line.row.finished]
+        if len(keep) < len(self._lines):
+            self._select(keep)
+        return outputs
+
+    def _decode(self) -> list[_Line]:
+        """One token for every running line."""
+        assert self._cache is not None
+        device = self._engine._input_device
+        attention_mask = torch.cat(
+            [self._attention_mask, self._attention_mask.new_ones((len(self._lines), 1))], dim=-1
+        )
+        positions = self._positions + 1
+        tokens = self._forward(
+            self._next_tokens.to(device).unsqueeze(-1), attention_mask, positions, self._cache
+        )
+        self._attention_mask, self._positions = attention_mask, positions
+        self._next_tokens = self._take(tokens, self._lines)
+        return list(self._lines)
+
+    def _prefill(self, joining: list[_Line]) -> list[_Line]:
+        """Prefill the joining rows together, take each one's first token, and merge
+        them into the running batch."""
+        device = self._engine._input_device
+        pad_id = self._engine._pad_id
+        width = max(len(line.row.prompt_ids) for line in joining)
+        input_ids = torch.tensor(
+            [
+                [pad_id] * (width - len(line.row.prompt_ids)) + line.row.prompt_ids
+                for line in joining
+            ],
+            device=device,
+        )
+        attention_mask = torch.tensor(
+            [
+                [0] * (width - len(line.row.prompt_ids)) + [1] * len(line.row.prompt_ids)
+                for line in joining
+            ],
+            device=device,
+        )
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self._engine._model.config)
+        tokens = self._take(self._forward(input_ids, attention_mask, positions, cache), joining)
+        positions = positions[:, -1:]
+        if self._cache is None:
+            self._cache, self._attention_mask = cache, attention_mask
+            self._positions, self._next_tokens = positions, tokens
+        else:
+            length = max(self._attention_mask.shape[-1], width)
+            _merge_cache(self._cache, cache, length)
+            self._attention_mask = torch.cat(
+                [_pad_left(self._attention_mask, length), _pad_left(attention_mask, length)]
+            )
+            self._positions = torch.cat([self._positions, positions])
+            self._next_tokens = torch.cat([self._next_tokens, tokens])
+        self._lines.extend(joining)
+        return joining
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+    ) -> torch.Tensor:
+        output = self._engine._model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = output.logits[:, -1, :].float()
+        return logits
+
+    def _take(self, logits: torch.Tensor, lines: list[_Line]) -> torch.Tensor:
+        """Choose each line's token and record it on its row, with its stop reason."""
+        rows = [line.row for line in lines]
+        tokens, logprobs = self._engine._choose(logits, rows)
+        stop_reasons = self._engine._stop_reasons
+        for row, token_id, logprob in zip(rows, tokens.tolist(), logprobs, strict=True):
+            row.token_ids.append(token_id)
+            row.logprobs.append(logprob)
+            row.stop_reason = stop_reasons.get(token_id)
+            if row.stop_reason is None and len(row.token_ids) >= row.budget:
+                row.stop_reason = StopReason.OUT_OF_TOKENS
+        # A CPU copy: it indexes every device, which matters when the layers (and so
+        # the cache) are spread over several GPUs.
+        return tokens.cpu()
+
+    def _output(self, line: _Line) -> RowStep:
+        row = line.row
+        result = self._engine._result(row) if row.finished else None
+        if line.detokenizer is None:
+            return RowStep(key=line.key, delta=None, result=result)
+        token_id = row.token_ids[-1]
+        is_stop = token_id in self._engine._stop_reasons
+        text = "" if is_stop else line.detokenizer.push(token_id)
+        if result is not None:
+            text += line.detokenizer.finish(result.text)
+        logprob = row.logprobs[-1] if row.sampling.logprobs else None
+        return RowStep(
+            key=line.key,
+            delta=TokenDelta(text=text, token_id=token_id, logprob=logprob),
+            result=result,
+        )
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the lines `keep`, cache included, and cut the columns none of them
+        attends to any more (the padding of rows that left)."""
+        if not keep:
+            self._lines, self._cache = [], None
+            return
+        assert self._cache is not None
+        lines = torch.tensor(keep)
+        self._cache.batch_select_indices(lines)
+        self._lines = [self._lines[index] for index in keep]
+        self._attention_mask = self._attention_mask[lines.to(self._attention_mask.device)]
+        self._positions = self._positions[lines.to(self._positions.device)]
+        self._next_tokens = self._next_tokens[lines]
+        attended = self._attention_mask.any(dim=0)
+        unused = int(attended.int().argmax()) if bool(attended.any()) else 0
+        layers = _plain_layers(self._cache)
+        if unused > 0 and layers is not None:
+            for layer in layers:
+                keys, values = _tensors(layer)
+                layer.keys, layer.values = keys[..., unused:, :], values[..., unused:, :]
+            self._attention_mask = self._attention_mask[:, unused:]
+
+
+def _plain_layers(cache: DynamicCache) -> list[DynamicLayer] | None:
+    """The layers of `cache` if every one is a plain full-attention layer holding
+    tensors, which rows can be padded into and cut from; else None."""
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or not isinstance(layer.keys, torch.Tensor):
+            return None
+        layers.append(layer)
+    return layers
+
+
+def _mergeable(cache: DynamicCache) -> bool:
+    return _plain_layers(cache) is not None
+
+
+def _tensors(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = layer.keys, layer.values
+    assert keys is not None and values is not None  # _plain_layers checked
+    return keys, values
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int = -1) -> torch.Tensor:
+    """`tensor` with zeros before its entries along `dim`, to `length` of them."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _merge_cache(running: DynamicCache, joining: DynamicCache, length: int) -> None:
+    """Append `joining`'s lines to `running`'s, both left-padded to `length` positions
+    (the padding is masked out of attention)."""
+    into_layers, extra_layers = _plain_layers(running), _plain_layers(joining)
+    assert into_layers is not None and extra_layers is not None
+    for into, extra in zip(into_layers, extra_layers, strict=True):
+        (keys, values), (more_keys, more_values) = _tensors(into), _tensors(extra)
+        into.keys = torch.cat([_pad_left(keys, length, -2), _pad_left(more_keys, length, -2)])
+        into.values = torch.cat([_pad_left(values, length, -2), _pad_left(more_values, length, -2)])
 
 
 def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from corral.errors import NotFound
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import build_app
+from tests.serve_apps.probe_engine import Records, probe_engine, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -236,37 +237,62 @@ def test_unknown_model_is_404_and_bad_parameters_422(client: TestClient) -> None
     assert client.post("/inference/chat_completion", json=chat(model="gpt-4")).status_code == 422
 
 
-def test_overload_gets_503_with_retry_after(
+def test_a_flood_past_the_queue_bound_is_refused_at_once_with_retry_after(
     serve_instance: None, tmp_path: Path, sqlite_database: Database
 ) -> None:
-    handle = _scripted(
-        "api-busy",
-        PLAIN,
-        max_batch_size=1,
-        max_queued_requests=1,
-        target_ongoing_requests=1,
-        seconds_per_step=0.3,
+    """16 requests at a replica that holds 2 decoding + 2 queued, with 2 more allowed to
+    wait in the router: the accepted ones are held inside the engine until the test
+    releases them, so every refusal that arrives before that was answered without
+    waiting for the queue (fast by construction, no clock involved); then every
+    accepted request is answered, and nothing hangs."""
+    records = Records(tmp_path / "records")
+    config = {
+        "name": "api-flood",
+        "model_dir": "/unused",
+        "cpus_per_replica": 0.25,
+        "max_batch_size": 2,
+        "max_queued_requests": 2,
+        "target_ongoing_requests": 1,
+    }
+    engine = partial(probe_engine, records.config(reply=PLAIN))
+    handle = serve.run(
+        build_app(config, engine_factory=engine), name="llm-api-flood", route_prefix=None
     )
     app = create_app(
         Settings(home=tmp_path),
         database=sqlite_database,
         model_router=StaticRouter({"llama3_8b_chat": handle}),
     )
+    accepted_at_most = 2 + 2 + 2
+    flood = 16
     try:
         with (
             TestClient(app, raise_server_exceptions=False) as client,
-            ThreadPoolExecutor(6) as pool,
+            ThreadPoolExecutor(flood) as pool,
         ):
-            responses = list(
-                pool.map(lambda _: client.post("/inference/chat_completion", json=chat()), range(6))
+            held = _message("id=flood hold tokens=3")
+            body = chat(dialog={"message": held, "message_history": []})
+            responses = [
+                pool.submit(client.post, "/inference/chat_completion", json=body)
+                for _ in range(flood)
+            ]
+            wait_for(
+                lambda: sum(r.done() for r in responses) >= flood - accepted_at_most,
+                "the requests past the bound to be refused while the others are held",
             )
-        statuses = sorted(r.status_code for r in responses)
-        assert 200 in statuses and 503 in statuses, statuses
-        refused = next(r for r in responses if r.status_code == 503)
-        assert refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["code"] == "overloaded"
+            refused = [r.result() for r in responses if r.done()]
+            assert records.started("flood") and not records.closed("flood")
+            records.release()
+            answered = [r.result(timeout=60) for r in responses if r not in refused]
+        assert refused and all(r.status_code == 503 for r in refused), refused
+        assert {r.headers["retry-after"] for r in refused} == {"1"}
+        assert {r.json()["error"]["code"] for r in refused} == {"overloaded"}
+        statuses = sorted(r.result().status_code for r in responses)
+        assert 200 in statuses and set(statuses) <= {200, 503}, statuses
+        assert {r.json()["content"] for r in answered if r.status_code == 200} == {"Paris is the"}
     finally:
-        serve.delete("llm-api-busy")
+        records.release()
+        serve.delete("llm-api-flood")
 
 
 def test_a_prompt_too_long_fails_alone(client: TestClient) -> None:

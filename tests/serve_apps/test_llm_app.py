@@ -86,15 +86,31 @@ def test_unary_generation(app: str) -> None:
     assert (short.text, short.stop_reason) == ("one two", StopReason.OUT_OF_TOKENS)
 
 
-def test_concurrent_requests_share_a_batch(app: str) -> None:
-    handle = _deploy(
-        _config(app, max_batch_size=8, batch_wait_timeout_s=0.2), seconds_per_step=0.05
-    )
-    responses = [handle.generate.remote(_request()) for _ in range(8)]
-    assert all(r.result().text == REPLY for r in responses)
-    sizes = handle.stats.remote().result()["batch_sizes"]
-    assert sum(sizes) == 8
-    assert max(sizes) > 1, sizes
+def test_requests_that_arrive_while_the_engine_decodes_join_its_batch(
+    app: str, tmp_path: Path
+) -> None:
+    """One request is held inside the engine; three streams and three unary requests
+    arrive meanwhile and wait on the replica. Released, they join the running batch
+    together, streams and unary requests alike, and each gets its own whole answer."""
+    records = Records(tmp_path / "records")
+    handle = _deploy_probe(_config(app, max_batch_size=8), records)
+    held = handle.generate.remote(_held("first"))
+    wait_for(lambda: records.started("first"), "the replica to start the held request")
+    streams = [
+        handle.options(stream=True).stream.remote(_named(f"stream-{index}")) for index in range(3)
+    ]
+    unary = [handle.generate.remote(_named(f"unary-{index}")) for index in range(3)]
+    wait_for(lambda: handle.stats.remote().result()["waiting"] == 6, "six waiting requests")
+    records.release()
+    assert held.result(timeout_s=30).text == REPLY
+    assert all(response.result(timeout_s=30).text == REPLY for response in unary)
+    for stream in streams:
+        items = list(stream)
+        deltas = [item for item in items if isinstance(item, TokenDelta)]
+        assert "".join(delta.text for delta in deltas) == items[-1].text == REPLY
+    stats = handle.stats.remote().result()
+    assert stats["batch_sizes"] == [1, 6]  # the held request, then the six that joined it
+    assert stats["largest_step"] == 7
 
 
 def test_streaming_yields_tokens_then_the_result(app: str) -> None:
@@ -116,6 +132,10 @@ def _deploy_probe(config: dict[str, Any], records: Records) -> DeploymentHandle:
     built = build_app(config, engine_factory=engine)
     pinned = Application(built._bound_deployment.options(version="probe", _internal=True))
     return serve.run(pinned, name=app_name, route_prefix=None)
+
+
+def _named(name: str) -> GenerationRequest:
+    return GenerationRequest(prompt=f"id={name}", sampling=SamplingOptions())
 
 
 def _held(name: str) -> GenerationRequest:

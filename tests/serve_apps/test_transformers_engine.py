@@ -101,6 +101,46 @@ def test_rows_that_finish_early_leave_the_batch_without_disturbing_the_rest(
     assert batched[0] == batched[2] == engine.generate([short])[0]
 
 
+def test_rows_that_join_a_running_batch_equal_each_request_alone(
+    engine: TransformersEngine,
+) -> None:
+    """Continuous batching: rows join between steps (their cache lines merged in,
+    padded), one leaves early, and each result is what the request gives alone; a
+    streamed row's deltas add up to its result."""
+    requests = {
+        0: ask(MEDIUM, SamplingOptions(max_tokens=6)),
+        1: ask(LONG, SamplingOptions(max_tokens=9)),  # joins longer than the running cache
+        2: ask(SHORT, with_options(max_tokens=8, seed=5)),
+        3: ask(SHORT, SamplingOptions(max_tokens=20)),  # leaves after a few tokens
+    }
+    batch = engine.open_batch()
+    batch.join(0, requests[0], stream=False)
+    results: dict[int, GenerationResult] = {}
+    deltas: list[str] = []
+    steps = 0
+    while len(batch):
+        if steps == 2:
+            batch.join(1, requests[1], stream=True)
+            batch.join(3, requests[3], stream=False)
+        if steps == 4:
+            batch.join(2, requests[2], stream=False)
+        if steps == 6:
+            batch.leave(3)
+        for output in batch.step():
+            if output.key == 1:
+                assert output.delta is not None
+                deltas.append(output.delta.text)
+            else:
+                assert output.delta is None
+            if output.result is not None:
+                results[output.key] = output.result
+        steps += 1
+    assert sorted(results) == [0, 1, 2]
+    for key in results:
+        assert results[key] == engine.generate([requests[key]])[0], key
+    assert "".join(deltas) == results[1].text
+
+
 def test_seeded_sampling_is_reproducible_and_seeds_differ(engine: TransformersEngine) -> None:
     once = engine.generate([ask(MEDIUM, with_options(max_tokens=24))])[0]
     again = engine.generate([ask(MEDIUM, with_options(max_tokens=24))])[0]

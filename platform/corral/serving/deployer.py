@@ -123,6 +123,7 @@ class ServeDeployer:
         self._handles_lock = threading.Lock()
         self._statuses: dict[str, AppState] = {}
         self._statuses_at = -math.inf
+        self._refreshing = False  # a background refresh of _statuses is under way
 
     def deploy(
         self,
@@ -253,12 +254,25 @@ class ServeDeployer:
     def _recent_failure(self, app_name: str) -> AppState | None:
         """The app's state if Serve gave up on it (DEPLOY_FAILED, or UNHEALTHY with no
         replica running), from Serve's status of at most STATUS_CACHE_S ago: requests
-        ask on every call, Serve's controller is asked at most that often."""
+        ask on every call, Serve's controller is asked at most that often. For an app
+        last seen running, a stale status is refreshed in the background, so that no
+        request waits on the controller (it blocks the event loop for as long as the
+        controller takes); for any other, the request waits for the fresh status."""
         now = time.monotonic()
         with self._handles_lock:
-            if now - self._statuses_at > STATUS_CACHE_S:
-                self._statuses, self._statuses_at = self.statuses(), now
             state = self._statuses.get(app_name)
+            stale = now - self._statuses_at > STATUS_CACHE_S
+            in_background = stale and state is not None and state.is_running
+            if in_background and self._refreshing:
+                stale = False  # a refresh is under way
+            elif in_background:
+                self._refreshing = True
+        if stale and in_background:
+            threading.Thread(target=self._refresh_statuses, name="serve-status").start()
+        elif stale:
+            self._refresh_statuses()
+            with self._handles_lock:
+                state = self._statuses.get(app_name)
         if state is None:
             return None
         if state.status == "DEPLOY_FAILED" or (
@@ -266,6 +280,15 @@ class ServeDeployer:
         ):
             return state
         return None
+
+    def _refresh_statuses(self) -> None:
+        try:
+            statuses = self.statuses()
+        finally:
+            with self._handles_lock:
+                self._refreshing = False
+        with self._handles_lock:
+            self._statuses, self._statuses_at = statuses, time.monotonic()
 
     def delete(self, app_name: str) -> None:
         """Delete the app (waiting for it to go); deleting an absent app does nothing."""

@@ -229,8 +229,10 @@ def noop_job(head: RayHead, workers: int, out: Path) -> dict[str, float]:
 PHASES = (
     ("Ray Jobs: submission -> driver process", r"Ray Jobs started it in ([\d.]+) s"),
     ("driver imports and setup", r"imports and setup ([\d.]+) s"),
+    ("  its CPU seconds", r"imports and setup [\d.]+ s, ([\d.]+) s of CPU"),
     ("Train V2 worker group start", r"worker group ready ([\d.]+) s"),
-    ("  of which recipe imports (worker)", r"recipe imports ([\d.]+) s"),
+    ("  of which recipe imports (rank 0)", r"recipe imports ([\d.]+) s"),
+    ("  their CPU seconds", r"recipe imports [\d.]+ s \(([\d.]+) s of CPU"),
     ("tokenizer and tokenization", r"rows tokenized in ([\d.]+) s"),
     ("model load and prepare", r"prepared for training in ([\d.]+) s"),
     ("baseline validation", r"baseline validated in ([\d.]+) s"),

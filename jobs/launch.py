@@ -51,21 +51,26 @@ def _preference_optimize(settings: dict[str, Any]) -> None:
 
 def sft_train_loop(loop_config: dict[str, Any]) -> None:
     """Each Ray Train worker of an SFT job: `jobs.sft.train_loop`, imported here."""
-    started = time.time()
+    started = time.time(), time.process_time()
     if loop_config["config"].algorithm != "qlora":
         _without_bitsandbytes()
     from jobs import sft
 
-    sft.train_loop(loop_config | {IMPORTS_KEY: time.time() - started})
+    sft.train_loop(loop_config | {IMPORTS_KEY: since(started)})
 
 
 def dpo_train_loop(loop_config: dict[str, Any]) -> None:
     """Each Ray Train worker of a DPO job: `jobs.dpo.train_loop`, imported here."""
-    started = time.time()
+    started = time.time(), time.process_time()
     _without_bitsandbytes()
     from jobs import dpo
 
-    dpo.train_loop(loop_config | {IMPORTS_KEY: time.time() - started})
+    dpo.train_loop(loop_config | {IMPORTS_KEY: since(started)})
+
+
+def since(started: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since `started` (`time.time()`, `time.process_time()`)."""
+    return time.time() - started[0], time.process_time() - started[1]
 
 
 def _without_bitsandbytes() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from corral.ray_jobs import SUBMITTED_AT_ENV
 
 # The keys under which the driver hands its timestamps to the train loop, and the worker
-# entry (jobs/launch.py) the time its recipe's imports took.
+# entry (jobs/launch.py) the (wall, CPU) seconds its recipe's imports took.
 LOOP_CONFIG_KEY = "start_times"
 IMPORTS_KEY = "recipe_imports_s"
 
@@ -41,13 +41,14 @@ def process_started_at() -> float:
 
 
 def driver_line(*, submitted: float | None, process_started: float, now: float) -> str | None:
-    """The driver's line, just before it starts the trainer (None outside a Ray job)."""
+    """The driver's line, just before it starts the trainer (None outside a Ray job). The
+    CPU time beside the wall time tells a slow start from a busy machine."""
     if submitted is None:
         return None
     return (
         f"phase: driver ready {now - submitted:.1f} s after submission "
         f"(Ray Jobs started it in {process_started - submitted:.1f} s, "
-        f"imports and setup {now - process_started:.1f} s)"
+        f"imports and setup {now - process_started:.1f} s, {time.process_time():.1f} s of CPU)"
     )
 
 
@@ -75,7 +76,8 @@ class StartClock:
 
     def __init__(self, loop_config: dict[str, Any]) -> None:
         self._times = StartTimes.from_loop_config(loop_config)
-        self._imports_s: float | None = loop_config.get(IMPORTS_KEY)
+        # (wall, CPU) seconds, from the worker entry that imported the recipe
+        self._imports: tuple[float, float] | None = loop_config.get(IMPORTS_KEY)
         self._last = time.time()
 
     def _lap(self) -> float:
@@ -88,7 +90,10 @@ class StartClock:
         recipe is imported in the worker, its imports)."""
         if self._times is None:
             return "phase: train loop running"
-        imports = f", recipe imports {self._imports_s:.1f} s" if self._imports_s is not None else ""
+        imports = ""
+        if self._imports:
+            wall, cpu = self._imports
+            imports = f", recipe imports {wall:.1f} s ({cpu:.1f} s of CPU)"
         started = self._last - self._times.fit_started_at
         return f"phase: worker group ready {started:.1f} s after the trainer started{imports}"
 

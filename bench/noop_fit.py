@@ -7,7 +7,8 @@ imports nothing a plain `TorchTrainer` does not.
 bench/training.py runs it both in its own process (connected to the cluster) and
 submitted as a Ray job, so that Ray Jobs' own start-up is measured too. The JSON holds
 `time.time()` stamps: `process` (this process started), `fit` (fit() called), `loop`
-(rank 0 entered the train loop), `done` (fit() returned).
+(rank 0 entered the train loop), `done` (fit() returned). `WarmDriver` runs it in an actor
+started beforehand.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ def run(workers: int) -> dict[str, float]:
             "loop": float(loop_file.read_text()),
             "done": done_at,
         }
+
+
+@ray.remote(num_cpus=0)
+class WarmDriver:
+    """A driver that is already up: its own process, connected, Ray Train imported. What a
+    job would start from if Corral kept one waiting (see bench/training.py's output)."""
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, workers: int) -> dict[str, float]:
+        return run(workers)
 
 
 def main() -> None:

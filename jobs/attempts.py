@@ -12,6 +12,7 @@ older checkpoint would save the same `iters` twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.store.tables import Job
+from jobs import phases
 from jobs.reporting import JobReporter
 from serve_apps.model_cache import StorageOptions
 
@@ -68,8 +70,16 @@ def run_attempt(
             log.warning("job %s is %s; not training", config.job_key, started.status)
             return
         reporter.log(*describe(attempt, resume_from))
+        times = phases.StartTimes(submitted_at=phases.submitted_at(), fit_started_at=time.time())
+        ready = phases.driver_line(
+            submitted=times.submitted_at,
+            process_started=phases.process_started_at(),
+            now=times.fit_started_at,
+        )
+        if ready is not None:
+            reporter.log(ready)
         try:
-            fit(config, train_loop, attempt=attempt)
+            fit(config, train_loop, attempt=attempt, times=times)
         except Exception as exc:
             reporter.failed(str(exc) or type(exc).__name__)
             raise
@@ -81,9 +91,14 @@ def run_attempt(
 
 
 def fit(
-    config: AttemptSettings, train_loop: Callable[[dict[str, Any]], None], *, attempt: int
+    config: AttemptSettings,
+    train_loop: Callable[[dict[str, Any]], None],
+    *,
+    attempt: int,
+    times: phases.StartTimes | None = None,
 ) -> None:
-    """Fit on Ray Train; every worker runs `train_loop({"config": config})`. Ray Train's
+    """Fit on Ray Train; every worker runs `train_loop({"config": config, ...})`, with the
+    driver's start-up timestamps (`times`, for the phase lines) beside it. Ray Train's
     run state goes under the job's directory: in object storage when it has a URI (with a
     filesystem that carries the endpoint), else beside the checkpoints."""
     storage_path, storage_filesystem = str(config.output_dir / "ray"), None
@@ -92,7 +107,7 @@ def fit(
         storage_path, storage_filesystem = storage.ray_train_storage(f"{config.output_uri}/ray")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": config},
+        train_loop_config={"config": config} | (times.as_loop_config() if times else {}),
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(
             name=f"{config.job_key}-attempt-{attempt}",

@@ -98,6 +98,16 @@ class TrainingJobConfig(BaseModel):
             )
         return self
 
+    def describe_parallelism(self) -> str:
+        """One line for the job's log: how the work is spread and in what precision."""
+        parts = ["DDP" if self.zero_stage is None else f"DeepSpeed ZeRO-{self.zero_stage}"]
+        if self.cpu_offload:
+            parts.append("CPU offload")
+        if self.activation_checkpointing:
+            parts.append("activation checkpointing")
+        parts.append(self.dtype)
+        return ", ".join(parts)
+
     def check_rows(self, problem_of: Callable[[Mapping[str, Any]], str | None]) -> None:
         """Refuse the first training or validation row that `problem_of` finds fault with."""
         for name, rows in (("rows", self.rows), ("validation_rows", self.validation_rows)):
@@ -121,6 +131,14 @@ class SFTJobConfig(TrainingJobConfig):
             raise ValueError(QLORA_UNDER_ZERO3)
         return self
 
+    def attempt_lines(self, attempt: int, resume_from: str | None) -> list[str]:
+        """The log lines that open an attempt of the job."""
+        return [
+            f"attempt {attempt}: {self.algorithm} on {self.num_workers} workers"
+            + (f", resuming from {resume_from}" if resume_from else ""),
+            f"parallelism: {self.describe_parallelism()}",
+        ]
+
 
 class DPOJobConfig(TrainingJobConfig):
     """Everything one direct preference optimization run needs (jobs/dpo.py). The policy
@@ -133,6 +151,16 @@ class DPOJobConfig(TrainingJobConfig):
         check_alignment(self.dpo)
         self.check_rows(preference_row_problem)
         return self
+
+    def attempt_lines(self, attempt: int, resume_from: str | None) -> list[str]:
+        """The log line that opens an attempt of the job."""
+        dpo = self.dpo
+        return [
+            f"attempt {attempt}: dpo on {self.num_workers} workers "
+            f"({self.describe_parallelism()}; beta {dpo.reward_scale}, epsilon {dpo.epsilon}, "
+            f"gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
+            + (f", resuming from {resume_from}" if resume_from else "")
+        ]
 
 
 def check_alignment(settings: DPOAlignmentConfig) -> None:

@@ -110,17 +110,6 @@ def prepare_training(
     return _prepare_deepspeed(model, optimizer_settings, settings, total_steps, device)
 
 
-def describe_parallelism(settings: ParallelSettings) -> str:
-    """One line for the job's log: how the work is spread and in what precision."""
-    parts = ["DDP" if settings.zero_stage is None else f"DeepSpeed ZeRO-{settings.zero_stage}"]
-    if settings.cpu_offload:
-        parts.append("CPU offload")
-    if settings.activation_checkpointing:
-        parts.append("activation checkpointing")
-    parts.append(settings.dtype)
-    return ", ".join(parts)
-
-
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in backward instead of keeping them.
     Non-reentrant checkpointing needs no input that requires grad, so it works with frozen

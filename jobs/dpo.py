@@ -63,11 +63,11 @@ from jobs.config import DPOJobConfig
 from jobs.distributed import (
     TrainingEngine,
     all_reduce_sum,
-    describe_parallelism,
     prepare_training,
     shard_loader,
     torch_dtype,
 )
+from jobs.phases import StartClock
 from jobs.preference_data import TokenizedPair, pad_pairs, tokenize_pairs
 from jobs.reporting import JobReporter
 
@@ -127,17 +127,7 @@ def pair_logps(
 
 def main(config: DPOJobConfig) -> None:
     """Run one attempt of the job and record its outcome in the store."""
-    dpo = config.dpo
-
-    def describe(attempt: int, resume_from: str | None) -> list[str]:
-        return [
-            f"attempt {attempt}: dpo on {config.num_workers} workers "
-            f"({describe_parallelism(config)}; beta {dpo.reward_scale}, epsilon {dpo.epsilon}, "
-            f"gamma {dpo.gamma}, reward_clip {dpo.reward_clip})"
-            + (f", resuming from {resume_from}" if resume_from else "")
-        ]
-
-    run_attempt(config, train_loop, describe=describe)
+    run_attempt(config, train_loop, describe=config.attempt_lines)
 
 
 # ---------------------------------------------------------------- worker
@@ -149,6 +139,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     database = Database(config.database_url) if rank == 0 else None
     reporter = JobReporter(database, config.job_key) if database is not None else None
+    clock = StartClock(loop_config)
+    if reporter is not None:
+        reporter.log(clock.worker_group_ready())
     torch.manual_seed(config.seed)
     device = get_device()
 
@@ -157,6 +150,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
     validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
     steps_per_epoch = min(len(train_loader), config.n_iters)
+    if reporter is not None:
+        reporter.log(clock.data_ready(len(config.rows) + len(config.validation_rows)))
     checkpointer = Checkpointer(config, reporter=reporter)
     with checkpointer.resume() as resume:  # the job's last checkpoint, if it has one
         policy = load_model(resume.directory if resume else config.model_dir, torch.float32)
@@ -164,6 +159,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             config, policy, total_steps=steps_per_epoch * config.n_epochs, device=device
         )
         resumed = checkpointer.restore(engine, resume)
+    if reporter is not None:
+        reporter.log(clock.model_ready())
     first_epoch, step = resumed.epochs_done, resumed.step
 
     # train
@@ -175,7 +172,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if first_epoch == 0:
         baseline = validate(engine, reference, validation_loader, config.dpo, device)
         if reporter is not None and baseline is not None:
-            reporter.log(f"epoch 0 validation {baseline.describe()}")
+            reporter.log(f"epoch 0 validation {baseline.describe()}", clock.baseline_done())
             reporter.metrics(step=step, epoch=0, **baseline.figures("validation_"))
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
@@ -192,11 +189,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             step += 1
             if reporter is not None:
                 rate = stats.tokens / (time.perf_counter() - started)
-                reporter.log(
+                line = (
                     f"step {step} loss {stats.loss:.4f} lr {lr:.3e} tokens/s {rate:.0f} "
                     f"reward_accuracy {stats.reward_accuracy:.2f} "
                     f"reward_margin {stats.reward_margin:.4f}"
                 )
+                # The first step of this worker group also says how long it took to get here.
+                first = (clock.first_step(),) if step == resumed.step + 1 else ()
+                reporter.log(line, *first)
                 reporter.metrics(
                     step=step,
                     epoch=epoch + 1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus
 from corral.store.tables import Job
 from jobs.config import DPOJobConfig, SFTJobConfig
+from jobs.phases import IMPORTS_KEY
 from jobs.reporting import JobReporter
 from jobs.sdg.config import SyntheticDataJobConfig
 
@@ -29,17 +31,56 @@ log = logging.getLogger("jobs.launch")
 Recipe = Callable[[dict[str, Any]], None]
 
 
-# The recipe modules import torch and transformers: each is imported only by its own jobs.
+# The driver of a training job only starts the trainer: it never imports the recipe modules
+# (transformers, peft, bitsandbytes, DeepSpeed: seconds of CPU before Ray Train even starts
+# the workers, and on a small machine taken from them). Each Ray Train worker imports its
+# recipe when it first runs the train loop below; `jobs.attempts` brings Ray Train (and torch).
 def _supervised_fine_tune(settings: dict[str, Any]) -> None:
-    from jobs import sft
+    from jobs.attempts import run_attempt
 
-    sft.main(SFTJobConfig.model_validate(settings))
+    config = SFTJobConfig.model_validate(settings)
+    run_attempt(config, sft_train_loop, describe=config.attempt_lines)
 
 
 def _preference_optimize(settings: dict[str, Any]) -> None:
+    from jobs.attempts import run_attempt
+
+    config = DPOJobConfig.model_validate(settings)
+    run_attempt(config, dpo_train_loop, describe=config.attempt_lines)
+
+
+def sft_train_loop(loop_config: dict[str, Any]) -> None:
+    """Each Ray Train worker of an SFT job: `jobs.sft.train_loop`, imported here."""
+    started = time.time(), time.process_time()
+    if loop_config["config"].algorithm != "qlora":
+        _without_bitsandbytes()
+    from jobs import sft
+
+    sft.train_loop(loop_config | {IMPORTS_KEY: since(started)})
+
+
+def dpo_train_loop(loop_config: dict[str, Any]) -> None:
+    """Each Ray Train worker of a DPO job: `jobs.dpo.train_loop`, imported here."""
+    started = time.time(), time.process_time()
+    _without_bitsandbytes()
     from jobs import dpo
 
-    dpo.main(DPOJobConfig.model_validate(settings))
+    dpo.train_loop(loop_config | {IMPORTS_KEY: since(started)})
+
+
+def since(started: tuple[float, float]) -> tuple[float, float]:
+    """Wall and CPU seconds since `started` (`time.time()`, `time.process_time()`)."""
+    return time.time() - started[0], time.process_time() - started[1]
+
+
+def _without_bitsandbytes() -> None:
+    """In a worker that does not quantize: peft imports bitsandbytes whenever it is
+    installed, and that import pulls in torch's compiler stack (1.2 s of CPU per worker
+    here); only QLoRA uses it. A None entry in sys.modules is Python's documented way to make
+    an import fail, and peft then takes bitsandbytes as absent. A worker process serves one
+    job (Ray does not share worker processes between jobs), and one that has already
+    imported it keeps it."""
+    sys.modules.setdefault("bitsandbytes", None)  # type: ignore[arg-type]
 
 
 # Ray Data and the Serve handles, by the same rule.

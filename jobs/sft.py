@@ -56,13 +56,13 @@ from jobs.config import SFTJobConfig
 from jobs.distributed import (
     TrainingEngine,
     all_reduce_sum,
-    describe_parallelism,
     prepare_training,
     shard_loader,
     torch_dtype,
 )
 from jobs.distributed import build_cosine_schedule as build_cosine_schedule
 from jobs.distributed import build_optimizer as build_optimizer
+from jobs.phases import StartClock
 from jobs.reporting import JobReporter
 from jobs.training_data import TokenizedDialog, pad_batch, tokenize_rows
 
@@ -79,15 +79,7 @@ _MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 def main(config: SFTJobConfig) -> None:
     """Run one attempt of the job and record its outcome in the store."""
-
-    def describe(attempt: int, resume_from: str | None) -> list[str]:
-        return [
-            f"attempt {attempt}: {config.algorithm} on {config.num_workers} workers"
-            + (f", resuming from {resume_from}" if resume_from else ""),
-            f"parallelism: {describe_parallelism(config)}",
-        ]
-
-    run_attempt(config, train_loop, describe=describe)
+    run_attempt(config, train_loop, describe=config.attempt_lines)
 
 
 # ---------------------------------------------------------------- worker
@@ -100,6 +92,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     database = Database(config.database_url) if rank == 0 else None
     reporter = JobReporter(database, config.job_key) if database is not None else None
+    clock = StartClock(loop_config)
+    if reporter is not None:
+        reporter.log(clock.worker_group_ready())
     torch.manual_seed(config.seed)
     device = get_device()
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, every step;
@@ -111,6 +106,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     train_loader = build_loader(tokenizer, config.rows, config, shuffle=config.shuffle)
     validation_loader = build_loader(tokenizer, config.validation_rows, config, shuffle=False)
     steps_per_epoch = min(len(train_loader), config.n_iters)
+    if reporter is not None:
+        reporter.log(clock.data_ready(len(config.rows) + len(config.validation_rows)))
     checkpointer = Checkpointer(config, reporter=reporter)
     with checkpointer.resume() as resume:  # the job's last checkpoint, if it has one
         model = build_model(config, resume.directory if resume else None)
@@ -122,6 +119,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             device=device,
         )
         resumed = checkpointer.restore(engine, resume)
+    if reporter is not None:
+        reporter.log(clock.model_ready())
     first_epoch, step = resumed.epochs_done, resumed.step
 
     # train
@@ -133,7 +132,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if first_epoch == 0:
         baseline = validate(engine, validation_loader, device)  # every rank all-reduces
         if reporter is not None:
-            reporter.log(f"epoch 0 validation loss {baseline:.4f}")
+            reporter.log(f"epoch 0 validation loss {baseline:.4f}", clock.baseline_done())
             reporter.metrics(step=step, epoch=0, validation_loss=baseline)
     for epoch in range(first_epoch, config.n_epochs):
         sampler = train_loader.sampler
@@ -150,7 +149,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             step += 1
             if reporter is not None:
                 rate = tokens / (time.perf_counter() - started)
-                reporter.log(f"step {step} loss {loss:.4f} lr {lr:.3e} tokens/s {rate:.0f}")
+                line = f"step {step} loss {loss:.4f} lr {lr:.3e} tokens/s {rate:.0f}"
+                # The first step of this worker group also says how long it took to get here.
+                first = (clock.first_step(),) if step == resumed.step + 1 else ()
+                reporter.log(line, *first)
                 reporter.metrics(
                     step=step,
                     epoch=epoch + 1,

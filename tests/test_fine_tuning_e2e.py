@@ -117,6 +117,20 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         assert not any(line.startswith("reconciler") for line in lines), lines
         assert [j["submission_id"] for j in _ray_jobs(home)].count(job_key(DEMO_TENANT, JOB)) == 1
         losses = [float(m[1]) for line in lines if (m := re.search(r"validation loss (\S+)", line))]
+        # Where its start-up went, once each (jobs/phases.py), timed from the submission.
+        for phase in (
+            "driver ready ",
+            "worker group ready ",
+            "tokenizer loaded and ",
+            "model loaded and prepared ",
+            "baseline validated in ",
+            "first step took ",
+        ):
+            assert sum(line.startswith(f"phase: {phase}") for line in lines) == 1, (phase, lines)
+        assert any(
+            re.search(r"^phase: first step .* logged [\d.]+ s after submission$", line)
+            for line in lines
+        ), lines
         assert losses[-1] < 0.25 * losses[0], losses
 
         artifacts = _ok(api.get("/post_training/job/artifacts", params={"job_uuid": JOB}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 ENTRYPOINT = f"{sys.executable} -m jobs.launch"
 JOB_KEY_ENV = "CORRAL_JOB_KEY"
 DATABASE_URL_ENV = "CORRAL_DATABASE_URL"
+# When the launcher submitted the run (`time.time()`): the job logs its start-up phases
+# against it (jobs/phases.py).
+SUBMITTED_AT_ENV = "CORRAL_SUBMITTED_AT"
 DASHBOARD_PORT = 8265
 # Worker and driver logs otherwise carry Ray Train's bytecode dumps of the print patch.
 _JOB_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "TOKENIZERS_PARALLELISM": "false"}
@@ -128,6 +132,7 @@ class RayJobLauncher:
             return False
         env = {**_JOB_ENV, **self._extra_env}
         env |= {JOB_KEY_ENV: job_key, DATABASE_URL_ENV: self._database_url}
+        env[SUBMITTED_AT_ENV] = f"{time.time():.3f}"
         try:
             self._client().submit_job(
                 entrypoint=ENTRYPOINT,

@@ -172,6 +172,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     assert step_lines[restart - 1][0] < resumed < step_lines[restart][0], lines
     assert f"at step {STEPS_PER_EPOCH} " in lines[resumed], lines[resumed]
     assert f"iter-{STEPS_PER_EPOCH}" in lines[resumed], lines[resumed]
+    # Each worker group's start-up is logged (jobs/phases.py): the restarted one's too.
+    ready = [i for i, line in enumerate(lines) if line.startswith("phase: worker group ready ")]
+    assert len(ready) == 2 and step_lines[restart - 1][0] < ready[1] < resumed, lines
     # Weights, optimizer, schedule and data order all came back: the first step of epoch 2
     # logs the same loss and lr before the kill and after the restart.
     first_of_epoch_2 = [

@@ -41,32 +41,39 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REQUIRE_POSTGRES = os.environ.get("CORRAL_REQUIRE_POSTGRES") == "1"
 
 
-# scripts/test.sh runs the suite on two pytest-xdist workers. Each worker is a session of
-# its own, so each would start its own Ray cluster, and two private clusters on one
-# machine cannot both have the Ray Jobs API (the dashboard agent's fixed port 52365, see
-# ARCHITECTURE.md), and would double Ray's idle cost. So every test that uses the
-# session's cluster runs on one worker (`--dist loadgroup`), and the other worker takes
-# the tests that need no cluster (databases, engines in-process, `corral serve` with its
-# own embedded head on free ports) in parallel.
-RAY_GROUP = "ray-cluster"
+# scripts/test.sh runs the suite as two pytest processes side by side, one per core:
+# CORRAL_TEST_PART=ray takes every test that uses the session's Ray cluster, and
+# CORRAL_TEST_PART=other everything else (databases, engines in-process, `corral serve`
+# with its own embedded head on free ports). One process holds the whole Ray part: two
+# private clusters on one machine cannot both have the Ray Jobs API (the dashboard
+# agent's fixed port 52365, see ARCHITECTURE.md), and each would pay Ray's idle cost.
+# Unset (or "all"), a run takes every test it collects.
+TEST_PART = os.environ.get("CORRAL_TEST_PART", "all")
+if TEST_PART not in ("all", "ray", "other"):
+    raise pytest.UsageError(f"CORRAL_TEST_PART must be all, ray or other, not {TEST_PART!r}")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the markers
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TEST_PART == "all":
+        return
+    want_ray = TEST_PART == "ray"
+    kept, dropped = [], []
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+        on_ray = "ray_cluster" in getattr(item, "fixturenames", ())
+        (kept if on_ray == want_ray else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def built_once(
     tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]
 ) -> Path:
-    """`build(directory)` run once for the whole run, even across xdist workers (whose
-    temp roots share a parent): a model built on disk costs seconds to a minute of CPU,
-    and every worker may need it. The result is only read afterwards."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent
+    """`build(directory)` run once for the whole run, even across the two processes of
+    scripts/test.sh, which share CORRAL_TEST_SHARED_DIR: a model built on disk costs
+    seconds to a minute of CPU, and both may need it. The result is only read after."""
+    shared = os.environ.get("CORRAL_TEST_SHARED_DIR")
+    root = Path(shared) if shared else tmp_path_factory.getbasetemp()
     target = root / "built-once" / name
     target.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target / ".lock")):

@@ -42,11 +42,13 @@ REQUIRE_POSTGRES = os.environ.get("CORRAL_REQUIRE_POSTGRES") == "1"
 
 
 # scripts/test.sh runs the suite as two pytest processes side by side, one per core:
-# CORRAL_TEST_PART=ray takes every test that uses the session's Ray cluster, and
-# CORRAL_TEST_PART=other everything else (databases, engines in-process, `corral serve`
-# with its own embedded head on free ports). One process holds the whole Ray part: two
-# private clusters on one machine cannot both have the Ray Jobs API (the dashboard
-# agent's fixed port 52365, see ARCHITECTURE.md), and each would pay Ray's idle cost.
+# CORRAL_TEST_PART=ray takes every test that runs Ray (the session's cluster, or a Ray
+# instance of its own: `corral serve`'s embedded head, marked `own_ray` or using
+# `embedded_home`), and CORRAL_TEST_PART=other everything else (databases, engines
+# in-process, Milvus, HTTP). One process holds all of Ray: two private clusters on one
+# machine cannot both have the Ray Jobs API (the dashboard agent's fixed port 52365, see
+# ARCHITECTURE.md), and while two Ray instances run, Ray Train's placement group cleaner
+# (which looks for "the" cluster on the machine) fails and takes the job with it.
 # Unset (or "all"), a run takes every test it collects.
 TEST_PART = os.environ.get("CORRAL_TEST_PART", "all")
 if TEST_PART not in ("all", "ray", "other"):
@@ -59,7 +61,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     want_ray = TEST_PART == "ray"
     kept, dropped = [], []
     for item in items:
-        on_ray = "ray_cluster" in getattr(item, "fixturenames", ())
+        fixtures = getattr(item, "fixturenames", ())
+        on_ray = (
+            "ray_cluster" in fixtures
+            or "embedded_home" in fixtures
+            or item.get_closest_marker("own_ray") is not None
+        )
         (kept if on_ray == want_ray else dropped).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)

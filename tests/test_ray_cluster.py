@@ -33,6 +33,8 @@ from corral.ray_cluster import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Every test here starts (or finds) an embedded Ray head of its own (tests/conftest.py).
+pytestmark = pytest.mark.own_ray
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The bench starts a private Ray cluster of its own (tests/conftest.py: the Ray part).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.own_ray]
 
 
 def test_quick_reward_bench_batches_and_agrees() -> None:

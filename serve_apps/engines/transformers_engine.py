@@ -270,13 +270,7 @@ class TransformersEngine:
             # Its adapter, if any, is merged in at load: one app per adapter.
             raise InvalidRequestError("this engine serves no adapters over its model")
         prompt_ids = self._encode(request.prompt)
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if self.context_window - len(prompt_ids) < 1:
-            raise InvalidRequestError(
-                f"the prompt takes {len(prompt_ids)} tokens and leaves no room in the "
-                f"context window of {self.context_window}"
-            )
+        check_prompt_fits(prompt_ids, self.context_window)
         return prompt_ids
 
     def _row(self, request: GenerationRequest) -> _Row:
@@ -570,6 +564,17 @@ def _sample(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         rank = torch.multinomial(probabilities[line], 1, generator=row.generator)
         choices.append(sorted_ids[line, rank])
     return torch.cat(choices)
+
+
+def check_prompt_fits(prompt_ids: Sequence[int], context_window: int) -> None:
+    """InvalidRequestError for an empty prompt or one that leaves no room to generate."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty")
+    if context_window - len(prompt_ids) < 1:
+        raise InvalidRequestError(
+            f"the prompt takes {len(prompt_ids)} tokens and leaves no room in the "
+            f"context window of {context_window}"
+        )
 
 
 def _check_sampling(sampling: SamplingOptions) -> None:

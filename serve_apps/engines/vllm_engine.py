@@ -48,6 +48,7 @@ from serve_apps.engines.protocol import (
 from serve_apps.engines.transformers_engine import (
     InvalidRequestError,
     _check_sampling,
+    check_prompt_fits,
     resolve_placement,
     stop_token_reasons,
 )
@@ -317,13 +318,7 @@ class VLLMEngine:
         _check_sampling(request.sampling)
         self._check_adapter(request)
         prompt_ids = self._encode(request.prompt)
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        if self.context_window - len(prompt_ids) < 1:
-            raise InvalidRequestError(
-                f"the prompt takes {len(prompt_ids)} tokens and leaves no room in the "
-                f"context window of {self.context_window}"
-            )
+        check_prompt_fits(prompt_ids, self.context_window)
         return prompt_ids
 
     def _sampling_params(self, request: GenerationRequest, prompt_tokens: int) -> SamplingParams:

@@ -379,7 +379,9 @@ def vector_index(milvus_uri: str) -> Iterator[Any]:
 
     from corral.vector_index import MilvusIndex
 
-    admin = MilvusClient(uri=milvus_uri)
+    # The index's own timeout: a busy machine (the CI runs two test processes and a Ray
+    # cluster on two cores) can take longer than pymilvus's default to open a channel.
+    admin = MilvusClient(uri=milvus_uri, timeout=30)
     before = set(admin.list_collections())
     index = MilvusIndex(milvus_uri)
     try:

@@ -1,6 +1,6 @@
 """Cancelling a running fine-tuning job through the API on a real Ray cluster: the Ray job
-is stopped, its workers' CPUs come back, the end state is recorded, and neither a second
-cancel nor the reconciler changes it afterwards."""
+is stopped, its Train workers exit (their CPUs come back), the end state is recorded, and
+neither a second cancel nor the reconciler changes it afterwards."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 from fastapi.testclient import TestClient
+from ray.util.state import list_actors
 
 from corral.config import Settings
 from corral.demo import teaching_dialogs, teaching_request
@@ -39,6 +39,16 @@ def client(
         yield test_client
 
 
+def _train_workers() -> list[Any]:
+    """The live Ray Train worker actors in the cluster (this module's job is the only
+    training job the session runs at the time)."""
+    return list_actors(
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+
+
 def _until(what: str, check: Any, timeout_s: float) -> Any:
     deadline = time.monotonic() + timeout_s
     while not (result := check()):
@@ -57,9 +67,9 @@ def test_cancel_stops_the_ray_job_frees_its_workers_and_stays_cancelled(
     job_uuid = f"cancel-{time.monotonic_ns()}"
     request = teaching_request(job_uuid, dataset, dataset)
     request["training_config"]["n_epochs"] = 50  # far longer than the test waits
-    # Measured before submitting: Serve replicas of other tests in this session's
-    # cluster hold CPUs too, so the cluster's total says nothing about this job.
-    free_before = ray.available_resources().get("CPU", 0)
+    # Counted by the job's own Train workers: Serve replicas of other tests in this
+    # session's cluster come and go meanwhile, so free CPUs say nothing about this job.
+    assert _train_workers() == []
 
     response = client.post("/post_training/supervised_fine_tune/", json=request, headers=ALPHA)
     assert response.status_code == 200, response.text
@@ -69,7 +79,11 @@ def test_cancel_stops_the_ray_job_frees_its_workers_and_stays_cancelled(
         return (job.get("progress") or {}).get("step", 0) >= 1
 
     _until("the first step", training, timeout_s=300)
-    assert ray.available_resources().get("CPU", 0) <= free_before - 2  # two workers hold CPUs
+    workers = _train_workers()
+    assert len(workers) == 2, workers  # the request's two workers, one CPU each
+    # Placed in the job's placement group: the CPU they hold is named after its bundle.
+    held = [{k: v for k, v in w.required_resources.items() if k.startswith("CPU")} for w in workers]
+    assert all(sum(cpus.values()) >= 1 for cpus in held), held
 
     cancel = client.post("/post_training/job/cancel", json={"job_uuid": job_uuid}, headers=ALPHA)
     assert cancel.status_code == 200, cancel.text
@@ -80,11 +94,7 @@ def test_cancel_stops_the_ray_job_frees_its_workers_and_stays_cancelled(
         return info is not None and info.state is RayJobState.STOPPED
 
     _until("Ray to stop the job", stopped, timeout_s=120)
-    _until(
-        "the workers' CPUs to come back",
-        lambda: ray.available_resources().get("CPU", 0) >= free_before,
-        timeout_s=120,
-    )
+    _until("the Train workers to exit", lambda: _train_workers() == [], timeout_s=120)
 
     again = client.post("/post_training/job/cancel", json={"job_uuid": job_uuid}, headers=ALPHA)
     assert again.status_code == 200 and again.json()["status"] == "cancelled"

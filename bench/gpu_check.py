@@ -1,17 +1,28 @@
-"""GPU check of the training stack, run by hand on one lent GPU (not a test):
+"""GPU check of the training and serving stack, run by hand on one lent GPU (not a test):
 
     python bench/gpu_check.py --quick      # one H100/H200, under ~5 minutes
     python bench/gpu_check.py              # more layers and steps
     python bench/gpu_check.py --dry-run    # the same code on the CPU, tiny shapes
 
-It goes through the recipes' own code (jobs/distributed.py's `prepare_training`,
-jobs/sft.py's `build_model` and `train_step`) in one process (a process group of one),
-on Llama-3-8B-shaped models with random weights built from a `LlamaConfig` (no download):
+It runs on a bare GPU machine that holds only Python, torch, transformers, peft and
+accelerate: no Ray, DeepSpeed, vLLM or bitsandbytes, and no package registry. It goes
+through the recipes' own code (jobs/distributed.py's `prepare_training`, jobs/sft_steps.py's
+`build_model` and `train_step`, which import no Ray) and the transformers serving engine, in
+one process (a process group of one), on Llama-3-8B-shaped models with random weights built
+from a `LlamaConfig` (no download). The one extra it needs there is pydantic (the job
+config); `bash bench/gpu_bundle.sh` unpacks its wheels into bench/.gpu-site (a few MB, found
+by this script when present), to carry along:
 
-1. DeepSpeed ZeRO-3 + LoRA, bf16, activation checkpointing: tokens/s and MFU.
-2. QLoRA: the base quantized to 4-bit NF4 by bitsandbytes as it loads, LoRA on top, bf16
-   compute: tokens/s, peak memory against the bf16 weights' size, and the loss falls.
-3. bf16 against float32 (DDP path, autocast): same first loss within 1 %, and the speed-up.
+1. LoRA, bf16 autocast over float32 weights, activation checkpointing, the DDP path the
+   recipe takes without DeepSpeed: tokens/s and MFU.
+2. DeepSpeed ZeRO-3 + LoRA, bf16 (only where DeepSpeed is installed): tokens/s and MFU.
+3. QLoRA (only where bitsandbytes is installed): the base quantized to 4-bit NF4 as it
+   loads, LoRA on top, bf16 compute: tokens/s, peak memory, and the loss falls.
+4. bf16 against float32 (DDP path, autocast): same first loss within 1 %, and the speed-up.
+5. Serving: the transformers engine in bf16, greedy decode tokens/s at batch 1 and 16.
+
+What it cannot check on one bare GPU is printed as untested at the end (vLLM on GPU,
+tensor parallelism, multi-GPU data parallelism, and 2-3 where their library is missing).
 
 MFU counts model FLOPs per trained token: 2N forward + 2N backward through the activations
 (+2N for weight gradients when the base trains) + 12*L*d*s for attention (PaLM, appendix
@@ -23,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -34,12 +47,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
-from jobs.config import SFTJobConfig, TrainingDtype, ZeroStage
-from jobs.distributed import TrainingEngine, prepare_training
-from jobs.sft import build_model, train_step
+# A bare GPU machine has the checkout but no installed Corral: find its packages (and the
+# carried pydantic, bench/gpu_bundle.sh) by path. Appended, so an installed copy wins.
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.extend(str(p) for p in (ROOT / "platform", ROOT, ROOT / "bench" / ".gpu-site"))
+
+from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig  # noqa: E402
+from jobs.config import SFTJobConfig, TrainingDtype, ZeroStage  # noqa: E402
+from jobs.distributed import TrainingEngine, prepare_training  # noqa: E402
+from jobs.sft_steps import build_model, train_step  # noqa: E402
+from serve_apps.engines.protocol import GenerationRequest, SamplingOptions  # noqa: E402
+from serve_apps.engines.transformers_engine import (  # noqa: E402
+    TransformersEngine,
+    TransformersEngineConfig,
+)
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 # The recipe's config refuses rows it could not learn from; this one is never trained on.
@@ -66,6 +89,8 @@ class Plan:
     batch_size: int
     steps: int  # timed, after one warm-up step
     shape: dict[str, int]
+    serve_layers: int  # of the serving check's model
+    new_tokens: int  # per request in the serving check
 
 
 def llama3_8b_shape(layers: int) -> dict[str, int]:
@@ -91,11 +116,21 @@ TINY_SHAPE = {
 
 def plan_for(args: argparse.Namespace) -> Plan:
     if args.dry_run:
-        return Plan(torch.device("cpu"), 2, 32, 2, 2, TINY_SHAPE)
+        return Plan(torch.device("cpu"), 2, 32, 2, 2, TINY_SHAPE, serve_layers=2, new_tokens=8)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run to check the script on the CPU")
     steps = 5 if args.quick else 20
-    return Plan(torch.device("cuda", 0), args.layers, args.seq_len, args.batch_size, steps, {})
+    serve_layers = args.serve_layers or (8 if args.quick else 32)
+    return Plan(
+        torch.device("cuda", 0),
+        args.layers,
+        args.seq_len,
+        args.batch_size,
+        steps,
+        {},
+        serve_layers=serve_layers,
+        new_tokens=64 if args.quick else 256,
+    )
 
 
 def llama_config(plan: Plan, layers: int | None = None) -> LlamaConfig:
@@ -207,20 +242,29 @@ def _reset_memory(device: torch.device) -> None:
 # ---------------------------------------------------------------- the checks
 
 
-def check_zero3_lora(plan: Plan, peak: float | None) -> None:
+def check_lora(plan: Plan, peak: float | None, *, zero_stage: ZeroStage | None) -> None:
+    """LoRA on every linear layer of the 8B shape. Without a ZeRO stage this is the
+    recipe's DDP path (float32 weights, bf16 autocast); with stage 3, DeepSpeed in bf16."""
     from peft import LoraConfig, get_peft_model
 
     config = llama_config(plan)
-    base = random_model(config, plan.device, torch.bfloat16)
+    base = random_model(
+        config, plan.device, torch.float32 if zero_stage is None else torch.bfloat16
+    )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    settings = Settings(3, "bfloat16", plan.batch_size, activation_checkpointing=True)
+    settings = Settings(zero_stage, "bfloat16", plan.batch_size, activation_checkpointing=True)
     engine = prepare_training(model, OPTIMIZER, settings, total_steps=100, device=plan.device)
     losses, rate = timed_steps(engine, batch_of(plan, config.vocab_size), plan)
     flops = model_flops_per_token(config, plan.seq_len, base_trains=False)
     mfu = f"{rate * flops / (peak * 1e12):.1%}" if peak else "n/a (no known peak)"
+    what = (
+        "LoRA, DDP path, bf16 autocast over float32 weights"
+        if zero_stage is None
+        else f"ZeRO-{zero_stage} + LoRA, bf16"
+    )
     print(
-        f"ZeRO-3 + LoRA, bf16, activation checkpointing, {config.num_hidden_layers} layers, "
+        f"{what}, activation checkpointing, {config.num_hidden_layers} layers, "
         f"batch {plan.batch_size} x {plan.seq_len}: {rate:,.0f} tokens/s, MFU {mfu}, "
         f"peak memory {_peak_memory_gib(plan.device)}, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     )
@@ -289,6 +333,50 @@ def check_bf16_against_float32(plan: Plan) -> None:
     )
 
 
+def check_serving(plan: Plan, workdir: Path) -> None:
+    """The transformers serving engine in bf16 on the 8B shape (random weights, the demo
+    tokenizer, the vocabulary cut to the tokenizer's): greedy decode tokens/s at batch 1 and
+    16 after a warm-up call. Random weights may stop early at an end token; only the tokens
+    actually generated are counted."""
+    from corral.demo_model import build_demo_model
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        build_demo_model(workdir / "demo-tokenizer"), local_files_only=True
+    )
+    config = llama_config(plan, layers=plan.serve_layers)
+    config.vocab_size = len(tokenizer)
+    model_dir = workdir / "serve-model"
+    model = random_model(config, plan.device, torch.bfloat16)
+    model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    del model
+    _reset_memory(plan.device)
+    engine = TransformersEngine(
+        TransformersEngineConfig(model_dir, device=plan.device.type, dtype="bfloat16")
+    )
+    request = GenerationRequest(
+        prompt="The llamas graze on the high plateau, and then",
+        sampling=SamplingOptions(max_tokens=plan.new_tokens),
+    )
+    engine.generate([request])  # warm-up: kernels, allocator
+    figures = []
+    for batch in (1, 16):
+        _synchronize(plan.device)
+        started = time.perf_counter()
+        results = engine.generate([request] * batch)
+        _synchronize(plan.device)
+        generated = sum(len(result.token_ids) for result in results)
+        figures.append(
+            f"batch {batch}: {generated / (time.perf_counter() - started):,.0f} tokens/s"
+        )
+    print(
+        f"serving (transformers engine, bf16, greedy, {plan.serve_layers} layers, up to "
+        f"{plan.new_tokens} new tokens): {', '.join(figures)}, "
+        f"peak memory {_peak_memory_gib(plan.device)}"
+    )
+    del engine
+
+
 def _one_process_group(device: torch.device, workdir: Path) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -308,6 +396,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--layers", type=int, default=32, help="of Llama 3 8B's 32 (check 1)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument(
+        "--serve-layers", type=int, default=None, help="serving check (default 8 quick, 32)"
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, default=None)
     args = parser.parse_args()
@@ -322,10 +413,22 @@ def main() -> None:
         workdir = Path(tmp)
         _one_process_group(plan.device, workdir)
         checks: list[tuple[str, Callable[[], Any]]] = [
-            ("zero3-lora", lambda: check_zero3_lora(plan, peak)),
-            ("qlora", lambda: check_qlora(plan, workdir)),
-            ("bf16", lambda: check_bf16_against_float32(plan)),
+            ("lora", lambda: check_lora(plan, peak, zero_stage=None))
         ]
+        untested = [
+            "vLLM on GPU (not installed on a bare GPU machine; its CPU build runs in CI)",
+            "tensor parallelism and multi-GPU data parallelism (one GPU)",
+        ]
+        if importlib.util.find_spec("deepspeed") is not None:
+            checks.append(("zero3-lora", lambda: check_lora(plan, peak, zero_stage=3)))
+        else:
+            untested.append("DeepSpeed ZeRO (DeepSpeed is not installed)")
+        if importlib.util.find_spec("bitsandbytes") is not None:
+            checks.append(("qlora", lambda: check_qlora(plan, workdir)))
+        else:
+            untested.append("QLoRA (bitsandbytes is not installed)")
+        checks.append(("bf16", lambda: check_bf16_against_float32(plan)))
+        checks.append(("serving", lambda: check_serving(plan, workdir)))
         failed = []
         try:
             for name, check in checks:
@@ -339,6 +442,7 @@ def main() -> None:
                 _reset_memory(plan.device)
         finally:
             dist.destroy_process_group()
+    print("untested here: " + "; ".join(untested))
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
 

@@ -29,11 +29,13 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import unquote, urlsplit
 
-import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, PlainValidator
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,10 @@ ModelLocation = Annotated[Path | str, PlainValidator(model_location)]
 def open_uri(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem for `uri` and the path inside it (`bucket/key` for object
     storage, an absolute path locally)."""
+    # Imported here, not at the top: job configs import this module, and bench/gpu_check.py
+    # runs them on a machine without pyarrow.
+    import pyarrow.fs as pafs
+
     if is_local(uri):
         return pafs.LocalFileSystem(), str(local_path(uri))
     parts = urlsplit(uri)
@@ -100,6 +106,8 @@ def open_uri(uri: str, options: StorageOptions) -> tuple[pafs.FileSystem, str]:
 
 def s3_filesystem(options: StorageOptions) -> pafs.S3FileSystem:
     """S3 (or an S3-compatible endpoint), with the node's standard credential chain."""
+    import pyarrow.fs as pafs
+
     if options.s3_endpoint is None:
         return pafs.S3FileSystem(region=options.s3_region or _AWS_DEFAULT_REGION)
     endpoint = urlsplit(options.s3_endpoint)
@@ -121,6 +129,8 @@ def local_model_dir(
         return location
     if is_local(location):
         return local_path(location)
+    import pyarrow.fs as pafs
+
     filesystem, path = open_uri(location, options)
     files = [
         info

@@ -24,7 +24,7 @@ from jobs.distributed import (
     deepspeed_config,
     prepare_training,
 )
-from jobs.sft import train_step
+from jobs.sft_steps import train_step
 from tests.conftest import PEFT_DEPRECATION
 
 pytestmark = [

@@ -277,7 +277,7 @@ def _validation_loss_of(model: Any, model_dir: Path, *, dtype: Any = None) -> fl
     import torch
     from transformers import AutoTokenizer
 
-    from jobs.sft import token_loss_sum
+    from jobs.sft_steps import token_loss_sum
     from jobs.training_data import pad_batch, tokenize_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)

@@ -2,8 +2,9 @@
 buys, and how soon the first streamed token arrives. Every figure is measured in this
 run against a baseline measured in the same run.
 
-    python bench/serving.py [--requests 32] [--max-tokens 16]
-    python bench/serving.py --sweep [--levels 1,2,4,8,16,32,64,128] [--seconds 10]
+    python -m bench.serving [--requests 32] [--max-tokens 16]
+    python -m bench.serving --sweep [--levels 1,2,4,8,16,32,64,128] [--seconds 10]
+    python -m bench.serving --engines [--seconds 10] [--adapters 3]
 
 It starts a private Ray cluster, deploys the demo model with the real transformers
 engine, and serves the API with uvicorn on a loopback port.
@@ -13,7 +14,10 @@ Ray head on a temporary home, as bench/load.py starts it): first the thin-path f
 (the API's p50 at one request in flight against a bare engine call's p50 on the same
 demo model, in alternating rounds so that both see the same machine), then closed-loop
 clients at each concurrency level: throughput, p50/p99, and refusals (503 with
-`Retry-After`, and how fast they came)."""
+`Retry-After`, and how fast they came).
+
+`--engines` compares the transformers and vLLM engines side by side, and N adapters on
+one vLLM replica against one app per adapter (bench/engines.py says how)."""
 
 from __future__ import annotations
 
@@ -100,7 +104,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per sweep level")
     parser.add_argument("--rounds", type=int, default=5, help="thin-path rounds (sweep)")
     parser.add_argument("--home", type=Path, default=None, help="sweep: a CORRAL_HOME to keep")
+    parser.add_argument("--engines", action="store_true", help="transformers vs vLLM, adapters")
+    parser.add_argument("--adapters", type=int, default=3, help="engines: adapters to serve")
     args = parser.parse_args()
+    if args.engines:
+        from bench import engines  # imports peft and the vLLM env's checks only when asked
+
+        engines.run(
+            seconds=args.seconds,
+            adapter_count=args.adapters,
+            max_tokens=args.max_tokens,
+        )
+        return
     if args.sweep:
         levels = [int(level) for level in args.levels.split(",")]
         sweep(

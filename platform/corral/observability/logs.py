@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Literal, TextIO
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 from corral.observability.context import current
@@ -18,6 +19,8 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # and the context's ids are added beside them.
 JSON_FIELDS = ("asctime", "levelname", "name", "message")
 CONTEXT_FIELDS = ("request_id", "job_uuid", "job_key")
+# uvicorn's copy of its message with terminal colours: noise in a JSON line.
+DROPPED_FIELDS = ("color_message",)
 
 
 class ContextFilter(logging.Filter):
@@ -39,6 +42,7 @@ def json_formatter() -> logging.Formatter:
         list(JSON_FIELDS),
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         datefmt="%Y-%m-%dT%H:%M:%S%z",
+        reserved_attrs=[*RESERVED_ATTRS, *DROPPED_FIELDS],
     )
 
 

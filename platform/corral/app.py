@@ -25,12 +25,16 @@ from corral.errors import (
     retry_after_s,
 )
 from corral.memory.types import BankSettings, Retriever
+from corral.observability.context import REQUEST_ID_HEADER, current
+from corral.observability.metrics import ApiMetrics
+from corral.observability.middleware import ObservabilityMiddleware
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
+from corral.routes import ops as ops_routes
 from corral.routes import synthetic_data_generation as sdg_routes
 from corral.services.agents import AgentLimits, AgentService
 from corral.services.container import Services
@@ -42,6 +46,7 @@ from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.readiness import build_readiness
 from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
@@ -138,6 +143,14 @@ def build_services(
             shields=shields,
             limits=AgentLimits.from_settings(settings),
         ),
+        readiness=build_readiness(
+            database=database,
+            timeout_s=settings.readiness_timeout_s,
+            has_ray=models is not None,
+            cluster_resources=cluster_resources,
+            launcher=launcher,
+            vector_index=vector_index,
+        ),
     )
 
 
@@ -210,7 +223,10 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = ApiMetrics()
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
+    # Outside the key check, so that refused requests are counted and carry an id too.
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
     # Corral's own /models, job and generation-job routes (tagged "Corral") and the
@@ -221,10 +237,7 @@ def create_app(
     app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
-
-    @app.get("/health", include_in_schema=False)
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    app.include_router(ops_routes.router)  # /health, /ready, /metrics
 
     app.add_exception_handler(CorralError, _corral_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -282,4 +295,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+    context = current()  # the request's, kept for this handler (corral.observability)
+    headers = {REQUEST_ID_HEADER: context.request_id} if context and context.request_id else {}
+    return JSONResponse(
+        error_body("internal", "internal server error"), status_code=500, headers=headers
+    )

@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import DEFAULT_TENANT, ApiKey
 
-# Liveness probes carry no key and learn nothing but "up".
-OPEN_PATHS = frozenset({"/health"})
+# Probes carry no key: liveness learns nothing but "up", readiness which backend is down
+# (corral.routes.ops). /metrics is not open: it needs an operator key.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def key_for(keys: tuple[ApiKey, ...], authorization: str | None) -> ApiKey | None:

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     train_max_seq_len: int = Field(default=2048, ge=8)
     # How often the API settles unfinished jobs against Ray (it also does at start-up).
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # `corral serve`'s log lines: "text" for people, "json" one object per line (with the
+    # request id and job of each line) for a log pipeline. See docs/observability.md.
+    log_format: Literal["text", "json"] = "text"
+    # How long `/ready` waits for each backend (database, Ray, Milvus) before it says so.
+    readiness_timeout_s: float = Field(default=2.0, gt=0, le=60)
     # Where jobs write checkpoints and TensorBoard files (corral.storage): a directory
     # every node sees (local, NFS) or s3://bucket/prefix, gs://bucket/prefix. Unset:
     # `checkpoints_dir`. S3 and GCS credentials come from each machine's standard chain.

@@ -51,6 +51,7 @@ def sqlite_client(tmp_path: Path, sqlite_database: Database, request: pytest.Fix
         ("GET", "/post_training/job/status?job_uuid=x"),
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
+        ("GET", "/metrics"),
     ],
 )
 def test_every_route_needs_a_key(sqlite_client: TestClient, method: str, path: str) -> None:
@@ -68,6 +69,7 @@ def test_a_valid_key_passes(sqlite_client: TestClient) -> None:
     )
     assert response.status_code == 404
     assert sqlite_client.get("/health").status_code == 200
+    assert sqlite_client.get("/ready").status_code == 200  # probes carry no key
 
 
 @pytest.mark.parametrize("sqlite_client", [""], indirect=True)

@@ -522,6 +522,8 @@ ROUTES: list[Route] = [
 # Routes of the app that name no stored object of a tenant, and why.
 NOT_ID_ROUTES = {
     "GET /health": "no object",
+    "GET /ready": "no object: the backends' state, the same for every caller",
+    "GET /metrics": "operators only; counts, never a tenant's object (tests/api/test_ops.py)",
 }
 
 

@@ -27,6 +27,7 @@ from corral.errors import (
 from corral.memory.types import BankSettings, Retriever
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
+from corral.routes import dashboard as dashboard_routes
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
@@ -45,6 +46,7 @@ from corral.services.post_training import PostTrainingService
 from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
+from corral.sessions import SessionCookies
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.vector_index import VectorIndex
@@ -210,7 +212,9 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
+    # The jobs dashboard's sign-in: only where there are keys to sign in with.
+    app.state.sessions = SessionCookies.from_settings(settings) if settings.bearer_keys else None
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys, sessions=app.state.sessions)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
     # Corral's own /models, job and generation-job routes (tagged "Corral") and the
@@ -221,6 +225,7 @@ def create_app(
     app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
+    app.include_router(dashboard_routes.router)  # the jobs dashboard (HTML, not in the doc)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

@@ -71,7 +71,7 @@ class BearerAuthMiddleware:
         raw = headers.get(b"authorization")
         key = key_for(self.keys, raw.decode("latin-1") if raw else None)
         tenant = key.tenant if key is not None else self._session_tenant(scope, headers)
-        path = scope.get("path")
+        path: str = scope.get("path", "")
         if tenant is None and path not in OPEN_PATHS and not is_open_dashboard_path(path):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})

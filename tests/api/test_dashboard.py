@@ -33,7 +33,7 @@ PAGES = ("index.html", "login.html")
 
 
 def _settings(home: Path, **overrides: object) -> Settings:
-    return Settings(home=home, api_keys=API_KEYS, **overrides)  # type: ignore[arg-type]
+    return Settings(home=home, api_keys=API_KEYS, **overrides)
 
 
 @pytest.fixture
@@ -275,7 +275,7 @@ def test_the_cookie_never_writes_nor_reads_beyond_the_page(
     kwargs: dict[str, object],
 ) -> None:
     session = _session_headers(app_client, "key-alpha")
-    response = app_client.request(method, path, headers=session, **kwargs)  # type: ignore[arg-type]
+    response = app_client.request(method, path, headers=session, **kwargs)
     assert response.status_code == 401, response.text
     job = app_client.get("/jobs/ft-a", headers=ALPHA).json()
     assert job["status"] == "running" and not job["stop_pending"]

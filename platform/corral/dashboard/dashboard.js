@@ -257,7 +257,8 @@
       if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
       if (y0 === y1) [y0, y1] = [y0 - 0.5, y1 + 0.5];
       const margin = (y1 - y0) * 0.05;
-      [y0, y1] = [y0 - margin, y1 + margin];
+      // Losses are not negative: the margin below never takes the axis under zero.
+      [y0, y1] = [y0 >= 0 ? Math.max(0, y0 - margin) : y0 - margin, y1 + margin];
       const x = (step) => pad.left + ((step - x0) / (x1 - x0)) * (width - pad.left - pad.right);
       const y = (value) => height - pad.bottom - ((value - y0) / (y1 - y0)) * (height - pad.top - pad.bottom);
 
@@ -324,7 +325,16 @@
       return;
     }
     let job = state.jobs.find((j) => j.job_uuid === state.selected);
-    if (!job) job = await getJson(jobPath(state.selected)); // beyond the first page
+    if (!job) {
+      try {
+        job = await getJson(jobPath(state.selected)); // beyond the first page
+      } catch (error) {
+        state.selected = null; // e.g. an address naming a job this tenant does not have
+        history.replaceState(null, "", window.location.pathname);
+        renderDetail(null);
+        throw error;
+      }
+    }
     await refreshDetail(job);
     renderDetail(job);
     return job;

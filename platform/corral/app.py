@@ -30,6 +30,7 @@ from corral.observability.metrics import ApiMetrics
 from corral.observability.middleware import ObservabilityMiddleware
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
+from corral.routes import dashboard as dashboard_routes
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
@@ -50,6 +51,7 @@ from corral.services.readiness import build_readiness
 from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
+from corral.sessions import SessionCookies
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.vector_index import VectorIndex
@@ -224,7 +226,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
-    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
+    # The jobs dashboard's sign-in: only where there are keys to sign in with.
+    app.state.sessions = SessionCookies.from_settings(settings) if settings.bearer_keys else None
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys, sessions=app.state.sessions)
     # Outside the key check, so that refused requests are counted and carry an id too.
     app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     for router in all_routers():
@@ -238,6 +242,7 @@ def create_app(
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)  # /health, /ready, /metrics
+    app.include_router(dashboard_routes.router)  # the jobs dashboard (HTML, not in the doc)
 
     app.add_exception_handler(CorralError, _corral_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -64,6 +64,10 @@ def test_jobs_of_every_kind_and_post_training_ones(
     summary = _get(client, "/jobs/ft")
     assert summary == _get(client, "/post_training/job", job_uuid="ft")
     assert summary["progress"] == {"step": 5, "total_steps": 10, "loss": 1.75}
+    # The list shows each job's progress too (the dashboard's table reads it there).
+    listed = {job["job_uuid"]: job for job in _get(client, "/jobs")["data"]}
+    assert listed["ft"]["progress"] == summary["progress"]
+    assert listed["gen"]["progress"] == _get(client, "/jobs/gen")["progress"]
     assert _get(client, "/jobs/gen")["kind"] == "synthetic_data_generation"
     # A job of another kind is not a post-training job.
     for path in ("/post_training/job", "/post_training/job/metrics", "/post_training/job/logs"):

@@ -64,6 +64,29 @@ def test_progress_is_the_step_recorded_last(database: Database, job: str) -> Non
         assert store.progress(store.by_key(job)) == Progress(step=3, total_steps=8, loss=0.3)
 
 
+def test_progress_of_a_page_of_jobs_is_each_ones_progress(database: Database, job: str) -> None:
+    with database.transaction() as session:
+        store = JobStore(session)
+        for uuid in ("job-2", "job-3"):
+            store.create(job_uuid=uuid, tenant="t1", kind=JobKind.SUPERVISED_FINE_TUNE, request={})
+        second, third = job_key("t1", "job-2"), job_key("t1", "job-3")
+        start = utcnow()
+        store.record_metrics(job, step=4, values={"loss": 0.5}, at=start)
+        store.record_metrics(job, step=2, values={"loss": 0.9}, at=start + timedelta(seconds=1))
+        store.set_total_steps(second, 6)
+        store.record_metrics(second, step=1, values={"learning_rate": 1e-3}, at=start)
+    with database.transaction() as session:
+        store = JobStore(session)
+        jobs = [store.by_key(key) for key in (job, second, third)]
+        page = store.progress_of(jobs)
+        assert page == {
+            job: Progress(step=2, total_steps=None, loss=0.9),  # the row recorded last
+            second: Progress(step=1, total_steps=6, loss=None),
+        }  # job-3 has planned and recorded nothing
+        assert page == {j.key: p for j in jobs if (p := store.progress(j)) is not None}
+        assert store.progress_of([]) == {}
+
+
 def test_checkpoint_counts_and_kind_scopes(database: Database, job: str) -> None:
     with database.transaction() as session:
         store = JobStore(session)

@@ -100,7 +100,11 @@ class JobsService:
             )
             page = jobs[:limit]
             counts = store.checkpoint_counts([job.key for job in page])
-            summaries = [_summary(job, counts.get(job.key, 0), self._storage) for job in page]
+            progress = store.progress_of(page)
+            summaries = [
+                _summary(job, counts.get(job.key, 0), self._storage, progress=progress.get(job.key))
+                for job in page
+            ]
         return JobList(data=summaries, next_offset=offset + limit if len(jobs) > limit else None)
 
     def get(self, *, tenant: str, job_uuid: str, kinds: Kinds = ()) -> JobSummary:

@@ -420,17 +420,44 @@ class JobStore:
     def progress(self, job: Job) -> Progress | None:
         """From the row recorded last (a resumed attempt is where it is now, not where
         the lost one got to); None for a job that has planned and recorded nothing."""
-        last = self._session.scalars(
-            select(JobMetric)
-            .where(JobMetric.job_key == job.key)
-            .order_by(JobMetric.recorded_at.desc(), JobMetric.step.desc())
-            .limit(1)
-        ).one_or_none()
-        if last is None and job.total_steps is None:
-            return None
-        loss = last.values.get("loss") if last is not None else None
-        return Progress(
-            step=last.step if last is not None else 0,
-            total_steps=job.total_steps,
-            loss=float(loss) if isinstance(loss, int | float) else None,
+        return self.progress_of([job]).get(job.key)
+
+    def progress_of(self, jobs: Sequence[Job]) -> dict[str, Progress]:
+        """`progress` of each of `jobs` by key, in one query (a page of the job list)."""
+        if not jobs:
+            return {}
+        latest = (
+            select(
+                JobMetric.job_key,
+                JobMetric.step,
+                JobMetric.values,
+                func.row_number()
+                .over(
+                    partition_by=JobMetric.job_key,
+                    order_by=(JobMetric.recorded_at.desc(), JobMetric.step.desc()),
+                )
+                .label("rank"),
+            )
+            .where(JobMetric.job_key.in_([job.key for job in jobs]))
+            .subquery()
         )
+        last = {
+            key: (step, values)
+            for key, step, values in self._session.execute(
+                select(latest.c.job_key, latest.c.step, latest.c["values"]).where(
+                    latest.c.rank == 1
+                )
+            )
+        }
+        found: dict[str, Progress] = {}
+        for job in jobs:
+            if job.key not in last and job.total_steps is None:
+                continue
+            step, values = last.get(job.key, (0, {}))
+            loss = values.get("loss")
+            found[job.key] = Progress(
+                step=step,
+                total_steps=job.total_steps,
+                loss=float(loss) if isinstance(loss, int | float) else None,
+            )
+        return found

@@ -183,9 +183,10 @@ def plan(
         if tenant in held_back:
             reason = f"behind this tenant's earlier job {held_back[tenant]!r}"
         elif limits.tenant_max_running_jobs and running[tenant] >= limits.tenant_max_running_jobs:
+            limit = limits.tenant_max_running_jobs
             reason = (
-                f"the tenant runs {running[tenant]} jobs, its limit "
-                f"({limits.tenant_max_running_jobs}); waiting for one to finish"
+                f"at the tenant's limit of {limit} unfinished job{'s' if limit != 1 else ''}; "
+                "waiting for one to end"
             )
         elif (
             limits.tenant_max_job_gpus

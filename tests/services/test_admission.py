@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from corral.errors import JobTooLarge, QuotaExceeded, http_status_for
-from corral.ray_jobs import RayJobInfo, RayJobState, submission_id
+from corral.ray_jobs import RayJobInfo, RayJobState
 from corral.services.admission import (
     AdmissionLimits,
     Admitter,
@@ -30,54 +30,11 @@ from corral.store.tables import Job
 from corral.tenancy import job_key
 from jobs.resources import SDG_STAGES, job_need, training_need
 from jobs.sdg.pipeline import STAGES
+from tests.services.admission_fakes import FakeCluster, FakeRay
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
-
-
-class FakeCluster:
-    """Ray's resource counts: `totals`, less what running jobs hold and `other` holds
-    (Serve replicas, say)."""
-
-    def __init__(self, **totals: float) -> None:
-        self.totals = dict(totals)
-        self.held: dict[str, dict[str, float]] = {}
-        self.other: dict[str, float] = {}
-
-    def cluster_resources(self) -> dict[str, float]:
-        return dict(self.totals)
-
-    def available_resources(self) -> dict[str, float]:
-        free = dict(self.totals)
-        for need in [*self.held.values(), self.other]:
-            for name, value in need.items():
-                free[name] = free.get(name, 0.0) - value
-        return free
-
-
-class FakeRay:
-    """A `JobLauncher`: a submitted job is PENDING in 'Ray' until the test runs it."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-        self.asked: list[str] = []
-        self.states: dict[str, RayJobInfo] = {}
-
-    def submit(self, job_key: str, *, attempt: int = 0) -> bool:
-        run_id = submission_id(job_key, attempt)
-        if run_id in self.states:
-            return False
-        self.submitted.append(run_id)
-        self.states[run_id] = RayJobInfo(RayJobState.PENDING)
-        return True
-
-    def info(self, submission_id: str) -> RayJobInfo | None:
-        self.asked.append(submission_id)
-        return self.states.get(submission_id)
-
-    def stop(self, submission_id: str) -> bool:
-        return False
 
 
 class Setup:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.orm import Session
 
 from corral.store.jobs import JobStatus
@@ -94,16 +95,15 @@ class AdmissionStore:
             .execution_options(synchronize_session=False)
         )
 
-    def _read(self, query: object) -> list[JobNeed]:
-        rows = self._session.execute(query).all()  # type: ignore[call-overload]
+    def _read(self, query: Select[Any]) -> list[JobNeed]:
+        rows = self._session.execute(query).all()
         missing = [row.key for row in rows if row.need is None]
         # Rows stored without a need (by code before admission counted it): from their
         # launch config, as the recipe reads it.
-        launches = (
-            dict(self._session.execute(select(Job.key, Job.launch).where(Job.key.in_(missing))))
-            if missing
-            else {}
-        )
+        launches: dict[str, dict[str, Any] | None] = {}
+        if missing:
+            found = self._session.execute(select(Job.key, Job.launch).where(Job.key.in_(missing)))
+            launches = {key: launch for key, launch in found.tuples()}
         return [
             JobNeed(
                 key=row.key,

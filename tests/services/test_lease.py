@@ -5,6 +5,9 @@ exactly one holder."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -16,6 +19,7 @@ from corral.services.lease import Lease
 from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind
+from corral.store.tables import Lease as LeaseRow
 from corral.tenancy import job_key
 from tests.services.admission_fakes import FakeCluster, FakeRay
 
@@ -149,3 +153,24 @@ def test_many_contenders_at_once_leave_exactly_one_holder(database: Database, cl
     for thread in threads:
         thread.join()
     assert sorted(results) == [False] * 5 + [True]
+
+
+def test_a_restarted_server_takes_the_lease_of_its_dead_predecessor_at_once(
+    database: Database, clock: Clock
+) -> None:
+    """An API server killed and started again on the same host need not wait out the
+    lease of the process it replaces; a live holder keeps it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()[:128].replace(":", "-")
+        for pid, taken in ((alive.pid, False), (dead.pid, True)):
+            previous = Lease(database, holder=f"{host}:{pid}:0123abcd", ttl_s=30, clock=clock)
+            with database.transaction() as session:  # the predecessor's row, as it left it
+                session.query(LeaseRow).delete()
+            assert previous.hold()
+            assert Lease(database, ttl_s=30, clock=clock).hold() is taken
+    finally:
+        alive.kill()
+        alive.wait()

@@ -3,7 +3,8 @@
 cluster (the reconciler and admission) first calls `hold()`: True renews or takes the
 lease, False means another replica holds it and the pass is skipped. A replica that dies
 stops renewing; once `ttl_s` has passed another takes over. Stopping cleanly releases it
-so that the next replica takes it at once."""
+so that the next replica takes it at once, and a process that finds the lease held by a
+dead process on its own host (an API server killed and restarted) takes it at once too."""
 
 from __future__ import annotations
 
@@ -23,10 +24,31 @@ log = logging.getLogger(__name__)
 RECONCILER_LEASE = "reconciler"
 
 
+def _host() -> str:
+    return socket.gethostname()[:128].replace(":", "-")
+
+
 def replica_id() -> str:
     """This process's name as a lease holder: host, pid and a random part (a pid is
     reused after a restart, and containers often share one)."""
-    return f"{socket.gethostname()[:128]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether `holder` names a process on this host that no longer exists. Anything
+    else (another host, a name not made by `replica_id`, a live or foreign pid) is
+    taken as alive: then the lease passes only once it expires."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != _host() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, another user's
+        return False
+    return False
 
 
 class Lease:
@@ -57,9 +79,14 @@ class Lease:
         now = self._clock()
         try:
             with self._db.transaction() as session:
-                held = LeaseStore(session).take(
-                    self.name, holder=self.holder, now=now, until=now + self._ttl
-                )
+                store = LeaseStore(session)
+                until = now + self._ttl
+                held = store.take(self.name, holder=self.holder, now=now, until=until)
+                previous = None if held else store.holder(self.name, now=now)
+                if previous is not None and _dead_here(previous):
+                    held = store.take_over(
+                        self.name, holder=self.holder, previous=previous, until=until
+                    )
         except Exception:
             log.exception("lease %s: the store could not be reached", self.name)
             held = False

@@ -38,6 +38,16 @@ class LeaseStore:
             return False  # another replica took it first
         return True
 
+    def take_over(self, name: str, *, holder: str, previous: str, until: datetime) -> bool:
+        """Take `name` from `previous`, known to be dead, if it still holds it."""
+        result = self._session.execute(
+            update(Lease)
+            .where(Lease.name == name, Lease.holder == previous)
+            .values(holder=holder, expires_at=until)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
     def release(self, name: str, *, holder: str, now: datetime) -> None:
         """Give the lease up now (if `holder` has it), so another replica takes it at once."""
         self._session.execute(

@@ -26,6 +26,7 @@ from serve_apps.deployment import BatchStats, deployment_options, size_batch_que
 from serve_apps.engines.protocol import EmbeddingEngine
 from serve_apps.model_cache import ModelLocation, StorageOptions, local_model_dir
 from serve_apps.options import EngineName, ReplicaOptions
+from serve_apps.vllm_env import vllm_python
 
 DEPLOYMENT_NAME = "EmbeddingServer"
 T = TypeVar("T")
@@ -41,6 +42,8 @@ class EmbeddingAppConfig(ReplicaOptions):
     storage: StorageOptions = StorageOptions()
     # Node-local; None: model_cache's default.
     model_cache_dir: Path | None = None
+    # engine vllm: the vLLM env's interpreter (serve_apps.vllm_env); None: the default one.
+    vllm_python: Path | None = None
 
 
 EngineFactory = Callable[[EmbeddingAppConfig], EmbeddingEngine]
@@ -63,10 +66,28 @@ def sentence_transformers_engine(config: EmbeddingAppConfig) -> EmbeddingEngine:
     )
 
 
+def vllm_embedding_engine(config: EmbeddingAppConfig) -> EmbeddingEngine:
+    """vLLM's pooling runner; runs only in the vLLM env (`build_app` puts it there)."""
+    from serve_apps.engines.vllm_embedding import VLLMEmbeddingEngine, VLLMEmbeddingEngineConfig
+
+    return VLLMEmbeddingEngine(
+        VLLMEmbeddingEngineConfig(
+            model_dir=local_model_dir(
+                config.model_dir, options=config.storage, cache_root=config.model_cache_dir
+            ),
+            device=config.device,
+            dtype=config.dtype,
+        )
+    )
+
+
 # The engines this app kind has, each importing its heavy modules only when a replica
 # builds it. sentence-transformers runs on transformers, hence the engine's name (the
 # one every kind's `engine` option defaults to).
-ENGINES: dict[EngineName, EngineFactory] = {"transformers": sentence_transformers_engine}
+ENGINES: dict[EngineName, EngineFactory] = {
+    "transformers": sentence_transformers_engine,
+    "vllm": vllm_embedding_engine,
+}
 
 
 class EmbeddingServer:
@@ -130,7 +151,7 @@ def build_app(args: dict[str, Any], *, engine_factory: EngineFactory | None = No
     """The Serve application for one embedding model (`args` is an `EmbeddingAppConfig`
     as a dict), with the engine its config names unless `engine_factory` is given."""
     config = EmbeddingAppConfig.model_validate(args)
-    deployment = serve.deployment(**deployment_options(config, name=DEPLOYMENT_NAME))(
-        EmbeddingServer
-    )
+    python = vllm_python(config.vllm_python) if config.engine == "vllm" else None
+    options = deployment_options(config, name=DEPLOYMENT_NAME, python_executable=python)
+    deployment = serve.deployment(**options)(EmbeddingServer)
     return deployment.bind(config, engine_factory or engine_for(config))

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,17 @@ def embedded_home(
     (their markers say they are current, so `corral serve` keeps them): each costs tens
     of seconds to train, and tests/test_demo_guards.py covers building them. The demo
     model and reward model are still built by `corral serve` itself."""
+    with embedded_home_in(tmp_path_factory, demo_llama_guard_dir, demo_prompt_guard_dir) as path:
+        yield path
+
+
+@contextmanager
+def embedded_home_in(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_llama_guard_dir: Path,
+    demo_prompt_guard_dir: Path,
+) -> Iterator[Path]:
+    """`embedded_home` for a fixture of a wider scope (mark its tests `own_ray`)."""
     from corral.milvus_server import LocalMilvus
     from corral.ray_cluster import LocalRayHead
     from corral.serving.catalog import demo_llama_guard_dir as guard_dir_in

@@ -1,7 +1,11 @@
 """Fine-tuning end to end over HTTP on the embedded defaults (`corral serve`, its own Ray
 head, SQLite): a LoRA job teaches the demo model one answer while the API server is killed
 and restarted under it; the job runs once, completes, and its checkpoint, served as a
-model, answers with what the dataset taught."""
+model, answers with what the dataset taught. Then the jobs dashboard, in headless
+Chromium against the same server and job, signs in and draws the job's curve.
+
+The job (a few minutes) is the module's, shared by both tests: the module fixture runs
+it up to its completion on the restarted server, which stays up for both."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -28,8 +34,21 @@ from corral.demo import (
 )
 from corral.ray_cluster import LocalRayHead
 from corral.tenancy import job_key, tenant_dir
+from tests.browser import (
+    LOSS_RGB,
+    TIMEOUT_MS,
+    VALIDATION_RGB,
+    PageErrors,
+    assert_not_blank,
+    chromium,
+    colour_pixels,
+    curve_points,
+    sign_in,
+)
+from tests.conftest import embedded_home_in
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# own_ray: the module's home runs `corral serve`'s embedded Ray head (tests/conftest.py).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.own_ray]
 
 JOB = "e2e-lora-1"
 
@@ -60,54 +79,83 @@ def _ray_jobs(home: Path) -> list[dict[str, Any]]:
     return jobs
 
 
-def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
-    embedded_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    home = embedded_home
-    for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    settings = Settings(home=home)
-    datasets = tenant_dir(home / "datasets", DEMO_TENANT)  # the server's one key's tenant
-    datasets.mkdir(parents=True)
-    teach = datasets / "teach.jsonl"
-    teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
-    key = secrets.token_urlsafe(16)
-    headers = {"Authorization": f"Bearer {key}"}
-    dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
+@dataclass(frozen=True)
+class FinishedJob:
+    """The module's LoRA job, completed, on the restarted `corral serve` still running."""
 
-    with corral_server(settings, api_key=key) as first:
-        with httpx.Client(base_url=first.base_url, headers=headers, timeout=120) as api:
-            _ok(api.post("/datasets/create", json={"uuid": "teach", "dataset": dataset}))
-            _ok(
-                api.post(
-                    "/post_training/supervised_fine_tune/",
-                    json=teaching_request(JOB, dataset, dataset),
-                )
-            )
+    home: Path
+    base_url: str
+    key: str
 
-            def training() -> bool:
-                job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
-                return job["status"] == "running" and (job["progress"] or {}).get("step", 0) >= 1
+    def api(self, timeout_s: float = 600) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
-            _until("the first training step", training, timeout_s=300)
-        first.process.kill()  # no clean shutdown: the API process just dies
-        first.process.wait()
 
+@pytest.fixture(scope="module")
+def finished_job(
+    tmp_path_factory: pytest.TempPathFactory,
+    demo_llama_guard_dir: Path,
+    demo_prompt_guard_dir: Path,
+) -> Iterator[FinishedJob]:
+    """The job submitted to a first server, which is killed at its first step; a second
+    server finds it still running (the reconciler at start-up) and sees it complete."""
     with (
-        corral_server(settings, api_key=key) as second,
-        httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
+        pytest.MonkeyPatch.context() as monkeypatch,
+        embedded_home_in(tmp_path_factory, demo_llama_guard_dir, demo_prompt_guard_dir) as home,
     ):
-        # The reconciler ran at start-up and found the job still running in Ray.
-        job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
-        assert job["status"] in {"running", "completed"}, job
+        for name in ("CORRAL_API_KEYS", "CORRAL_DATABASE_URL", "RAY_ADDRESS", "CORRAL_MODELS_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        settings = Settings(home=home)
+        datasets = tenant_dir(home / "datasets", DEMO_TENANT)  # the server's one key's tenant
+        datasets.mkdir(parents=True)
+        teach = datasets / "teach.jsonl"
+        teach.write_text("".join(json.dumps({"dialog": d}) + "\n" for d in teaching_dialogs()))
+        key = secrets.token_urlsafe(16)
+        headers = {"Authorization": f"Bearer {key}"}
+        dataset = {"columns": {"dialog": "dialog"}, "content_url": teach.as_uri(), "metadata": {}}
 
-        def finished() -> dict[str, Any] | None:
+        with corral_server(settings, api_key=key) as first:
+            with httpx.Client(base_url=first.base_url, headers=headers, timeout=120) as api:
+                _ok(api.post("/datasets/create", json={"uuid": "teach", "dataset": dataset}))
+                _ok(
+                    api.post(
+                        "/post_training/supervised_fine_tune/",
+                        json=teaching_request(JOB, dataset, dataset),
+                    )
+                )
+
+                def training() -> bool:
+                    job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
+                    progress = job["progress"] or {}
+                    return job["status"] == "running" and progress.get("step", 0) >= 1
+
+                _until("the first training step", training, timeout_s=300)
+            first.process.kill()  # no clean shutdown: the API process just dies
+            first.process.wait()
+
+        with (
+            corral_server(settings, api_key=key) as second,
+            httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
+        ):
+            # The reconciler ran at start-up and found the job still running in Ray.
             job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
-            return job if job["status"] in {"completed", "failed", "cancelled"} else None
+            assert job["status"] in {"running", "completed"}, job
 
-        job = _until("the job to finish", finished, timeout_s=900, poll_s=2)
-        assert job["status"] == "completed", job
+            def finished() -> dict[str, Any] | None:
+                job = _ok(api.get("/post_training/job", params={"job_uuid": JOB}))
+                return job if job["status"] in {"completed", "failed", "cancelled"} else None
 
+            job = _until("the job to finish", finished, timeout_s=900, poll_s=2)
+            assert job["status"] == "completed", job
+            yield FinishedJob(home=home, base_url=second.base_url, key=key)
+
+
+def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
+    finished_job: FinishedJob,
+) -> None:
+    home = finished_job.home
+    with finished_job.api() as api:
         status = _ok(api.get("/post_training/job/status", params={"job_uuid": JOB}))
         assert status["resources_allocated"]["num_workers"] == 2
         assert status["started_at"] <= status["completed_at"]
@@ -151,3 +199,39 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         _ok(api.post("/models/register", json=register))
         after = _ok(api.post("/inference/chat_completion", json=question))
         assert after["content"].strip() == TEACH_ANSWER
+
+
+def test_the_dashboard_draws_the_jobs_curve_in_a_browser(
+    finished_job: FinishedJob, tmp_path: Path
+) -> None:
+    with finished_job.api(timeout_s=60) as api:
+        metrics = _ok(api.get(f"/jobs/{JOB}/metrics", params={"limit": 10_000}))
+    assert metrics["next_after_step"] is None
+    rows = metrics["data"]
+    stored = {
+        series: sum(series in row["values"] for row in rows)
+        for series in ("loss", "validation_loss")
+    }
+    assert stored["loss"] > 0 and stored["validation_loss"] > 0, stored
+
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        errors = PageErrors()
+        errors.watch(page)
+        sign_in(page, finished_job.base_url, finished_job.key)
+
+        row = page.locator(f'#jobs tr[data-job-uuid="{JOB}"]')
+        assert row.locator("td.state").text_content() == "completed"
+        assert page.locator("#detail").get_attribute("data-job-uuid") == JOB
+        assert page.locator("#metric-count").get_attribute("data-count") == str(len(rows))
+        assert curve_points(page) == stored
+        assert page.locator("#checkpoints").get_attribute("data-count") == "8"
+        assert "attempt " in (page.locator("#log-tail").text_content() or "")
+
+        screenshot = page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        assert_not_blank(screenshot)
+        curve = page.locator("#curve svg").screenshot()
+        assert colour_pixels(curve, LOSS_RGB) > 200, "the loss line is not drawn"
+        assert colour_pixels(curve, VALIDATION_RGB) > 50, "the validation line is not drawn"
+        assert errors.messages == [], errors.messages

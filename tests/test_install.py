@@ -72,6 +72,17 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
     )
     for line in where.splitlines():
         assert line.startswith(str(env_dir)), where
+    # The jobs dashboard's files are package data of the wheel.
+    shipped = run(
+        bin_dir / "python",
+        "-c",
+        "from importlib import resources; d = resources.files('corral.dashboard');"
+        "print(sorted(p.name for p in d.iterdir() if p.suffix != '.py'))",
+        cwd=outside,
+        env=env,
+    )
+    for name in ("dashboard.css", "dashboard.js", "favicon.svg", "index.html", "login.html"):
+        assert name in shipped, shipped
 
     assert "serve" in run(bin_dir / "corral", "--help", cwd=outside, env=env)
     assert "database at revision" in run(bin_dir / "corral", "db", "upgrade", cwd=outside, env=env)

@@ -25,12 +25,17 @@ from corral.errors import (
     retry_after_s,
 )
 from corral.memory.types import BankSettings, Retriever
+from corral.observability.context import REQUEST_ID_HEADER, current
+from corral.observability.metrics import ApiMetrics
+from corral.observability.middleware import ObservabilityMiddleware
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
+from corral.routes import dashboard as dashboard_routes
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
+from corral.routes import ops as ops_routes
 from corral.routes import synthetic_data_generation as sdg_routes
 from corral.services.admission import AdmissionLimits, Admitter, ClusterResources
 from corral.services.agents import AgentLimits, AgentService
@@ -44,9 +49,11 @@ from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.readiness import build_readiness
 from corral.services.reconciler import PeriodicReconciler, Reconciler
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataLimits, SyntheticDataService
+from corral.sessions import SessionCookies
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.vector_index import VectorIndex
@@ -72,6 +79,7 @@ def build_services(
     model_router: ModelRouter | None,
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
+    cluster_resources: ClusterResources | None = None,
     admitter: Admitter | None = None,
     retriever: Retriever | None = None,
     tools: Mapping[str, Tool] | None = None,
@@ -140,6 +148,14 @@ def build_services(
             shields=shields,
             limits=AgentLimits.from_settings(settings),
         ),
+        readiness=build_readiness(
+            database=database,
+            timeout_s=settings.readiness_timeout_s,
+            has_ray=models is not None,
+            cluster_resources=cluster_resources,
+            launcher=launcher,
+            vector_index=vector_index,
+        ),
     )
 
 
@@ -198,6 +214,7 @@ def create_app(
             model_router=model_router,
             models=models,
             launcher=launcher,
+            cluster_resources=cluster_resources,
             admitter=admitter,
             retriever=retriever,
             tools=tools,
@@ -236,7 +253,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
+    app.state.metrics = ApiMetrics()
+    # The jobs dashboard's sign-in: only where there are keys to sign in with.
+    app.state.sessions = SessionCookies.from_settings(settings) if settings.bearer_keys else None
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys, sessions=app.state.sessions)
+    # Outside the key check, so that refused requests are counted and carry an id too.
+    app.add_middleware(ObservabilityMiddleware, metrics=app.state.metrics)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
     # Corral's own /models, job and generation-job routes (tagged "Corral") and the
@@ -247,10 +269,8 @@ def create_app(
     app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
-
-    @app.get("/health", include_in_schema=False)
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    app.include_router(ops_routes.router)  # /health, /ready, /metrics
+    app.include_router(dashboard_routes.router)  # the jobs dashboard (HTML, not in the doc)
 
     app.add_exception_handler(CorralError, _corral_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -308,4 +328,8 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return JSONResponse(error_body("internal", "internal server error"), status_code=500)
+    context = current()  # the request's, kept for this handler (corral.observability)
+    headers = {REQUEST_ID_HEADER: context.request_id} if context and context.request_id else {}
+    return JSONResponse(
+        error_body("internal", "internal server error"), status_code=500, headers=headers
+    )

@@ -15,9 +15,16 @@ import json
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from corral.config import DEFAULT_TENANT, ApiKey
+from corral.sessions import (
+    LOGIN_PATH,
+    SessionCookies,
+    cookie_may_authenticate,
+    is_open_dashboard_path,
+)
 
-# Liveness probes carry no key and learn nothing but "up".
-OPEN_PATHS = frozenset({"/health"})
+# Probes carry no key: liveness learns nothing but "up", readiness which backend is down
+# (corral.routes.ops). /metrics is not open: it needs an operator key.
+OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 def key_for(keys: tuple[ApiKey, ...], authorization: str | None) -> ApiKey | None:
@@ -42,9 +49,15 @@ def tenant_for(keys: tuple[ApiKey, ...], authorization: str | None) -> str | Non
 
 
 class BearerAuthMiddleware:
-    def __init__(self, app: ASGIApp, *, keys: tuple[ApiKey, ...]) -> None:
+    """`sessions`, when given, lets the dashboard's session cookie stand in for the
+    bearer key on the few safe requests `corral.sessions` names (never as an operator)."""
+
+    def __init__(
+        self, app: ASGIApp, *, keys: tuple[ApiKey, ...], sessions: SessionCookies | None = None
+    ) -> None:
         self.app = app
         self.keys = keys
+        self.sessions = sessions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -58,15 +71,44 @@ class BearerAuthMiddleware:
         headers = dict(scope.get("headers") or [])
         raw = headers.get(b"authorization")
         key = key_for(self.keys, raw.decode("latin-1") if raw else None)
-        if key is None and scope.get("path") not in OPEN_PATHS:
+        tenant = key.tenant if key is not None else self._session_tenant(scope, headers)
+        path: str = scope.get("path", "")
+        if tenant is None and path not in OPEN_PATHS and not is_open_dashboard_path(path):
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
+            elif path == "/dashboard" and scope.get("method") in ("GET", "HEAD"):
+                await _to_login(send)
             else:
                 await _unauthorized(send)
             return
-        state["tenant"] = key.tenant if key is not None else None
+        state["tenant"] = tenant
         state["operator"] = key is not None and key.operator
         await self.app(scope, receive, send)
+
+    def _session_tenant(self, scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+        if self.sessions is None or scope["type"] != "http":
+            return None
+        if not cookie_may_authenticate(scope.get("method", ""), scope.get("path", "")):
+            return None
+        cookie = headers.get(b"cookie")
+        session = self.sessions.session_in(cookie.decode("latin-1") if cookie else None)
+        return session.tenant if session is not None else None
+
+
+async def _to_login(send: Send) -> None:
+    """A browser that opens the dashboard without a session goes to the sign-in form."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [
+                (b"location", LOGIN_PATH.encode()),
+                (b"content-length", b"0"),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _unauthorized(send: Send) -> None:

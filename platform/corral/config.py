@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     cluster_max_gpus: float = Field(default=0.0, ge=0)
     tenant_max_running_jobs: int = Field(default=0, ge=0)
     tenant_max_job_gpus: float = Field(default=0.0, ge=0)
+    # `corral serve`'s log lines: "text" for people, "json" one object per line (with the
+    # request id and job of each line) for a log pipeline. See docs/observability.md.
+    log_format: Literal["text", "json"] = "text"
+    # How long `/ready` waits for each backend (database, Ray, Milvus) before it says so.
+    readiness_timeout_s: float = Field(default=2.0, gt=0, le=60)
     # Where jobs write checkpoints and TensorBoard files (corral.storage): a directory
     # every node sees (local, NFS) or s3://bucket/prefix, gs://bucket/prefix. Unset:
     # `checkpoints_dir`. S3 and GCS credentials come from each machine's standard chain.
@@ -140,6 +145,14 @@ class Settings(BaseSettings):
     code_interpreter_memory_mb: int = Field(default=512, ge=16, le=1 << 20)
     code_interpreter_wall_s: float = Field(default=20.0, gt=0, le=3600)
     code_interpreter_output_bytes: int = Field(default=64 * 1024, ge=256, le=1 << 26)
+    # The jobs dashboard's sign-in (corral.sessions): the session cookie lasts this long,
+    # is marked Secure on https requests (always, with session_cookie_secure: set it
+    # behind a TLS-terminating proxy) and is signed with session_secret (unset: a random
+    # secret made once in `home/session_secret`, 0600; API replicas that do not share
+    # `home` need the same value here).
+    session_max_age_s: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
+    session_cookie_secure: bool = False
+    session_secret: str | None = Field(default=None, min_length=32, repr=False)
 
     @field_validator("home")
     @classmethod

@@ -7,6 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends, Request
 
 from corral.errors import CapabilityUnavailable
+from corral.observability.metrics import ApiMetrics
 from corral.services.agents import AgentService
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
@@ -14,6 +15,7 @@ from corral.services.inference import InferenceService
 from corral.services.jobs import JobsService
 from corral.services.models import ModelService
 from corral.services.post_training import PostTrainingService
+from corral.services.readiness import Readiness
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataService
 
@@ -59,6 +61,14 @@ def _agents(services: Annotated[Services, Depends(_services)]) -> AgentService:
     return services.agents
 
 
+def _readiness(services: Annotated[Services, Depends(_services)]) -> Readiness:
+    return services.readiness
+
+
+def _metrics(request: Request) -> ApiMetrics:
+    return cast(ApiMetrics, request.app.state.metrics)
+
+
 def _models(services: Annotated[Services, Depends(_services)]) -> ModelService:
     if services.models is None:
         raise CapabilityUnavailable("models", "this server has no Ray connection")
@@ -75,3 +85,5 @@ RewardScoringServiceDep = Annotated[RewardScoringService, Depends(_reward_scorin
 ModelServiceDep = Annotated[ModelService, Depends(_models)]
 SyntheticDataServiceDep = Annotated[SyntheticDataService, Depends(_synthetic_data)]
 AgentServiceDep = Annotated[AgentService, Depends(_agents)]
+ReadinessDep = Annotated[Readiness, Depends(_readiness)]
+ApiMetricsDep = Annotated[ApiMetrics, Depends(_metrics)]

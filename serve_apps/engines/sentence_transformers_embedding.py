@@ -21,7 +21,13 @@ import torch
 from sentence_transformers import SentenceTransformer
 from transformers import PreTrainedTokenizerBase
 
-from serve_apps.engines.protocol import EmbeddingInfo, EngineRequestError
+from serve_apps.engines.embedding_text import (
+    check_token_count,
+    fast_tokenizer,
+    text_token_limit,
+    token_spans,
+)
+from serve_apps.engines.protocol import EmbeddingInfo
 from serve_apps.engines.transformers_engine import resolve_placement
 
 
@@ -43,20 +49,15 @@ class SentenceTransformersEmbeddingEngine:
             local_files_only=True,
             model_kwargs={"dtype": dtype},
         )
-        tokenizer = model.tokenizer
-        if not isinstance(tokenizer, PreTrainedTokenizerBase) or not tokenizer.is_fast:
-            raise ValueError(
-                f"the model in {config.model_dir} has no fast tokenizer: token spans need "
-                "its character offsets"
-            )
+        tokenizer = fast_tokenizer(model.tokenizer, config.model_dir)
         dimension = model.get_embedding_dimension()
         if dimension is None or model.max_seq_length is None:
             raise ValueError(f"the model in {config.model_dir} declares no dimension or length")
         self._model = model.eval()
         self._tokenizer: PreTrainedTokenizerBase = tokenizer
-        specials = tokenizer.num_special_tokens_to_add(pair=False)
         self._info = EmbeddingInfo(
-            dimension=int(dimension), max_tokens=int(model.max_seq_length) - specials
+            dimension=int(dimension),
+            max_tokens=text_token_limit(tokenizer, int(model.max_seq_length)),
         )
 
     @property
@@ -64,27 +65,10 @@ class SentenceTransformersEmbeddingEngine:
         return self._info
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
-        """[start, end) of each text token (special tokens left out), in order."""
-        encoded = self._tokenizer(
-            text,
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-            truncation=False,
-            verbose=False,  # longer than the model's length is the point of asking
-        )
-        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+        return token_spans(self._tokenizer, text)
 
     def check(self, text: str) -> None:
-        """EngineRequestError for text with no tokens or more than `info.max_tokens`."""
-        count = len(self.token_spans(text))
-        if count == 0:
-            raise EngineRequestError("the text to embed is empty (no tokens)")
-        if count > self._info.max_tokens:
-            raise EngineRequestError(
-                f"the text is {count} tokens, longer than the embedding model's "
-                f"{self._info.max_tokens}"
-            )
+        check_token_count(len(self.token_spans(text)), self._info.max_tokens)
 
     def embed(self, texts: Sequence[str]) -> list[list[float]]:
         """One batch, vectors in text order."""

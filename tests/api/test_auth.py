@@ -12,6 +12,7 @@ from corral.app import create_app
 from corral.auth import BearerAuthMiddleware, tenant_for
 from corral.config import DEFAULT_TENANT, ApiKey, Settings
 from corral.deps import OperatorDep, TenantDep
+from corral.sessions import COOKIE_NAME, SessionCookies
 from corral.store.db import Database
 
 KEYS = (ApiKey("alpha", "key-alpha"), ApiKey("beta", "key-beta"))
@@ -51,6 +52,9 @@ def sqlite_client(tmp_path: Path, sqlite_database: Database, request: pytest.Fix
         ("GET", "/post_training/job/status?job_uuid=x"),
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
+        ("GET", "/metrics"),
+        ("GET", "/dashboard/session"),
+        ("GET", "/jobs"),
     ],
 )
 def test_every_route_needs_a_key(sqlite_client: TestClient, method: str, path: str) -> None:
@@ -68,6 +72,7 @@ def test_a_valid_key_passes(sqlite_client: TestClient) -> None:
     )
     assert response.status_code == 404
     assert sqlite_client.get("/health").status_code == 200
+    assert sqlite_client.get("/ready").status_code == 200  # probes carry no key
 
 
 @pytest.mark.parametrize("sqlite_client", [""], indirect=True)
@@ -113,3 +118,35 @@ def test_without_any_keys_the_caller_is_the_default_tenant_and_an_operator(
 ) -> None:
     with _whoami(Settings(home=tmp_path)) as client:
         assert client.get("/whoami").json() == {"tenant": DEFAULT_TENANT, "operator": True}
+
+
+def test_the_dashboard_opens_only_its_sign_in_and_sends_browsers_there(
+    sqlite_client: TestClient,
+) -> None:
+    for path in ("/dashboard/login", "/dashboard/static/dashboard.js"):
+        assert sqlite_client.get(path).status_code == 200, path
+    page = sqlite_client.get("/dashboard", follow_redirects=False)
+    assert page.status_code == 303 and page.headers["location"] == "/dashboard/login"
+    # Not a browser page: the usual 401.
+    assert sqlite_client.post("/dashboard", follow_redirects=False).status_code == 401
+    assert sqlite_client.get("/dashboard/", follow_redirects=False).status_code == 401
+
+
+def test_a_session_cookie_never_makes_an_operator(tmp_path: Path) -> None:
+    """The middleware, on a path the cookie may read, with an operator's session."""
+    settings = Settings(home=tmp_path, operator_keys="ops:key-ops")
+    sessions = SessionCookies.from_settings(settings)
+    app = FastAPI()
+    app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys, sessions=sessions)
+
+    @app.get("/dashboard/session")
+    def whoami(tenant: TenantDep, operator: OperatorDep) -> dict[str, object]:
+        return {"tenant": tenant, "operator": operator}
+
+    cookie = {"Cookie": f"{COOKIE_NAME}={sessions.issue(settings.bearer_keys[0])}"}
+    with TestClient(app) as client:
+        answer = client.get("/dashboard/session", headers=cookie).json()
+        assert answer == {"tenant": "ops", "operator": False}
+        bearer = {"Authorization": "Bearer key-ops"}
+        answer = client.get("/dashboard/session", headers=bearer).json()
+        assert answer == {"tenant": "ops", "operator": True}

@@ -8,6 +8,10 @@ memory banks run on the session's Milvus Lite server and embedding app).
 Fine-tuning submissions go to a launcher that records them: a fuzzed body that passed
 every check would otherwise start a real training run.
 
+The jobs dashboard's routes are not in the document (HTML pages and a form): a second
+test fuzzes its sign-in form, its cookie, its static file names and the headers it judges
+origins by. Nothing fuzzed signs in, sets a cookie or gets past the cookie check.
+
 Per response: no server error (a 501 naming a capability this build lacks is the one 5xx
 allowed: it is the documented answer of the operations with no engine yet), the status
 and the body are the documented ones (schemathesis's checks), and the body, every SSE
@@ -32,6 +36,7 @@ import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -44,10 +49,12 @@ from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import RayJobInfo
+from corral.routes.dashboard import STATIC_FILES
 from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
 from corral.serving.resolver import ModelResolver
+from corral.sessions import COOKIE_NAME
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engines
 from serve_apps.options import ModelKind
@@ -368,3 +375,67 @@ ANSWERED = [
 MEMORY = ["POST /memory_banks/configure", "GET /memory_banks/get"]
 # Synthetic data operations (a synchronous cap of one generation here: see fuzz_app).
 GENERATION = ["POST /synthetic_data_generation/generate", "POST /synthetic_data_generation/jobs"]
+
+
+# Header values a client can send: printable ASCII (h11 refuses control characters).
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+_FORM_TYPES = st.sampled_from(
+    [
+        "application/x-www-form-urlencoded",
+        "application/x-www-form-urlencoded; charset=utf-8",
+        "multipart/form-data; boundary=x",
+        "application/json",
+        "text/plain",
+        "",
+    ]
+)
+
+
+def test_the_dashboard_sign_in_survives_the_fuzzer(
+    tmp_path: Path, sqlite_database: Database
+) -> None:
+    app = create_app(Settings(home=tmp_path / "home", api_keys=API_KEYS), database=sqlite_database)
+    answers: Counter[tuple[str, int]] = Counter()
+
+    @given(
+        body=st.one_of(
+            st.binary(max_size=600),
+            st.builds(lambda v: b"api_key=" + v, st.binary(max_size=200)),
+            _HEADER_TEXT.map(lambda v: ("api_key=" + v).encode()),
+        ),
+        content_type=_FORM_TYPES,
+        origin=st.one_of(st.none(), _HEADER_TEXT, st.just("http://testserver")),
+        cookie=_HEADER_TEXT,
+        name=_HEADER_TEXT.filter(lambda v: "/" not in v and "?" not in v and "#" not in v),
+    )
+    @settings(
+        max_examples=EXAMPLES * 25,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(body: bytes, content_type: str, origin: str | None, cookie: str, name: str) -> None:
+        client.cookies.clear()
+        headers = {"Content-Type": content_type} | ({"Origin": origin} if origin else {})
+        login = client.post(
+            "/dashboard/login", content=body, headers=headers, follow_redirects=False
+        )
+        answers[("login", login.status_code)] += 1
+        assert login.status_code in (400, 401, 403), (body, login.status_code)
+        assert "set-cookie" not in login.headers
+        jar = {"Cookie": f"{COOKIE_NAME}={cookie}"}
+        assert client.get("/jobs", headers=jar).status_code == 401
+        page = client.get("/dashboard", headers=jar, follow_redirects=False)
+        assert page.status_code == 303
+        static = client.get(f"/dashboard/static/{name}")
+        answers[("static", static.status_code)] += 1
+        # A name that is no file: 404; one that makes no static path at all (an empty
+        # name, an escaped slash) never reaches it without a key: 401.
+        assert static.status_code in (200, 401, 404), (name, static.status_code)
+        assert static.status_code != 200 or name in STATIC_FILES, name
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        run()
+    # The fuzzer reached the key check itself, not only the form and origin checks.
+    assert answers[("login", 401)] > 0 and answers[("login", 400)] > 0, answers

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -131,6 +132,27 @@ def test_chat_completion_streams_token_by_token(client: TestClient) -> None:
     assert "".join(c["text_delta"] for c in chunks) == PLAIN
     assert [c["stop_reason"] for c in chunks[:-1]] == ["not_stopped"] * (len(chunks) - 1)
     assert chunks[-1]["stop_reason"] == "finished_ok"
+
+
+def test_generated_tokens_are_counted_by_serve_application(client: TestClient) -> None:
+    """The count the engine returns, under the app's Serve name; a stream counts the same."""
+
+    def tokens() -> float:
+        text = client.get("/metrics").text  # no keys here: the local caller is an operator
+        found = [
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "corral_generated_tokens_total"
+            and sample.labels == {"application": "llm-api-plain"}
+        ]
+        return found[0] if found else 0.0
+
+    assert client.post("/inference/chat_completion", json=chat()).status_code == 200
+    once = tokens()
+    assert once >= len(PLAIN.split())
+    assert client.post("/inference/chat_completion", json=chat(stream=True)).status_code == 200
+    assert tokens() == 2 * once
 
 
 def test_tool_calls_are_parsed(client: TestClient) -> None:

@@ -36,6 +36,7 @@ from corral.config import Settings
 from corral.services.models import build_model_service
 from corral.serving.catalog import model_roots, tenant_app_name
 from corral.serving.deployer import ServeDeployer
+from corral.sessions import COOKIE_NAME, cookie_may_authenticate
 from corral.store import migrate
 from corral.store.db import Database
 from corral.tenancy import job_checkpoint_dir
@@ -522,6 +523,17 @@ ROUTES: list[Route] = [
 # Routes of the app that name no stored object of a tenant, and why.
 NOT_ID_ROUTES = {
     "GET /health": "no object",
+    "GET /ready": "no object: the backends' state, the same for every caller",
+    "GET /metrics": "operators only; counts, never a tenant's object (tests/api/test_ops.py)",
+    # The jobs dashboard: a static page and its files, the sign-in form, and who the
+    # session is (the page reads jobs through the job routes above, which a session
+    # cookie may read: see test_a_dashboard_session_of_beta_sees_no_more_than_its_key).
+    "GET /dashboard": "no object: a static page",
+    "GET /dashboard/static/{name}": "no object: the page's script and stylesheet",
+    "GET /dashboard/session": "no object: the caller's own tenant",
+    "GET /dashboard/login": "no object: the sign-in form",
+    "POST /dashboard/login": "no object: signs in",
+    "POST /dashboard/logout": "no object: signs out",
 }
 
 
@@ -617,13 +629,45 @@ def _answer(response: httpx.Response, oid: str) -> tuple[int, str]:
     "row", [pytest.param(row, id=row.route, marks=row.marks) for row in ROUTES]
 )
 def test_beta_never_sees_nor_changes_alphas_object(world: World, row: Route) -> None:
+    _check_row(world, row, BETA)
+
+
+def _session_of(world: World, key: str) -> Headers:
+    """A dashboard session cookie for `key`, signed in through the form (the client's
+    jar is left empty: every other call of the module names its caller itself)."""
+    response = world.client.post("/dashboard/login", data={"api_key": key}, follow_redirects=False)
+    assert response.status_code == 303, response.text
+    world.client.cookies.clear()
+    return {"Cookie": f"{COOKIE_NAME}={response.cookies[COOKIE_NAME]}"}
+
+
+# The routes whose answers the dashboard page reads with its session cookie.
+SESSION_ROUTES = [row for row in ROUTES if cookie_may_authenticate(*row.route.split(" ", 1))]
+
+
+@pytest.mark.parametrize("row", [pytest.param(row, id=row.route) for row in SESSION_ROUTES])
+def test_a_dashboard_session_of_beta_sees_no_more_than_its_key(world: World, row: Route) -> None:
+    _check_row(world, row, _session_of(world, "key-beta"))
+
+
+def test_the_dashboard_reads_every_job_route_it_needs() -> None:
+    assert {row.route for row in SESSION_ROUTES} == {
+        "GET /jobs",
+        "GET /jobs/{job_uuid}",
+        "GET /jobs/{job_uuid}/logs",
+        "GET /jobs/{job_uuid}/metrics",
+        "GET /post_training/job/artifacts",
+    }
+
+
+def _check_row(world: World, row: Route, beta: Headers) -> None:
     kind = KINDS[row.kind]
     oid = _object(world, row.kind, fresh=row.fresh)
     nobody = row.unused or f"nobody{world.token}"
     before = kind.witness(world, oid)
 
-    theirs = world.call(row.call(oid, world), BETA)
-    unused = world.call(row.call(nobody, world), BETA)
+    theirs = world.call(row.call(oid, world), beta)
+    unused = world.call(row.call(nobody, world), beta)
 
     assert kind.witness(world, oid) == before, "beta's call changed alpha's object"
     if not kind.implemented:

@@ -23,6 +23,7 @@ from serve_apps.embedding import (
     build_app,
     engine_for,
     sentence_transformers_engine,
+    vllm_embedding_engine,
 )
 from serve_apps.engines.protocol import EmbeddingInfo, EngineRequestError
 from tests.conftest import EmbeddingApp
@@ -74,8 +75,7 @@ def test_config_and_deployment() -> None:
     with pytest.raises(ValueError):
         _config(score_weights={"a": 1.0})
     assert engine_for(_config()) is sentence_transformers_engine
-    with pytest.raises(ValueError, match="not available for embedding"):
-        engine_for(_config(engine="vllm"))
+    assert engine_for(_config(engine="vllm")) is vllm_embedding_engine
     app = build_app(_config().model_dump(), engine_factory=lambda c: LengthEngine())
     options = app._bound_deployment
     assert options.name == DEPLOYMENT_NAME

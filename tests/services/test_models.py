@@ -391,7 +391,8 @@ def test_a_kind_or_engine_without_an_app_is_refused_and_stores_nothing(
     )
     checkpoint = str(own_checkpoint(home, "alpha", "job-1"))
     for fields, message in [
-        ({"kind": "embedding", "engine": "vllm"}, "engine: 'vllm' is not available for embed"),
+        ({"kind": "classifier", "engine": "vllm"}, "engine: 'vllm' is not available for class"),
+        ({"kind": "embedding", "engine": "vllm"}, "engine: vllm runs in its own Python env"),
         ({"kind": "reward", "engine": "vllm"}, "engine: vllm runs in its own Python env"),
         ({"engine": "vllm"}, "engine: vllm runs in its own Python environment"),
     ]:

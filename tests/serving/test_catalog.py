@@ -125,8 +125,8 @@ models:
             "entry 2 ('x'): the name 'x' is already used by entry 1",
         ),
         (
-            "models:\n  - {name: a, checkpoint_dir: /a, kind: embedding, engine: vllm}",
-            "entry 1 ('a'): engine: 'vllm' is not available for embedding models yet "
+            "models:\n  - {name: a, checkpoint_dir: /a, kind: classifier, engine: vllm}",
+            "entry 1 ('a'): engine: 'vllm' is not available for classifier models yet "
             "(available: transformers)",
         ),
         (

@@ -76,6 +76,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.demo_model import build_demo_model
     from corral.demo_reward import build_demo_reward_model
     from corral.milvus_server import LocalMilvus, MilvusServerError
+    from corral.observability.logs import configure_logging
     from corral.ray_cluster import RayHead, connect
     from corral.ray_jobs import RayJobLauncher, jobs_api_url
     from corral.services.models import TenantQuota, build_model_service
@@ -92,6 +93,10 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.store.db import Database
     from corral.vector_index import build_vector_index
 
+    # Every line of this process in one format (CORRAL_LOG_FORMAT), uvicorn's included:
+    # it gets no logging config of its own below, and no access log (the API writes one
+    # line per request, `corral.access`, with its id, route template and status).
+    configure_logging(settings.log_format)
     # An inherited socket (--fd) was bound by the parent, which chose its port: no
     # port is picked, released and re-bound, so no other process can take it between.
     listener = socket.socket(fileno=args.fd) if args.fd is not None else None
@@ -163,8 +168,17 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     )
     try:
         if listener is not None:
-            uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listener])
+            uvicorn.Server(
+                uvicorn.Config(app, log_level="info", log_config=None, access_log=False)
+            ).run(sockets=[listener])
         else:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+            uvicorn.run(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level="info",
+                log_config=None,
+                access_log=False,
+            )
     finally:
         database.dispose()

@@ -12,6 +12,7 @@ from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import OpenAIService
 from corral.services.post_training import PostTrainingService
+from corral.services.readiness import Readiness
 from corral.services.reward_scoring import RewardScoringService
 from corral.services.synthetic_data import SyntheticDataService
 
@@ -26,6 +27,7 @@ class Services:
     reward_scoring: RewardScoringService
     synthetic_data: SyntheticDataService
     agents: AgentService
+    readiness: Readiness
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
     # None on a server without a vector store (the memory bank routes answer 501).

@@ -14,6 +14,7 @@ from typing import Any
 
 from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobProgress, JobSummary
 from corral.errors import BackendUnavailable, CapabilityUnavailable, Conflict
+from corral.observability.context import bind_job
 from corral.ray_jobs import JobLauncher, submission_id
 from corral.services.admission import Admitter
 from corral.services.ids import check_id
@@ -70,6 +71,7 @@ class JobsService:
                 tenant=tenant, job_uuid=job_uuid, kind=kind, request=body
             )
             if found is not None:
+                bind_job(job_uuid=job_uuid, job_key=found.key)
                 return  # the same request again: nothing to do
         launch = plan()
         need = job_need(kind.value, launch)
@@ -86,6 +88,7 @@ class JobsService:
                 admitted=self._admitter is None,
             )
             key = created.job.key
+            bind_job(job_uuid=job_uuid, job_key=key)
         if not created.created:
             return  # a concurrent submission of the same request stored it first
         if self._admitter is not None:
@@ -126,6 +129,7 @@ class JobsService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             counts = store.checkpoint_counts([job.key])
             return _summary(
                 job, counts.get(job.key, 0), self._storage, progress=store.progress(job)
@@ -135,6 +139,7 @@ class JobsService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             lines = [line.line for line in store.log_lines(job.key)]
             return JobLogs(job_uuid=job.uuid, log_lines=lines)
 
@@ -152,6 +157,7 @@ class JobsService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             rows = store.metrics(job.key, after_step=after_step, limit=limit + 1)
             page = [
                 JobMetric(
@@ -175,6 +181,7 @@ class JobsService:
             store = JobStore(session)
             # NotFound for another tenant's (or another kind's) job.
             job = store.get(job_uuid, tenant=tenant, kinds=kinds)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             key, run_id = job.key, submission_id(job.key, job.attempt)
             outcome = store.transition(key, to=JobStatus.CANCELLED, error="cancelled")
             if outcome.applied:
@@ -194,6 +201,12 @@ class JobsService:
                         "it is stopped once Ray answers",
                     )
         return self.get(tenant=tenant, job_uuid=job_uuid, kinds=kinds)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Jobs of every tenant by (kind, status), zeros included (the operators' metrics)."""
+        with self._db.transaction() as session:
+            counts = JobStore(session).counts()
+        return {(kind.value, status.value): n for (kind, status), n in counts.items()}
 
 
 def _summary(

@@ -41,6 +41,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from corral.errors import EngineFailed, InvalidRequest, Overloaded
+from corral.observability.metrics import count_generated_tokens
 from corral.serving.deployer import ModelUnavailable
 from serve_apps.adapters import AdapterSlotsBusy
 from serve_apps.engines.protocol import (
@@ -134,8 +135,15 @@ class ProcessLease:
 PROCESS_LEASE = ProcessLease()
 
 
+def _application(handle: DeploymentHandle[Any]) -> str | None:
+    """The Serve application behind `handle` (the label Ray Serve's metrics use too)."""
+    name = getattr(handle, "app_name", None)
+    return name if isinstance(name, str) else None
+
+
 async def generate(handle: DeploymentHandle[Any], request: GenerationRequest) -> GenerationResult:
     result: GenerationResult = await call_model(handle.generate.remote(request))
+    count_generated_tokens(_application(handle), len(result.token_ids))
     return result
 
 
@@ -149,6 +157,9 @@ async def stream_generation(
     assert isinstance(stream, DeploymentResponseGenerator)
     iterator = stream.__aiter__()
     finished = False
+    # Tokens: the engine's count when the stream ends with its result, else (a stream
+    # cut short) the deltas that came, one per token.
+    streamed, generated = 0, None
     try:
         while True:
             try:
@@ -156,8 +167,13 @@ async def stream_generation(
             except StopAsyncIteration:
                 finished = True
                 return
+            if isinstance(item, GenerationResult):
+                generated = len(item.token_ids)
+            else:
+                streamed += 1
             yield item
     finally:
+        count_generated_tokens(_application(handle), streamed if generated is None else generated)
         if not finished:
             stream.cancel()  # type: ignore[no-untyped-call]
 

@@ -15,6 +15,7 @@ from corral.api.post_training import (
     PostTrainingSFTRequest,
 )
 from corral.errors import BackendUnavailable, CapabilityUnavailable
+from corral.observability.context import bind_job
 from corral.services.fine_tuning import LaunchPlanner
 from corral.services.jobs import JobsService, queue_place
 from corral.storage import Storage
@@ -92,6 +93,7 @@ class PostTrainingService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=TRAINING_KINDS)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             body: dict[str, object] = {
                 "job_uuid": job.uuid,
                 "status": JobStatus(job.status).spec_value,
@@ -117,6 +119,7 @@ class PostTrainingService:
         with self._db.transaction() as session:
             store = JobStore(session)
             job = store.get(job_uuid, tenant=tenant, kinds=TRAINING_KINDS)
+            bind_job(job_uuid=job.uuid, job_key=job.key)
             return PostTrainingJobArtifactsResponse.model_validate(
                 {
                     "job_uuid": job.uuid,

@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from corral.errors import BackendUnavailable
+from corral.observability.context import job_context
 from corral.ray_jobs import JobLauncher, RayJobInfo, RayJobState, submission_id
 from corral.services.admission import Admitter
 from corral.services.lease import Lease
@@ -110,13 +111,14 @@ class Reconciler:
         return settled + [self._isolated(run.key, self._stop_one, run) for run in stops]
 
     def _isolated(self, key: str, step: Callable[..., Settled], *args: object) -> Settled:
-        try:
-            return step(*args)
-        except BackendUnavailable:
-            raise
-        except Exception as exc:
-            log.exception("reconciler: job %s could not be settled", key)
-            return Settled(key, f"error: {type(exc).__name__}")
+        with job_context(job_key=key):  # what is logged about the row carries its key
+            try:
+                return step(*args)
+            except BackendUnavailable:
+                raise
+            except Exception as exc:
+                log.exception("reconciler: job %s could not be settled", key)
+                return Settled(key, f"error: {type(exc).__name__}")
 
     def _settle_one(self, run: _Run) -> Settled:
         key, status = run.key, run.status

@@ -72,5 +72,17 @@ class Database:
         with self._sessions.begin() as session:
             yield session
 
+    def ping(self) -> None:
+        """One `SELECT 1` round trip (readiness). On a raw connection, so that SQLite's
+        `BEGIN IMMEDIATE` is not issued and the ping never waits on a writer's lock."""
+        connection = self.engine.raw_connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        finally:
+            connection.close()  # back to the pool
+
     def dispose(self) -> None:
         self.engine.dispose()

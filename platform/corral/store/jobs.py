@@ -254,6 +254,17 @@ class JobStore:
         )
         return list(self._session.scalars(query))
 
+    def counts(self) -> dict[tuple[JobKind, JobStatus], int]:
+        """How many jobs of every tenant there are of each kind in each status, every pair
+        included (zero where there is none): what the metrics report."""
+        query = select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
+        found = {(kind, status): n for kind, status, n in self._session.execute(query).tuples()}
+        return {
+            (kind, status): found.get((kind.value, status.value), 0)
+            for kind in JobKind
+            for status in JobStatus
+        }
+
     def set_stop_pending(self, key: str, pending: bool) -> None:
         self._session.execute(
             update(Job)

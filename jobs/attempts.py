@@ -26,6 +26,7 @@ from corral.store.jobs import JobStore
 from corral.store.tables import Job
 from jobs import phases
 from jobs.reporting import JobReporter
+from jobs.resources import worker_resources
 from serve_apps.model_cache import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,12 @@ def fit(
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config} | (times.as_loop_config() if times else {}),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        # What admission counted this job's need as (jobs/resources.py).
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker=worker_resources(config.use_gpu),
+        ),
         run_config=RunConfig(
             name=f"{config.job_key}-attempt-{attempt}",
             storage_path=storage_path,

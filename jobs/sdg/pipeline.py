@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from jobs.resources import SDG_STAGE_CPUS
 from jobs.sdg.config import PipelineConfig, PromptInput
 from jobs.sdg.filters import filter_seed, keep
 from serve_apps.engines.protocol import (
@@ -48,9 +49,8 @@ from serve_apps.engines.protocol import (
 
 Stage = Literal["generate", "score", "filter"]
 STAGES: tuple[Stage, ...] = ("generate", "score", "filter")
-# CPUs each stage's actor reserves: Generate and Score only wait on Serve, and Filter is
-# a few comparisons per prompt; the replicas need the cores.
-STAGE_CPUS = 0.05
+# CPUs each stage's actor reserves (what admission counts: jobs/resources.py).
+STAGE_CPUS = SDG_STAGE_CPUS
 # Batches one stage's actor works on at once (its calls share the in-flight bound).
 BATCHES_PER_ACTOR = 2
 QUANTILES = (10, 25, 50, 75, 90)

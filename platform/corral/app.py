@@ -37,12 +37,14 @@ from corral.routes import models as models_routes
 from corral.routes import openai as openai_routes
 from corral.routes import ops as ops_routes
 from corral.routes import synthetic_data_generation as sdg_routes
+from corral.services.admission import AdmissionLimits, Admitter, ClusterResources
 from corral.services.agents import AgentLimits, AgentService
 from corral.services.container import Services
 from corral.services.datasets import DatasetService
-from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
+from corral.services.fine_tuning import LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
 from corral.services.jobs import JobsService
+from corral.services.lease import Lease
 from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
 from corral.services.openai_compat import ModelNames, OpenAIService
@@ -78,6 +80,7 @@ def build_services(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    admitter: Admitter | None = None,
     retriever: Retriever | None = None,
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
@@ -85,7 +88,8 @@ def build_services(
 ) -> Services:
     """`retriever`, `tools` and `shields` are the agents' memory banks (by default the
     memory bank service, when there is a `vector_index`), server-run tools (by name) and
-    shield builder; without them agents that need them are refused (422)."""
+    shield builder; without them agents that need them are refused (422). `admitter`
+    queues jobs until they fit (services/admission.py)."""
     router = model_router or (models.resolver if models is not None else NoModels())
     names = models if models is not None else router
     storage = Storage.from_settings(settings)
@@ -96,13 +100,12 @@ def build_services(
             models=models,
             defaults=TrainingDefaults.from_settings(settings),
             database_url=database.url,
-            cluster_resources=cluster_resources,
             storage=storage,
         )
         if models is not None and launcher is not None
         else None
     )
-    jobs = JobsService(database=database, launcher=launcher, storage=storage)
+    jobs = JobsService(database=database, launcher=launcher, storage=storage, admitter=admitter)
     memory_banks = (
         MemoryBankService(
             database=database,
@@ -165,6 +168,7 @@ def create_app(
     models: ModelService | None = None,
     launcher: JobLauncher | None = None,
     cluster_resources: ClusterResources | None = None,
+    available_resources: ClusterResources | None = None,
     retriever: Retriever | None = None,
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
@@ -176,7 +180,11 @@ def create_app(
     or a `model_router`, the server has no Ray connection and inference answers 501.
     `launcher` submits fine-tuning jobs to Ray (with `models`, which locates the weights);
     with it, unfinished jobs are settled against Ray at start-up and periodically.
-    `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers.
+    `cluster_resources` and `available_resources` (`ray.cluster_resources`,
+    `ray.available_resources`) let admission refuse a job the cluster can never run and
+    queue one that does not fit yet (docs/admission.md); without both every job is
+    handed to Ray at once. With a launcher, the reconciler and admission run only while
+    this replica holds the store's lease, so several replicas may serve one database.
     `retriever`, `tools` and `shields` serve the agents (see `build_services`).
     `vector_index` holds memory banks' chunks (Milvus); without it the memory bank routes
     answer 501."""
@@ -184,6 +192,21 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = database if database is not None else Database(settings.resolved_database_url)
+        lease = Lease(db, ttl_s=settings.resolved_lease_ttl_s) if launcher is not None else None
+        admitter = (
+            Admitter(
+                database=db,
+                launcher=launcher,
+                totals=cluster_resources,
+                available=available_resources,
+                limits=AdmissionLimits.from_settings(settings),
+                lease=lease,
+            )
+            if launcher is not None
+            and cluster_resources is not None
+            and available_resources is not None
+            else None
+        )
         app.state.services = build_services(
             settings,
             database=db,
@@ -192,6 +215,7 @@ def create_app(
             models=models,
             launcher=launcher,
             cluster_resources=cluster_resources,
+            admitter=admitter,
             retriever=retriever,
             tools=tools,
             shields=shields,
@@ -199,16 +223,20 @@ def create_app(
         )
         periodic = None
         if launcher is not None:
-            reconciler = Reconciler(database=db, launcher=launcher)
-            try:
-                for settled in reconciler.settle():  # before the first request is served
-                    if settled.action != "left":
+            periodic = PeriodicReconciler(
+                Reconciler(database=db, launcher=launcher),
+                interval_s=settings.reconcile_interval_s,
+                lease=lease,
+                admitter=admitter,
+            )
+            try:  # before the first request is served
+                for settled in periodic.run_once() or ():
+                    if settled.action not in ("left", "queued"):
                         log.info("job %s: %s at start-up", settled.job_key, settled.action)
             except BackendUnavailable as exc:  # the periodic passes try again
                 log.warning("jobs not settled at start-up: %s", exc)
             except Exception:  # never a reason not to serve; the periodic passes try again
                 log.exception("jobs not settled at start-up")
-            periodic = PeriodicReconciler(reconciler, interval_s=settings.reconcile_interval_s)
             periodic.start()
         try:
             yield

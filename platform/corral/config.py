@@ -61,8 +61,20 @@ class Settings(BaseSettings):
     train_zero_stage: int | None = Field(default=None, ge=0, le=3)
     train_dtype: Literal["float32", "bfloat16"] = "float32"
     train_max_seq_len: int = Field(default=2048, ge=8)
-    # How often the API settles unfinished jobs against Ray (it also does at start-up).
+    # How often the API settles unfinished jobs against Ray (it also does at start-up) and
+    # admits queued ones. With several API replicas on one database only the holder of
+    # the store's lease does, renewed each pass; another takes over once it has not been
+    # renewed for `lease_ttl_s` (unset: three intervals).
     reconcile_interval_s: float = Field(default=30.0, gt=0)
+    lease_ttl_s: float | None = Field(default=None, gt=0)
+    # Admission (docs/admission.md): the most CPUs and GPUs the cluster can ever have, an
+    # autoscaler's maximum (0: what Ray reports now); a job needing more is refused (422).
+    # Per tenant (0: unlimited): jobs admitted and unfinished at once, and the GPUs they
+    # hold together; a tenant at a limit waits, others go on.
+    cluster_max_cpus: float = Field(default=0.0, ge=0)
+    cluster_max_gpus: float = Field(default=0.0, ge=0)
+    tenant_max_running_jobs: int = Field(default=0, ge=0)
+    tenant_max_job_gpus: float = Field(default=0.0, ge=0)
     # `corral serve`'s log lines: "text" for people, "json" one object per line (with the
     # request id and job of each line) for a log pipeline. See docs/observability.md.
     log_format: Literal["text", "json"] = "text"
@@ -148,6 +160,10 @@ class Settings(BaseSettings):
         return value.expanduser().resolve()
 
     @property
+    def resolved_lease_ttl_s(self) -> float:
+        return self.lease_ttl_s if self.lease_ttl_s is not None else 3 * self.reconcile_interval_s
+
+    @property
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -211,6 +227,13 @@ class Settings(BaseSettings):
         if any(key.key in tenant_keys for key in self.parsed_operator_keys):
             # One key, two meanings: which one was meant cannot be guessed.
             raise ValueError("a key is in both CORRAL_API_KEYS and CORRAL_OPERATOR_KEYS")
+        return self
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_pass(self) -> Settings:
+        if self.lease_ttl_s is not None and self.lease_ttl_s <= self.reconcile_interval_s:
+            # The holder renews once a pass: a shorter lease would pass between replicas.
+            raise ValueError("CORRAL_LEASE_TTL_S must exceed CORRAL_RECONCILE_INTERVAL_S")
         return self
 
     @property

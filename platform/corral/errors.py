@@ -46,6 +46,13 @@ class QuotaExceeded(CorralError):
     code = "quota_exceeded"
 
 
+class JobTooLarge(InvalidRequest):
+    """A job needs more than the cluster can ever give (its total, or its autoscaler's
+    maximum): refused at submission rather than left to wait forever; nothing stored."""
+
+    code = "job_too_large"
+
+
 class ContentTooLarge(InvalidRequest):
     """What the request carries is over a size bound (a memory bank document)."""
 
@@ -106,6 +113,7 @@ class CapabilityUnavailable(CorralError):
 
 HTTP_STATUS: dict[type[CorralError], int] = {
     InvalidRequest: 422,
+    JobTooLarge: 422,
     ContentTooLarge: 413,
     Unauthorized: 401,
     Forbidden: 403,

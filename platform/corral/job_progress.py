@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from corral.api.jobs import JobSummary
@@ -32,7 +33,7 @@ def progress_line(job: JobSummary) -> str:
         bar = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {step}/{total} steps"
     else:
         bar = f"[{'?' * BAR_WIDTH}] {step} steps"
-    return f"{job.job_uuid} {bar}{_loss(job)}  {job.status}"
+    return f"{job.job_uuid} {bar}{_loss(job)}  {job.status}{_queued(job)}"
 
 
 def follow(
@@ -81,9 +82,18 @@ def _draw_bar(summaries: Iterator[JobSummary], job_uuid: str, out: TextIO) -> Jo
                 # None (unchanged: an indeterminate bar) until the recipe plans its steps.
                 total=job.progress.total_steps if job.progress else None,
                 loss=_loss(job),
-                status=f"[{style}]{job.status}[/]" if style else job.status,
+                status=(f"[{style}]{job.status}[/]" if style else job.status)
+                + escape(_queued(job)),
             )
     return job
+
+
+def _queued(job: JobSummary) -> str:
+    """A queued job's place and reason (docs/admission.md): `(queued #2: waiting ...)`."""
+    if job.queue_reason is None:
+        return ""
+    place = f" #{job.queue_position}" if job.queue_position is not None else ""
+    return f" (queued{place}: {job.queue_reason})"
 
 
 def _loss(job: JobSummary) -> str:

@@ -18,7 +18,7 @@ from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
 from corral.ray_jobs import JobLauncher
-from corral.services.fine_tuning import ClusterResources
+from corral.services.admission import ClusterResources
 from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
 from corral.serving.deployer import ServeDeployer
@@ -83,6 +83,7 @@ def training_app(
     model_dir: Path,
     launcher: JobLauncher,
     cluster_resources: ClusterResources | None = None,
+    available_resources: ClusterResources | None = None,
 ) -> FastAPI:
     """An app that can submit fine-tuning jobs: a real model registry (not started: no
     Serve needed to locate weights) with `model_dir` as `llama3_8b`, and `launcher`."""
@@ -101,4 +102,5 @@ def training_app(
         models=registry,
         launcher=launcher,
         cluster_resources=cluster_resources,
+        available_resources=available_resources,
     )

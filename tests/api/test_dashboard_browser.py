@@ -97,7 +97,7 @@ def _with_queue_fields(route: Any) -> None:
     body = response.json()
     for job in body["data"]:
         if job["status"] == "scheduled":
-            job |= {"queue_position": 2, "reason": "waiting for 4 GPUs"}
+            job |= {"queue_position": 2, "queue_reason": "waiting for 4 GPUs"}
     route.fulfill(response=response, body=json.dumps(body))
 
 

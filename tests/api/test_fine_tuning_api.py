@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from corral.api.datasets import Dataset
 from corral.config import Settings
 from corral.ray_jobs import RayJobInfo, RayJobState, RayJobsUnavailable
-from corral.services.fine_tuning import TrainingDefaults, worker_count
 from corral.services.reconciler import Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
@@ -605,41 +604,109 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
 
 
 @pytest.mark.parametrize(
-    ("use_gpu", "resources", "workers"),
+    ("use_gpu", "totals", "need"),
     [
-        (False, {"CPU": 16.0}, 2),  # the configured number
-        (False, {"CPU": 1.0}, 1),  # no more than the cluster has
-        (True, {"CPU": 16.0, "GPU": 8.0}, 2),
-        (True, {"CPU": 16.0, "GPU": 1.0}, 1),
+        (False, {"CPU": 16.0}, {"CPU": 2.0}),
+        (True, {"CPU": 16.0, "GPU": 8.0}, {"GPU": 2.0}),
     ],
 )
-def test_workers_come_from_config_capped_by_the_cluster(
-    use_gpu: bool, resources: dict[str, float], workers: int, tmp_path: Path
+def test_a_job_gets_the_configured_workers_and_its_need_is_stored(
+    settings: Settings,
+    database: Database,
+    launcher: RecordingLauncher,
+    demo_model_dir: Path,
+    sft_request: dict[str, Any],
+    use_gpu: bool,
+    totals: dict[str, float],
+    need: dict[str, float],
 ) -> None:
-    defaults = TrainingDefaults(checkpoints_dir=tmp_path, num_workers=2, use_gpu=use_gpu)
-    assert worker_count(defaults, resources) == workers
+    app = training_app(
+        settings.model_copy(update={"train_use_gpu": use_gpu}),
+        database,
+        model_dir=demo_model_dir,
+        launcher=launcher,
+        cluster_resources=lambda: totals,
+        available_resources=lambda: totals,
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+        job = client.get("/jobs/sft-1", headers=ALPHA).json()
+    [stored] = _stored_jobs(database)
+    assert stored.launch is not None and stored.launch["num_workers"] == 2
+    assert (stored.need, job["need"], job["queue_position"]) == (need, need, None)
+    assert job["admitted_at"] is not None and launcher.submitted == [A("sft-1")]
 
 
-def test_a_cluster_without_gpus_cannot_take_gpu_jobs(
+@pytest.mark.parametrize(
+    ("use_gpu", "totals"),
+    [
+        (False, {"CPU": 1.0}),  # two workers, one CPU: never shrunk to one worker
+        (True, {"CPU": 4.0}),  # GPU workers on a cluster without GPUs
+    ],
+)
+def test_a_job_the_cluster_can_never_run_is_refused_and_nothing_is_stored(
+    settings: Settings,
+    database: Database,
+    launcher: RecordingLauncher,
+    demo_model_dir: Path,
+    sft_request: dict[str, Any],
+    use_gpu: bool,
+    totals: dict[str, float],
+) -> None:
+    app = training_app(
+        settings.model_copy(update={"train_use_gpu": use_gpu}),
+        database,
+        model_dir=demo_model_dir,
+        launcher=launcher,
+        cluster_resources=lambda: totals,
+        available_resources=lambda: totals,
+    )
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "job_too_large"
+    kind = "GPU" if use_gpu else "CPU"
+    assert f"needs 2 {kind}" in error["message"] and "never" in error["message"]
+    assert _stored_jobs(database) == [] and launcher.submitted == []
+
+
+def test_a_job_that_does_not_fit_now_is_queued_with_its_reason_in_every_view(
     settings: Settings,
     database: Database,
     launcher: RecordingLauncher,
     demo_model_dir: Path,
     sft_request: dict[str, Any],
 ) -> None:
-    gpu_settings = settings.model_copy(update={"train_use_gpu": True})
+    """Ray's totals can run it, what is free now cannot: the job stays scheduled, and
+    Corral's view, the spec's status (its free-form `resources_allocated`) and the log
+    say why and where it is in the queue."""
     app = training_app(
-        gpu_settings,
+        settings,
         database,
         model_dir=demo_model_dir,
         launcher=launcher,
         cluster_resources=lambda: {"CPU": 4.0},
+        available_resources=lambda: {"CPU": 1.0},
     )
     with TestClient(app, raise_server_exceptions=False) as client:
-        response = client.post(SFT_PATH, json=sft_request, headers=ALPHA)
-    assert response.status_code == 503
-    assert "no GPUs" in response.json()["error"]["message"]
-    assert _stored_jobs(database) == [] and launcher.submitted == []
+        assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
+        job = client.get("/jobs/sft-1", headers=ALPHA).json()
+        listed = client.get("/post_training/jobs", headers=ALPHA).json()["data"]
+        params = {"job_uuid": "sft-1"}
+        status = client.get("/post_training/job/status", params=params, headers=ALPHA)
+        logs = client.get("/jobs/sft-1/logs", headers=ALPHA).json()["log_lines"]
+    reason = "waiting for 2 CPU; 1 free"
+    assert (job["status"], job["queue_position"], job["queue_reason"]) == ("scheduled", 1, reason)
+    assert job["admitted_at"] is None and listed[0]["queue_reason"] == reason
+    assert status.status_code == 200
+    assert status.json()["resources_allocated"] == {
+        "need": {"CPU": 2.0},
+        "queue_position": 1,
+        "queue_reason": reason,
+    }
+    assert logs == [f"queued: {reason}"]
+    assert launcher.submitted == []
 
 
 class UnreachableLauncher(RecordingLauncher):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from corral.store import migrate
 from corral.store.db import Database, make_engine
 from corral.store.jobs import JobStore, Progress
 from corral.store.models import RegisteredModel, ServedModelStore
-from corral.store.tables import Base, ServedModel
+from corral.store.tables import Base, Job, ServedModel
 from corral.tenancy import job_key
 from serve_apps.options import ReplicaOptions
 
@@ -28,6 +28,7 @@ EXPECTED_TABLES = {
     "memory_bank_documents",
     "served_models",
     "file_model_scales",
+    "leases",
 }
 
 pytestmark = pytest.mark.integration
@@ -262,7 +263,7 @@ def test_job_metrics_migration_carries_old_progress_over_and_back(
     finally:
         engine.dispose()
 
-    migrate.upgrade(url, "0006")
+    migrate.upgrade(url)  # the ORM reads the head's columns
     db = Database(url)
     try:
         with db.transaction() as session:
@@ -289,7 +290,7 @@ def test_job_metrics_migration_carries_old_progress_over_and_back(
     finally:
         db.dispose()
 
-    migrate.downgrade(url, "-1")
+    migrate.downgrade(url, "0005")
     assert "job_metrics" not in _tables(url)
     engine = make_engine(url)
     try:
@@ -441,5 +442,72 @@ def test_memory_banks_migration_gives_old_banks_settings_and_documents_go_back(
             assert conn.execute(text("SELECT uuid, name FROM memory_banks")).all() == [
                 ("new-bank", "more")
             ]
+    finally:
+        engine.dispose()
+
+
+def test_admission_migration_admits_every_stored_job_and_the_way_back_keeps_them(
+    empty_database_url: str,
+) -> None:
+    """0010: every job stored before was handed to Ray at submission, so each counts as
+    admitted at its `scheduled_at`; unfinished ones get their need from their launch
+    config (workers x GPU or CPU; a generation job's stage actors), finished ones none.
+    Down again, the rows and their log lines stay."""
+    url = empty_database_url
+    migrate.upgrade(url, "0009")
+    now = "2026-12-01 12:00:00+00:00"
+    rows = [
+        ("t_gpu", "supervised_fine_tune", "scheduled", '{"num_workers": 4, "use_gpu": true}'),
+        ("t_cpu", "preference_optimize", "running", '{"num_workers": 2, "use_gpu": false}'),
+        ("t_sdg", "synthetic_data_generation", "running", "{}"),
+        ("t_done", "supervised_fine_tune", "completed", '{"num_workers": 2}'),
+    ]
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for key, kind, status, launch in rows:
+                conn.execute(
+                    text(
+                        "INSERT INTO jobs (key, uuid, tenant, kind, status, request,"
+                        " request_digest, scheduled_at, updated_at, attempt, launch,"
+                        " stop_pending) VALUES (:key, :key, 't', :kind, :status, '{}', 'd',"
+                        " :now, :now, 0, :launch, false)"
+                    ),
+                    {"key": key, "kind": kind, "status": status, "now": now, "launch": launch},
+                )
+            conn.execute(
+                text(
+                    "INSERT INTO job_log_lines (job_key, logged_at, line)"
+                    " VALUES ('t_gpu', :now, 'submitted')"
+                ),
+                {"now": now},
+            )
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    db = Database(url)
+    try:
+        with db.transaction() as session:
+            jobs = {job.key: job for job in session.scalars(select(Job))}
+            assert {key: job.need for key, job in jobs.items()} == {
+                "t_gpu": {"GPU": 4.0},
+                "t_cpu": {"CPU": 2.0},
+                "t_sdg": {"CPU": 0.15},
+                "t_done": None,
+            }
+            assert all(job.admitted_at == job.scheduled_at for job in jobs.values())
+            assert all(job.queue_position is None for job in jobs.values())
+    finally:
+        db.dispose()
+
+    migrate.downgrade(url, "0009")
+    assert "leases" not in _tables(url)
+    engine = make_engine(url)
+    try:
+        assert "need" not in {c["name"] for c in inspect(engine).get_columns("jobs")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 4
+            assert conn.execute(text("SELECT line FROM job_log_lines")).all() == [("submitted",)]
     finally:
         engine.dispose()

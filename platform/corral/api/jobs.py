@@ -43,6 +43,14 @@ class JobSummary(BaseModel):
     # Where the job writes TensorBoard event files, when its `logger_config` asked for
     # them (`{"tensorboard": true}`): `tensorboard --logdir` on that directory.
     tensorboard_url: str | None = None
+    # Admission (docs/admission.md): what the job holds on the cluster while it runs (Ray
+    # resource name -> amount), and when it was handed to Ray. A `scheduled` job not yet
+    # admitted is queued: its place in the queue (1: next; null until an admission pass
+    # has placed it) and why it waits, e.g. "waiting for 2 GPU; 1 free".
+    need: dict[str, float] | None = None
+    admitted_at: AwareDatetime | None = None
+    queue_position: int | None = None
+    queue_reason: str | None = None
 
 
 class JobList(BaseModel):

@@ -204,7 +204,8 @@ def cancel(
 
 
 def jobs_table(jobs: list[JobSummary]) -> tuple[list[str], list[list[str]]]:
-    header = ["JOB", "KIND", "STATUS", "SCHEDULED", "CHECKPOINTS", "ERROR"]
+    """A row per job; QUEUE is a queued job's place and why it waits (docs/admission.md)."""
+    header = ["JOB", "KIND", "STATUS", "SCHEDULED", "CHECKPOINTS", "QUEUE", "ERROR"]
     rows = [
         [
             job.job_uuid,
@@ -212,11 +213,20 @@ def jobs_table(jobs: list[JobSummary]) -> tuple[list[str], list[list[str]]]:
             job.status,
             job.scheduled_at.strftime("%Y-%m-%dT%H:%M:%S"),
             str(job.checkpoints),
+            queue_text(job)[:60] or "-",
             (job.error or "-")[:60],
         ]
         for job in jobs
     ]
     return header, rows
+
+
+def queue_text(job: JobSummary) -> str:
+    """`#2 waiting for 2 GPU; 1 free` for a queued job; empty for any other."""
+    if job.queue_reason is None:
+        return ""
+    place = f"#{job.queue_position} " if job.queue_position is not None else ""
+    return place + job.queue_reason
 
 
 def metrics_table(records: list[JobMetric]) -> tuple[list[str], list[list[str]]]:

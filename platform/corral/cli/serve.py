@@ -161,6 +161,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         models=models,
         launcher=launcher,
         cluster_resources=ray.cluster_resources,
+        available_resources=ray.available_resources,
         vector_index=build_vector_index(settings),
         tools=build_tools(settings),
         shields=ShieldBuilder(settings, models.resolver, embedded_default=catalog.embedded_default),

@@ -84,7 +84,7 @@
   function queueText(job) {
     const parts = [];
     if (typeof job.queue_position === "number") parts.push(`#${job.queue_position}`);
-    if (job.reason) parts.push(String(job.reason));
+    if (job.queue_reason) parts.push(String(job.queue_reason));
     return parts.join(" · ");
   }
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,7 +38,7 @@ from corral.api.post_training import (
     TrainingConfig,
 )
 from corral.config import Settings
-from corral.errors import BackendUnavailable, ContentUnavailable, InvalidRequest, NotFound
+from corral.errors import ContentUnavailable, InvalidRequest, NotFound
 from corral.services.datasets import DatasetService, Row
 from corral.serving.resolver import ResolvedModel, check_kind
 from corral.storage import Storage
@@ -83,24 +82,12 @@ class TrainingDefaults:
         )
 
 
-ClusterResources = Callable[[], Mapping[str, float]]
-
-
-def worker_count(defaults: TrainingDefaults, resources: Mapping[str, float]) -> int:
-    """Workers for one job: the configured number, but no more than the cluster has GPUs
-    (or CPUs, on CPU), so a job never waits for workers the cluster can never give it."""
-    kind = "GPU" if defaults.use_gpu else "CPU"
-    slots = int(resources.get(kind, 0))
-    if slots < 1:
-        raise BackendUnavailable(f"the Ray cluster has no {kind}s for training workers")
-    return min(defaults.num_workers, slots)
-
-
 class LaunchPlanner:
     """Builds and checks launch configs; `database_url` only takes part in the recipe's
-    validation (the job process gets it from its environment, not from the config).
-    `cluster_resources` reports the Ray cluster's totals (`ray.cluster_resources`); without
-    it the configured number of workers is used as it is."""
+    validation (the job process gets it from its environment, not from the config). A
+    job's workers are the configured number, never fewer to fit the cluster: admission
+    refuses a job the cluster can never run and queues one it cannot run yet
+    (services/admission.py)."""
 
     def __init__(
         self,
@@ -109,7 +96,6 @@ class LaunchPlanner:
         models: ModelLocator,
         defaults: TrainingDefaults,
         database_url: str,
-        cluster_resources: ClusterResources | None = None,
         storage: Storage | None = None,
     ) -> None:
         """`storage`: where jobs write (corral.storage); by default the checkpoints
@@ -118,7 +104,6 @@ class LaunchPlanner:
         self._models = models
         self._defaults = defaults
         self._database_url = database_url
-        self._cluster_resources = cluster_resources
         self._storage = storage or Storage(str(defaults.checkpoints_dir))
 
     def plan_sft(self, *, tenant: str, request: PostTrainingSFTRequest) -> dict[str, Any]:
@@ -202,11 +187,7 @@ class LaunchPlanner:
             "batch_size": training.batch_size,
             "shuffle": training.shuffle,
             "max_seq_len": self._defaults.max_seq_len,
-            "num_workers": (
-                worker_count(self._defaults, self._cluster_resources())
-                if self._cluster_resources is not None
-                else self._defaults.num_workers
-            ),
+            "num_workers": self._defaults.num_workers,
             "use_gpu": self._defaults.use_gpu,
             "dtype": self._defaults.dtype,
             **_distribution(training, self._defaults.zero_stage),

@@ -16,12 +16,14 @@ from corral.api.jobs import JobList, JobLogs, JobMetric, JobMetrics, JobProgress
 from corral.errors import BackendUnavailable, CapabilityUnavailable, Conflict
 from corral.observability.context import bind_job
 from corral.ray_jobs import JobLauncher, submission_id
+from corral.services.admission import Admitter
 from corral.services.ids import check_id
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore, Progress
 from corral.store.tables import Job
 from jobs.logger_config import TENSORBOARD_DIR, tensorboard_dir
+from jobs.resources import job_need
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,17 @@ class JobsService:
         database: Database,
         launcher: JobLauncher | None = None,
         storage: Storage | None = None,
+        admitter: Admitter | None = None,
     ) -> None:
         """Without a launcher (no Ray connection) jobs can be read but not submitted, and
         a cancellation is recorded for the reconciler to carry out. `storage` gives the
-        URLs of jobs' files in object storage."""
+        URLs of jobs' files in object storage. With an `admitter` (services/admission.py)
+        a job is refused when the cluster can never run it, and queued until it fits;
+        without one (no view of Ray's resources) every job is handed to Ray at once."""
         self._db = database
         self._launcher = launcher
         self._storage = storage
+        self._admitter = admitter
 
     def submit(
         self,
@@ -52,10 +58,11 @@ class JobsService:
         body: dict[str, Any],
         plan: Callable[[], dict[str, Any]],
     ) -> None:
-        """Store a scheduled job and hand it to Ray. The same request again changes
-        nothing; the same uuid with another request is a Conflict. `plan()` turns the
-        request into the job's launch config (raising for a bad request); it runs only for
-        a new job, outside any transaction. Nothing is stored unless it succeeds."""
+        """Store a scheduled job and admit it (hand it to Ray) if it fits now; else it
+        stays queued. The same request again changes nothing; the same uuid with another
+        request is a Conflict. `plan()` turns the request into the job's launch config
+        (raising for a bad request); it runs only for a new job, outside any transaction.
+        Nothing is stored unless it succeeds and the cluster could ever run the job."""
         if self._launcher is None:
             raise CapabilityUnavailable(kind.value, "this server has no Ray connection")
         check_id(job_uuid, what="job_uuid")
@@ -67,14 +74,29 @@ class JobsService:
                 bind_job(job_uuid=job_uuid, job_key=found.key)
                 return  # the same request again: nothing to do
         launch = plan()
+        need = job_need(kind.value, launch)
+        if self._admitter is not None:
+            self._admitter.check(need=need)  # JobTooLarge: it would wait forever
         with self._db.transaction() as session:
             created = JobStore(session).create(
-                job_uuid=job_uuid, tenant=tenant, kind=kind, request=body, launch=launch
+                job_uuid=job_uuid,
+                tenant=tenant,
+                kind=kind,
+                request=body,
+                launch=launch,
+                need=need,
+                admitted=self._admitter is None,
             )
             key = created.job.key
             bind_job(job_uuid=job_uuid, job_key=key)
         if not created.created:
             return  # a concurrent submission of the same request stored it first
+        if self._admitter is not None:
+            try:
+                self._admitter.admit_if_leader()
+            except Exception as exc:  # stored and queued: the next periodic pass admits it
+                log.warning("job %s queued; no admission pass now: %s", key, exc)
+            return
         try:
             self._launcher.submit(key)
         except BackendUnavailable as exc:
@@ -214,8 +236,23 @@ def _summary(
                 else None
             ),
             "tensorboard_url": _tensorboard_url(job, storage),
+            "need": job.need,
+            "admitted_at": job.admitted_at,
+            **queue_place(job),
         }
     )
+
+
+def queue_place(job: Job) -> dict[str, Any]:
+    """A queued job's place (1: next) and why it waits, as the last admission pass
+    wrote them; both None once it is admitted (or before a pass has seen it: a reason
+    says so)."""
+    if job.status != JobStatus.SCHEDULED.value or job.admitted_at is not None:
+        return {"queue_position": None, "queue_reason": None}
+    return {
+        "queue_position": job.queue_position,
+        "queue_reason": job.queue_reason or "queued: waiting for the next admission pass",
+    }
 
 
 def _tensorboard_url(job: Job, storage: Storage | None) -> str | None:

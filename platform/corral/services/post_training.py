@@ -17,7 +17,7 @@ from corral.api.post_training import (
 from corral.errors import BackendUnavailable, CapabilityUnavailable
 from corral.observability.context import bind_job
 from corral.services.fine_tuning import LaunchPlanner
-from corral.services.jobs import JobsService
+from corral.services.jobs import JobsService, queue_place
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import TRAINING_KINDS, JobKind, JobStatus, JobStore
@@ -106,6 +106,9 @@ class PostTrainingService:
                 body["completed_at"] = job.completed_at
             if job.resources_allocated is not None:
                 body["resources_allocated"] = job.resources_allocated
+            elif (queued := queue_place(job))["queue_reason"] is not None:
+                # The spec's one free-form field: while the job is queued, why it waits.
+                body["resources_allocated"] = {"need": job.need, **queued}
             return PostTrainingJobStatusResponse.model_validate(body)
 
     def logs(self, *, tenant: str, job_uuid: str) -> PostTrainingJobLogStream:

@@ -5,8 +5,10 @@ evidence for the cases the job process could not report itself:
 
 | row        | Ray says                 | the reconciler                                   |
 |------------|--------------------------|--------------------------------------------------|
-| scheduled  | never heard of it        | submits it (it never ran: the API stopped, or    |
-|            |                          | Ray was down, between storing and submitting)    |
+| scheduled, | (not asked)              | leaves it to admission (services/admission.py):  |
+| queued     |                          | it is never submitted from here                  |
+| scheduled, | never heard of it        | submits it (it never ran: the API stopped, or    |
+| admitted   |                          | Ray was down, between admitting and submitting)  |
 | running    | never heard of it, or    | relaunches it if its kind resumes (see below),   |
 |            | FAILED                   | else as the next rows say                        |
 | running    | never heard of it        | fails it: the Ray job vanished (cluster lost)    |
@@ -33,7 +35,9 @@ died without reporting (a crash, its node lost, the cluster restarted). A job of
 that resumes (`JobKind.relaunches_after_crash`: synthetic data generation, whose finished
 batches are saved) is moved back to `scheduled`, which counts a new attempt, and
 submitted again as that attempt (`corral.ray_jobs.submission_id`: each attempt is its own
-Ray job), at most MAX_RELAUNCHES times; then it fails as any other. A job that failed by
+Ray job), at most MAX_RELAUNCHES times; then it fails as any other. A relaunch keeps the
+job's admission (it held its resources until its process died, and its work is half done):
+it does not queue again. A job that failed by
 itself has already said so in its row, so only a crash is ever relaunched.
 
 Only rows that are `cancelled` have their Ray job stopped: a job that wrote `completed`
@@ -50,6 +54,8 @@ from dataclasses import dataclass
 from corral.errors import BackendUnavailable
 from corral.observability.context import job_context
 from corral.ray_jobs import JobLauncher, RayJobInfo, RayJobState, submission_id
+from corral.services.admission import Admitter
+from corral.services.lease import Lease
 from corral.store.db import Database
 from corral.store.jobs import LEGAL_MOVES, JobKind, JobStatus, JobStore
 from corral.store.tables import Job
@@ -64,8 +70,8 @@ MAX_RELAUNCHES = 2
 @dataclass(frozen=True)
 class Settled:
     job_key: str
-    # "submitted", "relaunched", "completed", "failed", "cancelled", "left", "stale",
-    # "stopped", "stop confirmed" or "error"
+    # "submitted", "relaunched", "completed", "failed", "cancelled", "left", "queued",
+    # "stale", "stopped", "stop confirmed" or "error"
     action: str
 
 
@@ -77,10 +83,12 @@ class _Run:
     status: JobStatus
     attempt: int
     kind: JobKind
+    admitted: bool = True
 
     @classmethod
     def of(cls, job: Job) -> _Run:
-        return cls(job.key, JobStatus(job.status), job.attempt, JobKind(job.kind))
+        admitted = job.admitted_at is not None
+        return cls(job.key, JobStatus(job.status), job.attempt, JobKind(job.kind), admitted)
 
     @property
     def submission_id(self) -> str:
@@ -114,6 +122,8 @@ class Reconciler:
 
     def _settle_one(self, run: _Run) -> Settled:
         key, status = run.key, run.status
+        if status is JobStatus.SCHEDULED and not run.admitted:
+            return Settled(key, "queued")  # admission's to hand to Ray; Ray has no record
         info = self._launcher.info(run.submission_id)
         if _crashed(run, info):
             return self._relaunch(run, VANISHED if info is None else _failure(info))
@@ -196,11 +206,23 @@ def _failure(info: RayJobInfo) -> str:
 
 
 class PeriodicReconciler:
-    """Runs `Reconciler.settle` every `interval_s` on a daemon thread until stopped."""
+    """Runs a pass every `interval_s` on a daemon thread until stopped: `Reconciler.settle`,
+    then, with an `admitter`, an admission pass (jobs that finished free their resources
+    for the queue). With a `lease` (several API replicas on one database) a pass runs only
+    while this replica holds it; stopping releases it."""
 
-    def __init__(self, reconciler: Reconciler, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        reconciler: Reconciler,
+        *,
+        interval_s: float,
+        lease: Lease | None = None,
+        admitter: Admitter | None = None,
+    ) -> None:
         self._reconciler = reconciler
         self._interval_s = interval_s
+        self._lease = lease
+        self._admitter = admitter
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="corral-reconciler", daemon=True)
 
@@ -209,12 +231,25 @@ class PeriodicReconciler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self._lease is not None:
+            self._lease.release()
+
+    def run_once(self) -> list[Settled] | None:
+        """One pass; None when another replica holds the lease. Raises what the pass
+        raises (BackendUnavailable when Ray cannot be reached)."""
+        if self._lease is not None and not self._lease.hold():
+            return None
+        settled = self._reconciler.settle()
+        if self._admitter is not None:
+            self._admitter.admit()
+        return settled
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                self._reconciler.settle()
+                self.run_once()
             except BackendUnavailable as exc:
                 log.warning("reconciler: %s", exc)
             except Exception:

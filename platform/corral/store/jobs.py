@@ -136,11 +136,15 @@ class JobStore:
         kind: JobKind,
         request: dict[str, Any],
         launch: dict[str, Any] | None = None,
+        need: dict[str, float] | None = None,
+        admitted: bool = True,
     ) -> CreateOutcome:
         """Store a scheduled job, or return the stored one if the same request was sent
         before. The same uuid with a different request (or kind) is a Conflict; another
         tenant's jobs are never compared against. `launch` is what the job process will
-        run; it is not part of the comparison."""
+        run and `need` what it holds on the cluster; neither is part of the comparison.
+        `admitted=False` stores it queued, for the admission pass to let through
+        (corral/services/admission.py); otherwise it is admitted as it is stored."""
         digest = request_digest(request)
         existing = self.same_request(tenant=tenant, job_uuid=job_uuid, kind=kind, request=request)
         if existing is None:
@@ -157,6 +161,8 @@ class JobStore:
                 updated_at=now,
                 attempt=0,
                 launch=launch,
+                need=need,
+                admitted_at=now if admitted else None,
             )
             try:
                 with self._session.begin_nested():

@@ -114,6 +114,25 @@ class Job(Base):
     stop_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The optimizer steps the run plans to take (`JobReporter.plan`): what progress counts to.
     total_steps: Mapped[int | None] = mapped_column(Integer)
+    # Admission (corral/services/admission.py): what the job holds on the cluster while it
+    # runs (Ray resource name -> amount; jobs/resources.py), and when it was let through
+    # to Ray. A scheduled row with no `admitted_at` is queued; the admission pass writes
+    # its place in the queue (1 = next) and why it waits.
+    need: Mapped[dict[str, Any] | None]
+    admitted_at: Mapped[datetime | None]
+    queue_position: Mapped[int | None] = mapped_column(Integer)
+    queue_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """A named lease: the API replica that holds it (until `expires_at`, renewed while it
+    lives) alone runs that loop, e.g. the reconciler and admission (services/lease.py)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256))
+    expires_at: Mapped[datetime]
 
 
 class JobLogLine(Base):

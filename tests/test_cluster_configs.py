@@ -57,12 +57,9 @@ RAY_PORTS = {6379, 8265, 10001, 52365, 8080}
 SECRETS = {"corral-ray-auth", "corral-api"}
 # Variables whose values are secrets: only ever from a Secret.
 SECRET_NAME = re.compile(r"(KEYS?|TOKEN|SECRET|PASSWORD|DATABASE_URL)$")
-# CORRAL_ variables that are not Settings fields: the CLI's key, scripts' knobs, and the
-# settings other parts of this issue add (scoped job credentials).
+# CORRAL_ variables that are not Settings fields: the CLI's key and scripts' knobs.
 NOT_SETTINGS = {
     "CORRAL_API_KEY",  # the CLI's bearer key (corral.cli.remote)
-    "CORRAL_JOB_TOKEN_SECRET",  # docs/job_credentials.md
-    "CORRAL_INTERNAL_URL",  # docs/job_credentials.md
     "CORRAL_SETUP_VLLM",  # scripts/setup.sh
     "CORRAL_VLLM_VENV",  # scripts/setup-vllm.sh
     "CORRAL_VLLM_SPEC",
@@ -660,9 +657,7 @@ def test_the_operators_guide_is_linked_and_its_links_resolve() -> None:
         ".backup",
     ):
         assert name in text, name
-    # The guides the other parts of this issue write.
-    pending = {"job_credentials.md", "admission.md", "observability.md"}
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-        if "://" in target or Path(target).name in pending:
+        if "://" in target:
             continue
         assert (OPERATORS_GUIDE.parent / target).resolve().exists(), target

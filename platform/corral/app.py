@@ -24,9 +24,11 @@ from corral.errors import (
     http_status_for,
     retry_after_s,
 )
+from corral.job_tokens import JobTokens
 from corral.memory.types import BankSettings, Retriever
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
+from corral.routes import internal_jobs as internal_routes
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
@@ -37,6 +39,7 @@ from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import ClusterResources, LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
+from corral.services.job_reports import JobReports
 from corral.services.jobs import JobsService
 from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
@@ -88,7 +91,6 @@ def build_services(
             datasets=datasets,
             models=models,
             defaults=TrainingDefaults.from_settings(settings),
-            database_url=database.url,
             cluster_resources=cluster_resources,
             storage=storage,
         )
@@ -127,7 +129,6 @@ def build_services(
             apps=models.deployer if models is not None else None,
             jobs=jobs,
             storage=storage,
-            database_url=database.url,
             limits=SyntheticDataLimits.from_settings(settings),
         ),
         agents=AgentService(
@@ -138,6 +139,7 @@ def build_services(
             shields=shields,
             limits=AgentLimits.from_settings(settings),
         ),
+        job_reports=JobReports(database=database),
     )
 
 
@@ -154,6 +156,7 @@ def create_app(
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
     vector_index: VectorIndex | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
@@ -164,7 +167,8 @@ def create_app(
     `cluster_resources` (e.g. `ray.cluster_resources`) caps a job's workers.
     `retriever`, `tools` and `shields` serve the agents (see `build_services`).
     `vector_index` holds memory banks' chunks (Milvus); without it the memory bank routes
-    answer 501."""
+    answer 501. `job_tokens` checks running jobs' credentials on the internal routes
+    (by default from `settings`: the launcher must make tokens under the same secret)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -210,6 +214,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.job_tokens = job_tokens or JobTokens.from_settings(settings)
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys)
     for router in all_routers():
         app.include_router(router, responses=ERROR_RESPONSES)
@@ -221,6 +226,7 @@ def create_app(
     app.include_router(memory_routes.corral_router, responses=ERROR_RESPONSES)
     app.include_router(sdg_routes.jobs_router, responses=ERROR_RESPONSES)
     app.include_router(openai_routes.router)
+    app.include_router(internal_routes.router)  # running jobs only (docs/job_credentials.md)
 
     @app.get("/health", include_in_schema=False)
     def health() -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TENANT = "default"
@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     code_interpreter_memory_mb: int = Field(default=512, ge=16, le=1 << 20)
     code_interpreter_wall_s: float = Field(default=20.0, gt=0, le=3600)
     code_interpreter_output_bytes: int = Field(default=64 * 1024, ge=256, le=1 << 26)
+    # Scoped job credentials (docs/job_credentials.md): the secret each job's token is
+    # derived from (unset: a random one kept in `home/job_token_secret`; changing it
+    # invalidates running jobs' tokens), and the URL jobs reach the API's internal routes
+    # at (unset: the address `corral serve` listens on, loopback for 0.0.0.0/::).
+    job_token_secret: SecretStr | None = None
+    internal_url: str | None = None
 
     @field_validator("home")
     @classmethod
@@ -166,6 +172,23 @@ class Settings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
                 raise ValueError("CORRAL_STORAGE_S3_ENDPOINT must be http(s)://host[:port]")
+        return value
+
+    @field_validator("job_token_secret")
+    @classmethod
+    def _check_job_token_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("CORRAL_JOB_TOKEN_SECRET must be at least 32 characters")
+        return value
+
+    @field_validator("internal_url")
+    @classmethod
+    def _check_internal_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+                raise ValueError("CORRAL_INTERNAL_URL must be http(s)://host[:port][/prefix]")
+            return value.rstrip("/")
         return value
 
     @property

@@ -97,8 +97,8 @@ def worker_count(defaults: TrainingDefaults, resources: Mapping[str, float]) -> 
 
 
 class LaunchPlanner:
-    """Builds and checks launch configs; `database_url` only takes part in the recipe's
-    validation (the job process gets it from its environment, not from the config).
+    """Builds and checks launch configs (which never say where the job reports: the job
+    process is told that by its environment, docs/job_credentials.md).
     `cluster_resources` reports the Ray cluster's totals (`ray.cluster_resources`); without
     it the configured number of workers is used as it is."""
 
@@ -108,7 +108,6 @@ class LaunchPlanner:
         datasets: DatasetService,
         models: ModelLocator,
         defaults: TrainingDefaults,
-        database_url: str,
         cluster_resources: ClusterResources | None = None,
         storage: Storage | None = None,
     ) -> None:
@@ -117,7 +116,6 @@ class LaunchPlanner:
         self._datasets = datasets
         self._models = models
         self._defaults = defaults
-        self._database_url = database_url
         self._cluster_resources = cluster_resources
         self._storage = storage or Storage(str(defaults.checkpoints_dir))
 
@@ -213,14 +211,14 @@ class LaunchPlanner:
             **specific,
         }
         try:
-            config = config_class.model_validate({**launch, "database_url": self._database_url})
+            config = config_class.model_validate(launch)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
                 for err in exc.errors()
             )
             raise InvalidRequest(f"the job cannot run as asked: {problems}") from None
-        checked: dict[str, Any] = config.model_dump(mode="json", exclude={"database_url"})
+        checked: dict[str, Any] = config.model_dump(mode="json")
         return checked
 
     def _rows(self, tenant: str, dataset: Dataset, needed: dict[str, str], field: str) -> list[Row]:

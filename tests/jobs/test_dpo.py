@@ -342,7 +342,7 @@ def _config(
 ) -> DPOJobConfig:
     settings: dict[str, Any] = {
         "job_key": _key(job_uuid),
-        "database_url": database_url,
+        "report_to": {"database_url": database_url},
         "model_dir": model_dir,
         "output_dir": output_dir,
         "rows": ROWS,

@@ -119,7 +119,7 @@ def make_config(
         )
     return SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=db.url,
+        report_to={"database_url": db.url},
         pipeline=PipelineConfig(generation_app="llm", reward_app="reward", batch_size=2),
         prompts=prompts(n),
         output=output or DatasetOutput(format="dpo"),

@@ -79,7 +79,7 @@ def test_a_resumed_job_generates_the_rest_and_registers_every_prompts_pair(
     )
     config = SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         pipeline=PipelineConfig(
             filtering_function="top_k",
             settings=settings,
@@ -141,7 +141,7 @@ def test_an_app_that_is_not_there_fails_the_job_naming_the_stage(
         )
     config = SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         pipeline=PipelineConfig(generation_app=LLM_APP, reward_app="no-such-reward-app"),
         prompts=(prompt(0),),
         output_dir=tmp_path / "job",

@@ -123,7 +123,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
         )
     config = SFTJobConfig(
         job_key=job_key("t", JOB),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         model_dir=demo_model_dir,
         output_dir=tmp_path / "out",
         rows=_rows(WORKERS * STEPS_PER_EPOCH, "You are"),

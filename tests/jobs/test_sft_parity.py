@@ -170,7 +170,7 @@ def _recipe_losses(
         )
     config = SFTJobConfig(
         job_key=job_key("t", job_uuid),
-        database_url=db.url,
+        report_to={"database_url": db.url},
         model_dir=model_dir,
         output_dir=output_dir,
         rows=rows,

@@ -144,6 +144,9 @@ def _finite(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _cut(text: str, limit: int) -> str:
+    """`text` as the internal routes take it: storable (NUL and lone surrogates replaced)
+    and at most `limit` characters."""
+    text = text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

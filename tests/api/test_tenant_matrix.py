@@ -520,8 +520,25 @@ ROUTES: list[Route] = [
 ]
 
 # Routes of the app that name no stored object of a tenant, and why.
+# The running jobs' routes take a job token, not a tenant's key (no key opens them):
+# tests/api/test_internal_jobs.py checks that job A's token opens none of job B's.
+INTERNAL_JOB_ROUTES = {
+    f"{method} /internal/jobs/{{job_key}}/{name}": "job token, not a tenant key"
+    for method, name in [
+        ("GET", "launch"),
+        ("GET", "status"),
+        ("GET", "checkpoints"),
+        ("POST", "checkpoints"),
+        ("POST", "transition"),
+        ("POST", "logs"),
+        ("POST", "metrics"),
+        ("POST", "plan"),
+        ("POST", "dataset"),
+    ]
+}
 NOT_ID_ROUTES = {
     "GET /health": "no object",
+    **INTERNAL_JOB_ROUTES,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 # The largest body an internal route reads at all (413 beyond): a full page of log lines.
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -20,6 +20,25 @@ MAX_METRICS_PER_CALL = 64
 MAX_PATH_CHARS = 4096
 MAX_STEP = 2**31 - 1
 
+
+def _storable(text: str) -> str:
+    """Text every database stores: no NUL (PostgreSQL refuses it) and no lone surrogate
+    (not UTF-8). The job's reporter replaces both before it sends."""
+    if "\x00" in text:
+        raise ValueError("text must not contain NUL")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Storable = AfterValidator(_storable)
+LineText = Annotated[str, StringConstraints(max_length=MAX_LINE_CHARS), Storable]
+ErrorText = Annotated[str, StringConstraints(max_length=MAX_ERROR_CHARS), Storable]
+DetailText = Annotated[str, StringConstraints(max_length=1000), Storable]
+ScalarText = Annotated[str, StringConstraints(max_length=500), Storable]
+PathText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS), Storable]
 MetricName = Annotated[
     str,
     StringConstraints(
@@ -27,7 +46,7 @@ MetricName = Annotated[
     ),
 ]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-Scalar = Annotated[str, StringConstraints(max_length=500)] | int | FiniteFloat | bool | None
+Scalar = ScalarText | int | FiniteFloat | bool | None
 
 
 class _Body(BaseModel):
@@ -40,7 +59,7 @@ class TransitionBody(_Body):
     cancelled meanwhile cannot mark itself completed."""
 
     to: Literal["running", "completed", "failed"]
-    error: Annotated[str, StringConstraints(max_length=MAX_ERROR_CHARS)] | None = None
+    error: ErrorText | None = None
     resources_allocated: dict[MetricName, Scalar] | None = Field(default=None, max_length=32)
 
 
@@ -51,14 +70,12 @@ class TransitionAnswer(_Body):
 
 
 class LogBody(_Body):
-    lines: list[Annotated[str, StringConstraints(max_length=MAX_LINE_CHARS)]] = Field(
-        min_length=1, max_length=MAX_LINES_PER_CALL
-    )
+    lines: list[LineText] = Field(min_length=1, max_length=MAX_LINES_PER_CALL)
 
 
 class PlanBody(_Body):
     total_steps: int = Field(ge=0, le=MAX_STEP)
-    detail: Annotated[str, StringConstraints(max_length=1000)] = ""
+    detail: DetailText = ""
 
 
 class MetricsBody(_Body):
@@ -69,7 +86,7 @@ class MetricsBody(_Body):
 
 class CheckpointBody(_Body):
     iters: int = Field(ge=0, le=MAX_STEP)
-    path: Annotated[str, StringConstraints(min_length=1, max_length=MAX_PATH_CHARS)]
+    path: PathText
     metrics: dict[MetricName, FiniteFloat] | None = Field(
         default=None, max_length=MAX_METRICS_PER_CALL
     )

@@ -165,6 +165,7 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
     assert (launch["zero_stage"], launch["cpu_offload"]) == (None, False)
     # Where the job reports comes from its environment, never from what is stored.
     assert "database_url" not in launch and "report_to" not in launch
+    assert database.url not in json.dumps(launch)
 
     status = client.get("/post_training/job/status", params={"job_uuid": "sft-1"}, headers=ALPHA)
     assert status.json()["status"] == "scheduled"

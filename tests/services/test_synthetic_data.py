@@ -6,6 +6,7 @@ tests/api/test_synthetic_data_api.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -286,6 +287,7 @@ def test_a_job_stores_a_launch_config_the_recipe_validates(
     assert launcher.submitted == [job_key("alpha", "sdg-1")]
     launch = _stored_launch(sqlite_database, "sdg-1")
     assert "database_url" not in launch and "report_to" not in launch
+    assert sqlite_database.url not in json.dumps(launch)
     config = SyntheticDataJobConfig.model_validate(launch)
     assert config.job_key == job_key("alpha", "sdg-1")
     assert [p.index for p in config.prompts] == [0, 1]

@@ -19,6 +19,7 @@ MAX_METRIC_NAME_CHARS = 100
 MAX_METRICS_PER_CALL = 64
 MAX_PATH_CHARS = 4096
 MAX_STEP = 2**31 - 1
+MAX_JOB_KEY_CHARS = 192  # corral.store.tables.JOB_KEY_LENGTH
 
 
 def _storable(text: str) -> str:

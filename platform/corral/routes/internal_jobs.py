@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from corral.api.internal_jobs import (
     MAX_BODY_BYTES,
+    MAX_JOB_KEY_CHARS,
     CheckpointBody,
     CheckpointEntry,
     CheckpointList,
@@ -38,7 +39,6 @@ from corral.job_tokens import JobTokens
 from corral.services.container import Services
 from corral.services.job_reports import JobReports
 from corral.store.jobs import JobStatus, TransitionOutcome
-from corral.store.tables import JOB_KEY_LENGTH
 
 PREFIX = "/internal/jobs"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
@@ -46,7 +46,7 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def _job_key(
-    request: Request, job_key: Annotated[str, Path(min_length=1, max_length=JOB_KEY_LENGTH)]
+    request: Request, job_key: Annotated[str, Path(min_length=1, max_length=MAX_JOB_KEY_CHARS)]
 ) -> str:
     """The path's job key, once the request's token is shown to be that job's."""
     tokens = cast(JobTokens, request.app.state.job_tokens)

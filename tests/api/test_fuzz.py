@@ -7,6 +7,8 @@ reward model's, so inference and reward scoring run instead of answering 404 or 
 memory banks run on the session's Milvus Lite server and embedding app).
 Fine-tuning submissions go to a launcher that records them: a fuzzed body that passed
 every check would otherwise start a real training run.
+The running jobs' routes (`/internal/jobs/...`) are not in the document: they take a
+job token, not a key, and tests/api/test_internal_jobs.py fuzzes their bodies.
 
 Per response: no server error (a 501 naming a capability this build lacks is the one 5xx
 allowed: it is the documented answer of the operations with no engine yet), the status

@@ -25,11 +25,13 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from corral.api.internal_jobs import MAX_JOB_KEY_CHARS
 from corral.app import create_app
 from corral.config import Settings
 from corral.job_tokens import TOKEN_PREFIX, JobTokens
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
+from corral.store.tables import JOB_KEY_LENGTH
 from corral.tenancy import job_key
 from jobs.reporting import JobReporter
 from jobs.transport import HttpTransport, ReportRefused, ReportUnavailable
@@ -369,6 +371,10 @@ def test_an_unknown_job_is_404_to_its_own_token(client: TestClient, tokens: JobT
     key = job_key("alpha", "never")
     answer = client.get(f"/internal/jobs/{key}/status", headers=_bearer(tokens.token_for(key)))
     assert answer.status_code == 404
+
+
+def test_a_key_as_long_as_the_store_allows_fits_the_route() -> None:
+    assert MAX_JOB_KEY_CHARS == JOB_KEY_LENGTH
 
 
 def test_the_internal_routes_are_not_in_the_openapi_document(client: TestClient) -> None:

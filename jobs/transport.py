@@ -53,9 +53,14 @@ class ReportRefused(Exception):
     """The server refused a report (4xx): the call is not retried."""
 
     def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
+        # Both in `args`: Ray pickles a worker's exception, and unpickling calls
+        # `cls(*args)`.
+        super().__init__(status_code, message)
         self.status_code = status_code
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ReportUnavailable(Exception):

@@ -166,7 +166,11 @@ def _recipe_losses(
     job_uuid = "sft-parity"
     with db.transaction() as session:
         JobStore(session).create(
-            job_uuid=job_uuid, tenant="t", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
+            job_uuid=job_uuid,
+            tenant="t",
+            kind=JobKind.SUPERVISED_FINE_TUNE,
+            request={},
+            launch={"output_dir": str(output_dir)},
         )
     config = SFTJobConfig(
         job_key=job_key("t", job_uuid),

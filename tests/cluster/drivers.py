@@ -31,11 +31,12 @@ def submit_job(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def tensor_parallel_placement(args: dict[str, Any]) -> dict[str, Any]:
-    """The placement group Serve would make for a tensor-parallel `engine: vllm` replica
-    (the bundles and strategy of `serve_apps.deployment`), made here directly: where its
-    bundles land, and where a GPU worker scheduled into its second bundle runs. Then
-    the same replica with more GPUs than one node has: STRICT_PACK leaves it unplaced,
-    where PACK would split it over nodes. vLLM itself is not started."""
+    """For each of `gpus_per_replica`: the placement group Serve would make for a
+    tensor-parallel `engine: vllm` replica with that many GPUs (the bundles and strategy
+    of `serve_apps.deployment`), made here directly and waited for `wait_s[gpus]`: where
+    its bundles land, and where a GPU worker scheduled into its second bundle runs; or,
+    when it is not placed, whether the same bundles packed loosely (PACK) would be, and
+    where. vLLM itself is not started."""
     from ray.util.placement_group import (
         placement_group,
         placement_group_table,
@@ -48,32 +49,29 @@ def tensor_parallel_placement(args: dict[str, Any]) -> dict[str, Any]:
 
     ray.init(log_to_driver=False)
     result: dict[str, Any] = {}
-    groups = []
-    try:
-        for gpus in args["gpus_per_replica"]:
-            config = LLMAppConfig(
-                name=f"tp{gpus}",
-                model_dir="/unused",
-                engine="vllm",
-                gpus_per_replica=gpus,
-                cpus_per_replica=args["cpus_per_replica"],
-            )
-            options = deployment_options(config, name=DEPLOYMENT_NAME)
-            bundles = options["placement_group_bundles"]
-            strategy = options["placement_group_strategy"]
-            group = placement_group(bundles, strategy=strategy)
-            groups.append(group)
-            placed = group.wait(timeout_seconds=args["wait_s"])
+    for gpus in args["gpus_per_replica"]:
+        config = LLMAppConfig(
+            name=f"tp{gpus}",
+            model_dir="/unused",
+            engine="vllm",
+            gpus_per_replica=gpus,
+            cpus_per_replica=args["cpus_per_replica"],
+        )
+        options = deployment_options(config, name=DEPLOYMENT_NAME)
+        bundles = options["placement_group_bundles"]
+        strategy = options["placement_group_strategy"]
+        entry: dict[str, Any] = {
+            "bundles": bundles,
+            "strategy": strategy,
+            "replica_num_gpus": options["ray_actor_options"]["num_gpus"],
+        }
+        group = placement_group(bundles, strategy=strategy)
+        try:
+            entry["placed"] = group.wait(timeout_seconds=args["wait_s"][str(gpus)])
             table = placement_group_table(group)
-            entry: dict[str, Any] = {
-                "bundles": bundles,
-                "strategy": strategy,
-                "replica_num_gpus": options["ray_actor_options"]["num_gpus"],
-                "placed": placed,
-                "state": table["state"],
-                "bundle_nodes": list(table["bundles_to_node_id"].values()),
-            }
-            if placed:
+            entry["state"] = table["state"]
+            entry["bundle_nodes"] = list(table["bundles_to_node_id"].values())
+            if entry["placed"]:
                 # A vLLM worker's shape: its GPU from the second bundle, and no CPU, as
                 # that bundle holds none.
                 worker = ray.remote(num_cpus=0, num_gpus=1)(_where_am_i).options(
@@ -81,19 +79,20 @@ def tensor_parallel_placement(args: dict[str, Any]) -> dict[str, Any]:
                         placement_group=group, placement_group_bundle_index=1
                     )
                 )
-                entry["worker"] = ray.get(worker.remote(), timeout=60)
-            if not placed:
-                # The same bundles packed loosely would have been placed, split over nodes.
+                entry["worker"] = ray.get(worker.remote(), timeout=120)
+            else:
+                # The same bundles packed loosely are placed, split over nodes.
                 loose = placement_group(bundles, strategy="PACK")
-                groups.append(loose)
-                entry["pack_placed"] = loose.wait(timeout_seconds=args["wait_s"])
-                entry["pack_bundle_nodes"] = list(
-                    placement_group_table(loose)["bundles_to_node_id"].values()
-                )
-            result[str(gpus)] = entry
-    finally:
-        for group in groups:
+                try:
+                    entry["pack_placed"] = loose.wait(timeout_seconds=60)
+                    entry["pack_bundle_nodes"] = list(
+                        placement_group_table(loose)["bundles_to_node_id"].values()
+                    )
+                finally:
+                    remove_placement_group(loose)
+        finally:
             remove_placement_group(group)
+        result[str(gpus)] = entry
     return result
 
 

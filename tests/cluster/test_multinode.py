@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -448,27 +449,34 @@ def test_a_fine_tuning_job_trains_on_two_nodes(
 def test_a_job_resumes_from_its_checkpoint_when_a_node_is_removed(
     cluster: MultiNodeCluster, training: Training
 ) -> None:
-    """Three epochs of 8 steps, a checkpoint after each. Once the first checkpoint row is
-    stored, a worker node holding a Train worker is removed (its processes killed, as a
-    lost machine's are). Ray Train restarts the worker group on the two nodes left,
-    whose rank 0 resumes from the job's last checkpoint row; the job completes."""
-    steps, epochs = 8, 3
+    """Three epochs of 16 steps, a checkpoint after each. Once the first checkpoint row
+    is stored, a worker node holding a Train worker is removed (its processes killed, as
+    a lost machine's are). Ray Train restarts the worker group on the two nodes left,
+    whose rank 0 resumes from the job's last checkpoint row; the job completes.
+
+    A step of the tiny model takes about 0.1 s, so the node to remove is chosen while the
+    first epoch trains and removed as soon as its checkpoint row is seen: the 32 steps
+    left leave ample time for the removal to land mid-job."""
+    steps, epochs = 16, 3
     key = _store_job(training, "node-lost", epochs=epochs, steps_per_epoch=steps)
     _submit(cluster, training, key)
 
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not _state(training, key).checkpoints:
-        assert time.monotonic() < deadline, "no checkpoint row in time"
-        assert not (_state(training, key).status or JobStatus.SCHEDULED).is_terminal
+    while not any(STEP.match(line) for line in _state(training, key).lines):
+        assert time.monotonic() < deadline, "no training step in time"
         time.sleep(0.2)
     alive = [w for w in cluster.train_workers(key) if w["state"] == "ALIVE"]
+    assert len(alive) == WORKERS, alive
     name_of = {node_id: name for name, node_id in cluster.nodes.items()}
     on_workers = sorted(name_of[w["node_id"]] for w in alive if name_of[w["node_id"]] != "head")
     assert on_workers, alive  # two workers on three nodes: one at least on a worker node
     lost = on_workers[0]
-    removed_at = _state(training, key)
+    while not (removed_at := _state(training, key)).checkpoints:
+        assert time.monotonic() < deadline, "no checkpoint row in time"
+        time.sleep(0.05)
     assert removed_at.status is JobStatus.RUNNING, removed_at
     cluster.remove(lost)
+    removed_wall = datetime.now(UTC)
 
     finished = _wait_until_finished(training, key, cluster)
     assert finished.status is JobStatus.COMPLETED, "\n".join(finished.lines)
@@ -497,3 +505,12 @@ def test_a_job_resumes_from_its_checkpoint_when_a_node_is_removed(
         steps * epoch for epoch in range(1, epochs + 1)
     ]
     assert lines[-1] == f"done after {epochs * steps} steps", lines
+    # The per-step metrics say the same: the step after the checkpoint was measured again
+    # after the removal (a step run again overwrites its row), and every step up to the
+    # last has its figures.
+    with training.database.transaction() as session:
+        rows = {row.step: row for row in JobStore(session).metrics(key)}
+    assert sorted(rows) == list(range(epochs * steps + 1)), sorted(rows)
+    assert {"loss", "validation_loss"} <= set(rows[epochs * steps].values)
+    redone = rows[resumed_step + 1].recorded_at
+    assert redone.replace(tzinfo=None) > removed_wall.replace(tzinfo=None), (redone, removed_wall)

@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -108,7 +108,6 @@ class MultiNodeCluster:
     env: dict[str, str]
     token: str
     log_path: Path
-    removed: list[str] = field(default_factory=list)
 
     def remove(self, name: str, *, graceful: bool = False) -> None:
         assert self.process.stdin is not None and self.process.stdout is not None
@@ -116,7 +115,6 @@ class MultiNodeCluster:
         self.process.stdin.flush()
         answer = json.loads(_read_line(self.process.stdout, 60) or "{}")
         assert answer == {"removed": name}, answer
-        self.removed.append(name)
 
     def driver(self, name: str, timeout_s: float = 240, **args: Any) -> Any:
         """Run drivers.NAME(args) on the cluster, in a process of its own; its result."""
@@ -313,9 +311,7 @@ class Training:
 
 
 @pytest.fixture(scope="module")
-def training(
-    cluster: MultiNodeCluster, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Training]:
+def training(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Training]:
     """The store every job reports to (a SQLite file every node reaches) and the storage
     URI the jobs write under (a directory every node sees)."""
     root = tmp_path_factory.mktemp("multinode-training")
@@ -418,7 +414,7 @@ def _submit(cluster: MultiNodeCluster, training: Training, key: str) -> None:
         jobs_url=cluster.dashboard_url,
         database_url=training.database.url,
         job_key=key,
-        timeout_s=60,
+        timeout_s=120,
     )
     assert submitted == {"submitted": True}
 

@@ -282,7 +282,6 @@ def check_qlora(plan: Plan, workdir: Path) -> None:
     _reset_memory(plan.device)
     job = SFTJobConfig(
         job_key="gpu-check",
-        database_url="sqlite://",
         model_dir=model_dir,
         output_dir=workdir / "out",
         rows=[TEACHING_ROW],

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench import noop_fit
 from corral.api.post_training import LoraFinetuningConfig, OptimizerConfig
+from corral.app import create_app
+from corral.config import Settings
 from corral.demo_model import DemoModelSpec, build_demo_model, describe
+from corral.job_tokens import JobTokens
 from corral.ray_cluster import LocalRayHead, RayHead, connect
 from corral.ray_jobs import RayJobLauncher, RayJobState
 from corral.store import migrate
@@ -51,6 +55,7 @@ from corral.store.jobs import JobKind, JobStore
 from corral.tenancy import job_key
 from jobs import sft
 from jobs.config import SFTJobConfig
+from jobs.report_target import ReportTarget
 from jobs.training_data import pad_batch, tokenize_rows
 
 LR = 1e-3
@@ -138,7 +143,8 @@ def bench_config(
 ) -> SFTJobConfig:
     return SFTJobConfig(
         job_key=job_key(BENCH_TENANT, job_uuid),
-        database_url=url,
+        # In process it reports to the store; submitted, the launcher's target wins.
+        report_to=ReportTarget(database_url=url),
         model_dir=model_dir,
         output_dir=work / job_uuid,
         rows=rows,
@@ -168,7 +174,7 @@ def _create_job(database: Database, job_uuid: str, config: SFTJobConfig) -> None
             tenant=BENCH_TENANT,
             kind=JobKind.SUPERVISED_FINE_TUNE,
             request={},
-            launch=config.model_dump(mode="json", exclude={"database_url"}),
+            launch=config.model_dump(mode="json"),
         )
 
 
@@ -253,6 +259,30 @@ def phase_figures(submitted_at: float, lines: list[tuple[datetime, str]]) -> dic
     return figures
 
 
+def internal_api(database: Database, home: Path) -> tuple[str, Callable[[], None]]:
+    """The API's internal job routes over `database` (what a submitted job reports to),
+    served by uvicorn in a thread on a free loopback port: its URL and how to stop it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    app = create_app(Settings(home=home), database=database)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", stop
+
+
 def startup(
     head: RayHead,
     model_dir: Path,
@@ -265,7 +295,13 @@ def startup(
 ) -> None:
     """The start-up breakdown, the no-op runs and the job's, side by side, `repeats` times."""
     database = Database(url)
-    launcher = RayJobLauncher(head.dashboard_url, database_url=url, extra_env=extra_env)
+    api_url, stop_api = internal_api(database, work / "home")
+    launcher = RayJobLauncher(
+        head.dashboard_url,
+        internal_url=api_url,
+        tokens=JobTokens.from_settings(Settings(home=work / "home")),
+        extra_env=extra_env,
+    )
     rows = training_rows(8 * workers)
     runs: list[dict[str, float]] = []
     # Ray Train's first run on a cluster starts its state actor: a cost of the cluster's
@@ -294,6 +330,7 @@ def startup(
             )
             runs.append(figures)
     finally:
+        stop_api()
         database.dispose()
         ray.kill(warm)
     print(f"start-up, {workers} workers, {repeats} runs side by side (seconds; median, runs)")

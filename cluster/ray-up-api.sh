@@ -4,7 +4,7 @@
 # `ray exec cluster/ray-up.yaml '. ~/.corral-node.env && bash ~/corral-src/cluster/ray-up-api.sh'`).
 #
 # The API's secrets (CORRAL_API_KEYS, CORRAL_OPERATOR_KEYS, CORRAL_DATABASE_URL,
-# CORRAL_MILVUS_TOKEN, ...) are one SSM SecureString parameter,
+# CORRAL_JOB_TOKEN_SECRET, CORRAL_MILVUS_TOKEN, ...) are one SSM SecureString parameter,
 # in the format of an env file, that only the head's instance role may read. They are
 # written to a file only its user can read and never reach the workers.
 set -euo pipefail
@@ -48,6 +48,10 @@ set +a
 export RAY_ADDRESS=127.0.0.1:6379
 export CORRAL_RAY_JOBS_URL=http://127.0.0.1:8265
 export CORRAL_MODELS_FILE=${CORRAL_MODELS_FILE:-$HOME/corral-src/cluster/models.yaml}
+# Where jobs on the workers report to (docs/job_credentials.md): this node's private
+# address, which the cluster's security group admits from the workers.
+CORRAL_INTERNAL_URL=${CORRAL_INTERNAL_URL:-http://$(hostname -I | awk '{print $1}'):$PORT}
+export CORRAL_INTERNAL_URL
 
 setsid nohup corral serve --host 0.0.0.0 --port "$PORT" >>"$LOG" 2>&1 </dev/null &
 echo $! >"$PID_FILE"

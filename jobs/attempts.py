@@ -21,10 +21,8 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from corral.storage import Storage
-from corral.store.db import Database
-from corral.store.jobs import JobStore
-from corral.store.tables import Job
 from jobs import phases
+from jobs.report_target import ReportTarget
 from jobs.reporting import JobReporter
 from jobs.resources import worker_resources
 from serve_apps.model_cache import StorageOptions
@@ -38,7 +36,7 @@ class AttemptSettings(Protocol):
     @property
     def job_key(self) -> str: ...
     @property
-    def database_url(self) -> str: ...
+    def report_to(self) -> ReportTarget | None: ...
     @property
     def output_dir(self) -> Path: ...
     @property
@@ -61,10 +59,9 @@ def run_attempt(
 ) -> None:
     """Run one attempt of the job and record its outcome in the store. `describe(attempt,
     resume_from)` gives the log lines that open the attempt."""
-    database = Database(config.database_url)
-    reporter = JobReporter(database, config.job_key)
+    reporter = JobReporter.open(config.report_to, config.job_key)
     try:
-        attempt, resume_from = attempt_and_last_checkpoint(database, config.job_key)
+        attempt, resume_from = attempt_and_last_checkpoint(reporter)
         resources = {"num_workers": config.num_workers, "use_gpu": config.use_gpu}
         started = reporter.started(resources_allocated=resources)
         if not started.applied:
@@ -88,7 +85,7 @@ def run_attempt(
         if not completed.applied:
             reporter.log(f"training finished but the job is {completed.status}; left as it is")
     finally:
-        database.dispose()
+        reporter.close()
 
 
 def fit(
@@ -125,20 +122,18 @@ def fit(
     trainer.fit()
 
 
-def attempt_and_last_checkpoint(database: Database, job_key: str) -> tuple[int, str | None]:
+def attempt_and_last_checkpoint(reporter: JobReporter) -> tuple[int, str | None]:
     """The job's attempt number and the path of its last checkpoint row, if any."""
-    with database.transaction() as session:
-        job = session.get(Job, job_key)
-        if job is None:
-            raise LookupError(f"no job {job_key!r} in the store")
-        checkpoints = JobStore(session).checkpoints(job_key)
-        return job.attempt, checkpoints[-1].path if checkpoints else None
+    state = reporter.state()
+    if state is None:
+        raise LookupError(f"no job {reporter.job_key!r} in the store")
+    return state.attempt, reporter.last_checkpoint_path()
 
 
 def last_checkpoint_path(config: AttemptSettings) -> str | None:
     """Where a worker resumes from (see the module docstring)."""
-    database = Database(config.database_url)
+    reporter = JobReporter.open(config.report_to, config.job_key)
     try:
-        return attempt_and_last_checkpoint(database, config.job_key)[1]
+        return reporter.last_checkpoint_path()
     finally:
-        database.dispose()
+        reporter.close()

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from corral.api.post_training import AlgorithmConfig, DPOAlignmentConfig, OptimizerConfig
+from jobs.report_target import ReportTarget
 from jobs.rows import preference_row_problem, sft_row_problem
 from serve_apps.model_cache import ModelLocation, StorageOptions
 
@@ -49,7 +50,9 @@ class TrainingJobConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     job_key: str
-    database_url: str
+    # Where the job reports (set by jobs.launch; the API validates configs without it).
+    # Never dumped, so never stored: it carries the job's token.
+    report_to: ReportTarget | None = Field(default=None, exclude=True)
     # A local directory, or a storage URI (a checkpoint in object storage) that each node
     # downloads once before loading it (jobs.checkpointer.with_local_model).
     model_dir: ModelLocation

@@ -56,7 +56,6 @@ from transformers import (
 )
 
 from corral.api.post_training import DPOAlignmentConfig
-from corral.store.db import Database
 from jobs.attempts import run_attempt
 from jobs.checkpointer import Checkpointer, TrainerState, with_local_model
 from jobs.config import DPOJobConfig
@@ -137,8 +136,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: setup -> train -> cleanup."""
     config: DPOJobConfig = with_local_model(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
-    database = Database(config.database_url) if rank == 0 else None
-    reporter = JobReporter(database, config.job_key) if database is not None else None
+    reporter = JobReporter.open(config.report_to, config.job_key) if rank == 0 else None
     clock = StartClock(loop_config)
     if reporter is not None:
         reporter.log(clock.worker_group_ready())
@@ -219,10 +217,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         checkpointer.save(engine, tokenizer, progress, metrics=metrics)
 
     # cleanup
-    if reporter is not None and database is not None:
+    if reporter is not None:
         reporter.log(f"done after {step} steps")
         reporter.close()
-        database.dispose()
 
 
 # ---------------------------------------------------------------- builders

@@ -1,10 +1,12 @@
 """The one entrypoint of every Corral Ray job: `python -m jobs.launch`.
 
 It takes no arguments. The job's key (`Job.key`, derived by the server from the tenant and
-the job's uuid) and the SQL store's URL come from the environment the API server set
-(never from a request); the job's kind and launch config come from its row. It runs the
-recipe for the kind (the `RECIPES` table: a new job kind adds its row there) and exits 0
-only when the row says completed, so Ray's own job status agrees with the store's.
+the job's uuid), its own token and the URL of the API's internal routes come from the
+environment the API server set (never from a request; never the store's URL: see
+docs/job_credentials.md); the job's kind and launch config come from its row, read
+through those routes. It runs the recipe for the kind (the `RECIPES` table: a new job
+kind adds its row there) and exits 0 only when the row says completed, so Ray's own job
+status agrees with the store's.
 """
 
 from __future__ import annotations
@@ -16,18 +18,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from corral.ray_jobs import DATABASE_URL_ENV, JOB_KEY_ENV
-from corral.store.db import Database
+from corral.ray_jobs import INTERNAL_URL_ENV, JOB_KEY_ENV, JOB_TOKEN_ENV
 from corral.store.jobs import JobKind, JobStatus
-from corral.store.tables import Job
 from jobs.config import DPOJobConfig, SFTJobConfig
 from jobs.phases import IMPORTS_KEY
+from jobs.report_target import ReportTarget
 from jobs.reporting import JobReporter
 from jobs.sdg.config import SyntheticDataJobConfig
 
 log = logging.getLogger("jobs.launch")
 
-# A recipe takes the job's launch config (with its key and the store's URL) and runs it.
+# A recipe takes the job's launch config (with its key and where it reports) and runs it.
 Recipe = Callable[[dict[str, Any]], None]
 
 
@@ -97,19 +98,15 @@ RECIPES: dict[JobKind, Recipe] = {
 }
 
 
-def run(job_key: str, database_url: str) -> JobStatus | None:
-    """Run the job's recipe; returns the status stored afterwards."""
-    database = Database(database_url)
-    reporter = JobReporter(database, job_key)
+def run(job_key: str, target: ReportTarget) -> JobStatus | None:
+    """Run the job's recipe, reporting to `target`; returns the status stored afterwards."""
+    reporter = JobReporter.open(target, job_key)
     try:
-        with database.transaction() as session:
-            job = session.get(Job, job_key)
-            if job is None:
-                raise LookupError(f"no job {job_key!r} in the store")
-            kind, launch = JobKind(job.kind), dict(job.launch or {})
+        found = reporter.transport.launch()
+        kind, launch = found.kind, dict(found.launch)
         # Launch configs stored before job keys named the job by its uuid (then its key).
         launch.pop("job_uuid", None)
-        settings = {**launch, "job_key": job_key, "database_url": database_url}
+        settings = {**launch, "job_key": job_key, "report_to": target}
         try:
             recipe = RECIPES.get(kind)
             if recipe is None:
@@ -123,13 +120,19 @@ def run(job_key: str, database_url: str) -> JobStatus | None:
                 reporter.failed(f"{type(exc).__name__}: {exc}")
         return reporter.status()
     finally:
-        database.dispose()
+        reporter.close()
+
+
+def target_from_environment() -> ReportTarget:
+    """Where the launcher told this job to report (corral.ray_jobs.job_runtime_env)."""
+    return ReportTarget(internal_url=os.environ[INTERNAL_URL_ENV], token=os.environ[JOB_TOKEN_ENV])
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    status = run(os.environ[JOB_KEY_ENV], os.environ[DATABASE_URL_ENV])
-    log.info("job %s ends %s", os.environ[JOB_KEY_ENV], status)
+    job_key = os.environ[JOB_KEY_ENV]
+    status = run(job_key, target_from_environment())
+    log.info("job %s ends %s", job_key, status)
     return 0 if status is JobStatus.COMPLETED else 1
 
 

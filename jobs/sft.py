@@ -40,7 +40,6 @@ from ray.train.torch import get_device
 from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer
 
-from corral.store.db import Database
 from jobs.attempts import run_attempt
 from jobs.checkpointer import Checkpointer, TrainerState, with_local_model
 from jobs.config import SFTJobConfig
@@ -70,8 +69,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config: SFTJobConfig = with_local_model(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    database = Database(config.database_url) if rank == 0 else None
-    reporter = JobReporter(database, config.job_key) if database is not None else None
+    reporter = JobReporter.open(config.report_to, config.job_key) if rank == 0 else None
     clock = StartClock(loop_config)
     if reporter is not None:
         reporter.log(clock.worker_group_ready())
@@ -149,7 +147,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         checkpointer.save(engine, tokenizer, progress, metrics=metrics)
 
     # cleanup
-    if reporter is not None and database is not None:
+    if reporter is not None:
         reporter.log(f"done after {step} steps")
         reporter.close()
-        database.dispose()

@@ -148,6 +148,24 @@ def database(database_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture
+def job_api_for(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """`job_api_for(database)`: the internal job routes over `database`, served on a free
+    loopback port until the test ends (tests/job_api.py), for a test whose Ray jobs
+    report back; `.launcher(ray_jobs_url)` submits jobs that report there."""
+    from contextlib import ExitStack
+
+    from tests.job_api import job_api
+
+    with ExitStack() as stack:
+
+        def start(database: Database, home: Path | None = None) -> Any:
+            home = home or tmp_path_factory.mktemp("job-api")
+            return stack.enter_context(job_api(database, home))
+
+        yield start
+
+
+@pytest.fixture
 def sqlite_database(tmp_path: Path) -> Iterator[Database]:
     """A migrated SQLite database, for tests that are not about the backend."""
     url = f"sqlite:///{tmp_path / 'corral.db'}"

@@ -1,7 +1,8 @@
 """Fine-tuning end to end over HTTP on the embedded defaults (`corral serve`, its own Ray
 head, SQLite): a LoRA job teaches the demo model one answer while the API server is killed
-and restarted under it; the job runs once, completes, and its checkpoint, served as a
-model, answers with what the dataset taught. Then the jobs dashboard, in headless
+and restarted under it on the same port (the job reports there, with its own token, and
+retries while nothing answers); the job runs once, completes, and its checkpoint, served as
+a model, answers with what the dataset taught. Then the jobs dashboard, in headless
 Chromium against the same server and job, signs in and draws the job's curve.
 
 The job (a few minutes) is the module's, shared by both tests: the module fixture runs
@@ -86,6 +87,7 @@ class FinishedJob:
     home: Path
     base_url: str
     key: str
+    database_url: str
 
     def api(self, timeout_s: float = 600) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.key}"}
@@ -134,8 +136,11 @@ def finished_job(
             first.process.kill()  # no clean shutdown: the API process just dies
             first.process.wait()
 
+        # Back on the same port: the job reports to the address it was given, and retries
+        # while nothing answers there.
+        port = int(urlsplit(first.base_url).port or 0)
         with (
-            corral_server(settings, api_key=key) as second,
+            corral_server(settings, api_key=key, port=port) as second,
             httpx.Client(base_url=second.base_url, headers=headers, timeout=600) as api,
         ):
             # The reconciler ran at start-up and found the job still running in Ray.
@@ -148,7 +153,12 @@ def finished_job(
 
             job = _until("the job to finish", finished, timeout_s=900, poll_s=2)
             assert job["status"] == "completed", job
-            yield FinishedJob(home=home, base_url=second.base_url, key=key)
+            yield FinishedJob(
+                home=home,
+                base_url=second.base_url,
+                key=key,
+                database_url=settings.resolved_database_url,
+            )
 
 
 def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
@@ -163,7 +173,15 @@ def test_a_lora_job_survives_an_api_restart_runs_once_and_learns(
         # One run: one attempt started, no second submission, nothing re-settled.
         assert sum(line.startswith("attempt ") for line in lines) == 1, lines
         assert not any(line.startswith("reconciler") for line in lines), lines
-        assert [j["submission_id"] for j in _ray_jobs(home)].count(job_key(DEMO_TENANT, JOB)) == 1
+        ray_jobs = [j for j in _ray_jobs(home) if j["submission_id"] == job_key(DEMO_TENANT, JOB)]
+        assert len(ray_jobs) == 1
+        # What the Ray dashboard shows of the job: its key, token and the API's address,
+        # never the store (docs/job_credentials.md).
+        shown = json.dumps(ray_jobs[0])
+        env = ray_jobs[0]["runtime_env"]["env_vars"]
+        assert env["CORRAL_INTERNAL_URL"] == finished_job.base_url
+        assert env["CORRAL_JOB_TOKEN"].startswith("cjt1.")
+        assert "CORRAL_DATABASE_URL" not in shown and finished_job.database_url not in shown
         losses = [float(m[1]) for line in lines if (m := re.search(r"validation loss (\S+)", line))]
         # Where its start-up went, once each (jobs/phases.py), timed from the submission.
         for phase in (

@@ -65,7 +65,9 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
     where = run(
         bin_dir / "python",
         "-c",
-        "import corral, jobs.reporting, serve_apps, corral.migrations;"
+        # corral.app imports every package of the server (agents, memory, ...), and
+        # jobs.sdg.job every one of the jobs.
+        "import corral, corral.app, jobs.reporting, jobs.sdg.job, serve_apps, corral.migrations;"
         "print(corral.__file__); print(jobs.reporting.__file__)",
         cwd=outside,
         env=env,
@@ -86,3 +88,19 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path: Path) -> None:
 
     assert "serve" in run(bin_dir / "corral", "--help", cwd=outside, env=env)
     assert "database at revision" in run(bin_dir / "corral", "db", "upgrade", cwd=outside, env=env)
+
+
+def test_every_package_directory_is_in_the_wheel() -> None:
+    """A package directory missing from pyproject's list is missing from the wheel, and
+    works from the checkout all the same (jobs.sdg, corral.agents and corral.memory once
+    were): every directory with an __init__.py is listed, under its mapped name."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = {Path(path): name for name, path in setuptools["package-dir"].items()}
+    found = set()
+    for root, name in mapped.items():
+        for init in (ROOT / root).rglob("__init__.py"):
+            inner = init.parent.relative_to(ROOT / root).parts
+            found.add(".".join((name, *inner)))
+    assert found == set(setuptools["packages"]), found ^ set(setuptools["packages"])

@@ -45,7 +45,6 @@ print(json.dumps(chains))
 USER = {"role": "user", "content": "Which colour?"}
 SHARED = {
     "job_key": "t-light",
-    "database_url": "sqlite://",
     "model_dir": "/models/demo",
     "output_dir": "/checkpoints/t/light",
     "validation_rows": [],
@@ -113,6 +112,7 @@ from corral.store import migrate
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
 from jobs import attempts, launch
+from jobs.report_target import ReportTarget
 
 url = f"sqlite:///{sys.argv[1]}/corral.db"
 migrate.upgrade(url)
@@ -125,7 +125,7 @@ with database.transaction() as session:
 fitted = []
 attempts.fit = lambda config, train_loop, **_: fitted.append(train_loop.__name__)
 os.environ["CORRAL_SUBMITTED_AT"] = str(time.time() - 1)
-status = launch.run(key, url)
+status = launch.run(key, ReportTarget(database_url=url))
 with database.transaction() as session:
     lines = [line.line for line in JobStore(session).log_lines(key)]
 print(json.dumps({"chains": chains, "fitted": fitted, "status": str(status), "lines": lines}))

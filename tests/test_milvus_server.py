@@ -158,15 +158,22 @@ def test_stop_stops_the_recorded_server(local: LocalMilvus) -> None:
 
 
 def test_a_record_of_a_live_process_that_is_not_the_server_is_stale(tmp_path: Path) -> None:
-    local = LocalMilvus(tmp_path)
-    local.milvus_dir.mkdir(parents=True)
-    local.record_path.write_text(
-        MilvusServerInfo(
-            uri="http://127.0.0.1:1", pid=os.getpid(), port=1, data_dir=local.data_dir
-        ).to_json()
-    )
-    assert local.running() is None
-    assert not local.record_path.exists()
+    # A live child, in this process's group: its pid leads no group (pytest's own pid may,
+    # when it was started as a session leader, and a live group is not stale).
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        local = LocalMilvus(tmp_path)
+        local.milvus_dir.mkdir(parents=True)
+        local.record_path.write_text(
+            MilvusServerInfo(
+                uri="http://127.0.0.1:1", pid=other.pid, port=1, data_dir=local.data_dir
+            ).to_json()
+        )
+        assert local.running() is None
+        assert not local.record_path.exists()
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_an_unreadable_record_is_removed(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.report_target import ReportTarget
 from serve_apps.model_cache import StorageOptions
 
 FilteringFunction = Literal["none", "random", "top_k", "top_p", "top_k_top_p", "sigmoid"]
@@ -139,10 +140,11 @@ class DatasetOutput(_Settings):
 
 class SyntheticDataJobConfig(_Settings):
     """A generation job's launch config (stored in its row; `jobs/sdg/job.py` runs it).
-    `job_key` and `database_url` are added by `jobs.launch` as for every recipe."""
+    `job_key` and `report_to` are added by `jobs.launch` as for every recipe."""
 
     job_key: str
-    database_url: str
+    # Where the job reports; never dumped, so never stored (it carries the job's token).
+    report_to: ReportTarget | None = Field(default=None, exclude=True)
     pipeline: PipelineConfig
     prompts: tuple[PromptInput, ...] = Field(min_length=1)
     output: DatasetOutput = DatasetOutput()

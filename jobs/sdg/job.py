@@ -31,15 +31,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from corral.api.datasets import Dataset
-from corral.errors import Conflict
-from corral.store.datasets import DatasetStore
-from corral.store.db import Database
-from corral.store.digest import request_digest
-from corral.store.jobs import JobStatus, JobStore
+from corral.store.jobs import JobStatus
 from jobs.reporting import JobReporter
 from jobs.sdg.config import PipelineConfig, PromptInput, SyntheticDataJobConfig
-from jobs.sdg.dataset import COLUMNS, Outcome, dataset_rows, encode_rows
+from jobs.sdg.dataset import Outcome, dataset_rows, encode_rows
 from jobs.sdg.files import DATA_FILE, STATISTICS_FILE, JobFiles
 from jobs.sdg.pipeline import StageFailed, run_pipeline, statistics
 
@@ -76,8 +71,7 @@ def run(
     config: SyntheticDataJobConfig, *, run_pipeline: RunPipeline, statistics: Statistics
 ) -> None:
     """One attempt of the job, recorded in the store (started, then completed or failed)."""
-    database = Database(config.database_url)
-    reporter = JobReporter(database, config.job_key)
+    reporter = JobReporter.open(config.report_to, config.job_key)
     try:
         pipeline = config.pipeline
         started = reporter.started(
@@ -92,14 +86,14 @@ def run(
             log.warning("job %s is %s; not generating", config.job_key, started.status)
             return
         try:
-            Generation(config, reporter, database, run_pipeline, statistics).run()
+            Generation(config, reporter, run_pipeline, statistics).run()
         except JobStopped as exc:
             reporter.log(str(exc))
         except Exception as exc:
             reporter.failed(str(exc) or type(exc).__name__)
             raise
     finally:
-        database.dispose()
+        reporter.close()
 
 
 @dataclass
@@ -122,7 +116,6 @@ class Tally:
 class Generation:
     config: SyntheticDataJobConfig
     reporter: JobReporter
-    database: Database
     run_pipeline: RunPipeline
     statistics: Statistics
     files: JobFiles = field(init=False)
@@ -226,49 +219,11 @@ class Generation:
 
     def _register_and_complete(self, row_count: int, content_sha256: str) -> None:
         """Register the dataset for the job's tenant and complete the job, in one
-        transaction: both or neither. A dataset of that id with the same columns and
-        content is left as it is; another one fails the job."""
-        with self.database.transaction() as session:
-            jobs = JobStore(session)
-            job = jobs.by_key(self.config.job_key)
-            dataset_id = self.config.output.dataset_id or job.uuid
-            columns = COLUMNS[self.config.output.format]
-            dataset = Dataset.model_validate(
-                {
-                    "columns": columns,
-                    "content_url": self.files.url(DATA_FILE),
-                    "metadata": {
-                        "format": "jsonl",
-                        "content_sha256": content_sha256,
-                        "synthetic_data_generation_job": job.uuid,
-                        "statistics_url": self.files.url(STATISTICS_FILE),
-                    },
-                }
-            )
-            datasets = DatasetStore(session)
-            existing = datasets.get(tenant=job.tenant, uuid=dataset_id)
-            if existing is not None and (
-                existing.columns != columns
-                or (existing.metadata_ or {}).get("content_sha256") != content_sha256
-            ):
-                raise Conflict(f"dataset {dataset_id!r} already exists with other content")
-            completed = jobs.transition(self.config.job_key, to=JobStatus.COMPLETED)
-            if not completed.applied:
-                raise JobStopped(f"the job is {completed.status}; its dataset is not registered")
-            if existing is None:
-                body = dataset.model_dump(mode="json")
-                datasets.add(
-                    tenant=job.tenant,
-                    uuid=dataset_id,
-                    columns=body["columns"],
-                    content_url=body["content_url"],
-                    metadata=body["metadata"],
-                    request_digest=request_digest(body),
-                    row_count=row_count,
-                )
-            jobs.append_log(
-                self.config.job_key,
-                f"dataset {dataset_id!r} registered ({row_count} rows)"
-                if existing is None
-                else f"dataset {dataset_id!r} was already registered with this content",
-            )
+        transaction on the server's side (corral.services.job_reports): both or neither.
+        A dataset of that id with the same columns and content is left as it is; another
+        one fails the job."""
+        completed = self.reporter.completed_with_dataset(
+            row_count=row_count, content_sha256=content_sha256
+        )
+        if not completed.applied:
+            raise JobStopped(f"the job is {completed.status}; its dataset is not registered")

@@ -24,6 +24,7 @@ from corral.errors import (
     http_status_for,
     retry_after_s,
 )
+from corral.job_tokens import JobTokens
 from corral.memory.types import BankSettings, Retriever
 from corral.observability.context import REQUEST_ID_HEADER, current
 from corral.observability.metrics import ApiMetrics
@@ -31,6 +32,7 @@ from corral.observability.middleware import ObservabilityMiddleware
 from corral.ray_jobs import JobLauncher
 from corral.routes import all_routers
 from corral.routes import dashboard as dashboard_routes
+from corral.routes import internal_jobs as internal_routes
 from corral.routes import jobs as jobs_routes
 from corral.routes import memory_banks as memory_routes
 from corral.routes import models as models_routes
@@ -43,6 +45,7 @@ from corral.services.container import Services
 from corral.services.datasets import DatasetService
 from corral.services.fine_tuning import LaunchPlanner, TrainingDefaults
 from corral.services.inference import InferenceService, ModelRouter, NoModels
+from corral.services.job_reports import JobReports
 from corral.services.jobs import JobsService
 from corral.services.lease import Lease
 from corral.services.memory_banks import MemoryBankService
@@ -99,7 +102,6 @@ def build_services(
             datasets=datasets,
             models=models,
             defaults=TrainingDefaults.from_settings(settings),
-            database_url=database.url,
             storage=storage,
         )
         if models is not None and launcher is not None
@@ -137,7 +139,6 @@ def build_services(
             apps=models.deployer if models is not None else None,
             jobs=jobs,
             storage=storage,
-            database_url=database.url,
             limits=SyntheticDataLimits.from_settings(settings),
         ),
         agents=AgentService(
@@ -156,6 +157,7 @@ def build_services(
             launcher=launcher,
             vector_index=vector_index,
         ),
+        job_reports=JobReports(database=database),
     )
 
 
@@ -173,6 +175,7 @@ def create_app(
     tools: Mapping[str, Tool] | None = None,
     shields: ShieldFactory | None = None,
     vector_index: VectorIndex | None = None,
+    job_tokens: JobTokens | None = None,
 ) -> FastAPI:
     """The API server. `database` and `fetcher` are built from `settings` unless given;
     the database must already be at the latest migration (`corral db upgrade`).
@@ -187,7 +190,8 @@ def create_app(
     this replica holds the store's lease, so several replicas may serve one database.
     `retriever`, `tools` and `shields` serve the agents (see `build_services`).
     `vector_index` holds memory banks' chunks (Milvus); without it the memory bank routes
-    answer 501."""
+    answer 501. `job_tokens` checks running jobs' credentials on the internal routes
+    (by default from `settings`: the launcher must make tokens under the same secret)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -254,6 +258,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
+    app.state.job_tokens = job_tokens or JobTokens.from_settings(settings)
     # The jobs dashboard's sign-in: only where there are keys to sign in with.
     app.state.sessions = SessionCookies.from_settings(settings) if settings.bearer_keys else None
     app.add_middleware(BearerAuthMiddleware, keys=settings.bearer_keys, sessions=app.state.sessions)
@@ -271,6 +276,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)  # /health, /ready, /metrics
     app.include_router(dashboard_routes.router)  # the jobs dashboard (HTML, not in the doc)
+    app.include_router(internal_routes.router)  # running jobs only (docs/job_credentials.md)
 
     app.add_exception_handler(CorralError, _corral_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

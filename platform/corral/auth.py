@@ -5,7 +5,11 @@ future mounts alike — is covered.
 An operator key acts as its own tenant (`tenant:key` in CORRAL_OPERATOR_KEYS, a bare key
 is the default tenant) on every route; operator actions (scaling a shared model, the
 cluster-wide model list) also need `operator`. Without any keys configured (the local,
-single-user default) the caller is the default tenant and an operator."""
+single-user default) the caller is the default tenant and an operator.
+
+`/internal/` is the one exception: running jobs' routes, where no key counts and each
+route checks the job's own token (corral.job_tokens); a job token is not a key, so it
+opens no other route."""
 
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from corral.sessions import (
 # Probes carry no key: liveness learns nothing but "up", readiness which backend is down
 # (corral.routes.ops). /metrics is not open: it needs an operator key.
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# Running jobs' own routes (corral.routes.internal_jobs): no API key opens them, with or
+# without keys configured; each route checks the job's token for the job in its path.
+INTERNAL_PREFIX = "/internal/"
 
 
 def key_for(keys: tuple[ApiKey, ...], authorization: str | None) -> ApiKey | None:
@@ -64,6 +71,13 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         state = scope.setdefault("state", {})
+        if str(scope.get("path", "")).startswith(INTERNAL_PREFIX):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            state["tenant"], state["operator"] = None, False
+            await self.app(scope, receive, send)
+            return
         if not self.keys:
             state["tenant"], state["operator"] = DEFAULT_TENANT, True
             await self.app(scope, receive, send)

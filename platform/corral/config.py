@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_TENANT = "default"
@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     session_max_age_s: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
     session_cookie_secure: bool = False
     session_secret: str | None = Field(default=None, min_length=32, repr=False)
+    # Scoped job credentials (docs/job_credentials.md): the secret each job's token is
+    # derived from (unset: a random one kept in `home/job_token_secret`; changing it
+    # invalidates running jobs' tokens), and the URL jobs reach the API's internal routes
+    # at (unset: the address `corral serve` listens on, loopback for 0.0.0.0/::).
+    job_token_secret: SecretStr | None = None
+    internal_url: str | None = None
 
     @field_validator("home")
     @classmethod
@@ -195,6 +201,23 @@ class Settings(BaseSettings):
             parts = urlsplit(value)
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
                 raise ValueError("CORRAL_STORAGE_S3_ENDPOINT must be http(s)://host[:port]")
+        return value
+
+    @field_validator("job_token_secret")
+    @classmethod
+    def _check_job_token_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("CORRAL_JOB_TOKEN_SECRET must be at least 32 characters")
+        return value
+
+    @field_validator("internal_url")
+    @classmethod
+    def _check_internal_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+                raise ValueError("CORRAL_INTERNAL_URL must be http(s)://host[:port][/prefix]")
+            return value.rstrip("/")
         return value
 
     @property

@@ -141,8 +141,11 @@ class DemoFailed(RuntimeError):
 def listening_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     """A TCP socket bound to `host:port` (0: a free port the kernel picks) and listening,
     to hand to `corral serve --fd`: the port stays bound from here on, so no other
-    process can take it between picking it and serving on it."""
+    process can take it between picking it and serving on it. A port a killed server
+    left in TIME_WAIT may be bound again (SO_REUSEADDR): a restarted API must come back
+    where its running jobs report (docs/job_credentials.md)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
         sock.listen(128)

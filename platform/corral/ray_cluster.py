@@ -68,6 +68,20 @@ from typing import Any
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"  # noqa: S105 - a variable name, not a secret
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"  # noqa: S105 - a variable name, not a secret
+# The API server's secrets, which the embedded head (and so every Ray job and replica it
+# runs) must not inherit from `corral serve`: jobs report with their own token
+# (docs/job_credentials.md), never with the store's URL or the keys.
+SERVER_SECRET_ENV = frozenset(
+    {
+        "CORRAL_DATABASE_URL",
+        "CORRAL_JOB_TOKEN_SECRET",
+        "CORRAL_API_KEYS",
+        "CORRAL_OPERATOR_KEYS",
+        "CORRAL_MILVUS_TOKEN",
+        "CORRAL_WEB_SEARCH_API_KEY",
+        "CORRAL_IMAGE_GEN_API_KEY",
+    }
+)
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 NAMESPACE = "corral"
 
@@ -294,7 +308,7 @@ class LocalRayHead:
         env = {
             key: value
             for key, value in os.environ.items()
-            if key not in (AUTH_TOKEN_ENV, RAY_ADDRESS_ENV)
+            if key not in (AUTH_TOKEN_ENV, RAY_ADDRESS_ENV) and key not in SERVER_SECRET_ENV
         }
         env.update(self.auth_env())
         # On SIGTERM `ray start` drains the node for up to 30 s; one embedded node has

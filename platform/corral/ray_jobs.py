@@ -1,8 +1,11 @@
 """Fine-tuning runs as Ray jobs: submitted, watched and stopped through the Ray Jobs API.
 
-The entrypoint is one fixed command (`python -m jobs.launch`) that reads its job from the
-SQL store; the job's key and the store's URL travel as environment variables. Nothing a
-client sends ever becomes part of a command line, a runtime_env or a working dir. The Ray
+The entrypoint is one fixed command (`python -m jobs.launch`) that reads its job through
+the API's internal routes; the job's key, its own token and the internal URL travel as
+environment variables (`job_runtime_env`), never the store's URL: anyone who can read
+the Ray dashboard can read a runtime_env, and a job token opens only its own job's
+reporting routes (docs/job_credentials.md). Nothing a client sends ever becomes part of
+a command line, a runtime_env or a working dir. The Ray
 submission id is the job's key (`corral.tenancy.job_key`: derived from the tenant and
 the job's uuid, so two tenants' jobs never share one), or `KEY~N` for attempt N of a job
 the reconciler relaunched (`submission_id`); a second submission of the same attempt
@@ -15,11 +18,13 @@ import enum
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 from corral.errors import BackendUnavailable
+from corral.job_tokens import JobTokens
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -28,7 +33,8 @@ log = logging.getLogger(__name__)
 
 ENTRYPOINT = f"{sys.executable} -m jobs.launch"
 JOB_KEY_ENV = "CORRAL_JOB_KEY"
-DATABASE_URL_ENV = "CORRAL_DATABASE_URL"
+JOB_TOKEN_ENV = "CORRAL_JOB_TOKEN"  # noqa: S105 - a variable name, not a secret
+INTERNAL_URL_ENV = "CORRAL_INTERNAL_URL"
 # When the launcher submitted the run (`time.time()`): the job logs its start-up phases
 # against it (jobs/phases.py).
 SUBMITTED_AT_ENV = "CORRAL_SUBMITTED_AT"
@@ -100,16 +106,41 @@ def jobs_api_url(*, address: str | None, dashboard_url: str | None) -> str:
     return f"http://{host}:{DASHBOARD_PORT}"
 
 
+def job_runtime_env(
+    job_key: str,
+    *,
+    token: str,
+    internal_url: str,
+    extra_env: Mapping[str, str] | None = None,
+    submitted_at: float | None = None,
+) -> dict[str, object]:
+    """The runtime_env of a job's Ray submission: its key, its own token and where the
+    API's internal routes answer, besides the server-side `extra_env`; nothing else about
+    the server (no store URL, no key) goes in, since the Ray dashboard shows it."""
+    env = {**_JOB_ENV, **(extra_env or {})}
+    env |= {JOB_KEY_ENV: job_key, JOB_TOKEN_ENV: token, INTERNAL_URL_ENV: internal_url}
+    env[SUBMITTED_AT_ENV] = f"{time.time() if submitted_at is None else submitted_at:.3f}"
+    return {"env_vars": env}
+
+
 class RayJobLauncher:
     """`JobLauncher` over Ray's `JobSubmissionClient`."""
 
     def __init__(
-        self, jobs_url: str, *, database_url: str, extra_env: dict[str, str] | None = None
+        self,
+        jobs_url: str,
+        *,
+        internal_url: str,
+        tokens: JobTokens,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
-        """`database_url` is where jobs report; `extra_env` is server-side configuration
-        every job needs (the embedded head's jobs inherit Ray's auth variables from it)."""
+        """Jobs report to the internal routes at `internal_url` with the token `tokens`
+        makes for them (the API checks it under the same secret); `extra_env` is
+        server-side configuration every job needs (the embedded head's jobs inherit
+        Ray's auth variables from it)."""
         self.jobs_url = jobs_url
-        self._database_url = database_url
+        self._internal_url = internal_url.rstrip("/")
+        self._tokens = tokens
         self._extra_env = dict(extra_env or {})
         self._client_instance: JobSubmissionClient | None = None
 
@@ -130,14 +161,17 @@ class RayJobLauncher:
         run_id = submission_id(job_key, attempt)
         if self.info(run_id) is not None:
             return False
-        env = {**_JOB_ENV, **self._extra_env}
-        env |= {JOB_KEY_ENV: job_key, DATABASE_URL_ENV: self._database_url}
-        env[SUBMITTED_AT_ENV] = f"{time.time():.3f}"
+        runtime_env = job_runtime_env(
+            job_key,
+            token=self._tokens.token_for(job_key),
+            internal_url=self._internal_url,
+            extra_env=self._extra_env,
+        )
         try:
             self._client().submit_job(
                 entrypoint=ENTRYPOINT,
                 submission_id=run_id,
-                runtime_env={"env_vars": env},
+                runtime_env=runtime_env,
                 metadata={"corral_job_key": job_key, "corral_attempt": str(attempt)},
             )
         except _TRANSPORT_ERRORS as exc:

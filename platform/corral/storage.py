@@ -124,6 +124,20 @@ def parse_location(value: str) -> Location:
     )
 
 
+def lies_within(value: str, own: Location) -> bool:
+    """Whether `value` lies inside `own` (a tenant's or a job's own part of storage), as
+    the module docstring says it is judged. InvalidLocation when `value` is malformed."""
+    location = parse_location(value)
+    if location.scheme != "file":
+        return location.is_within(own)
+    # The directory may itself be a link the operator made: either form counts.
+    forms = (own, parse_location(os.path.realpath(own.key)))
+    resolved = parse_location(os.path.realpath(location.key))
+    return any(location.is_within(form) for form in forms) and any(
+        resolved.is_within(form) for form in forms
+    )
+
+
 def _checked_parts(path: str, *, allow_empty: bool) -> tuple[str, ...]:
     parts = path.split("/")[1:] if path.startswith("/") else path.split("/")
     if parts and parts[-1] == "":
@@ -191,16 +205,7 @@ class Storage:
     def is_tenants(self, value: str, tenant: str) -> bool:
         """Whether `value` lies inside `tenant`'s own part of storage (see the module
         docstring). InvalidLocation when it is malformed."""
-        location = parse_location(value)
-        own = self.tenant_location(tenant)
-        if location.scheme != "file":
-            return location.is_within(own)
-        # The tenant's directory may itself be a link the operator made: either form counts.
-        forms = (own, parse_location(os.path.realpath(own.key)))
-        resolved = parse_location(os.path.realpath(location.key))
-        return any(location.is_within(form) for form in forms) and any(
-            resolved.is_within(form) for form in forms
-        )
+        return lies_within(value, self.tenant_location(tenant))
 
     def contains(self, value: str) -> bool:
         """Whether `value` lies below the storage root at all."""

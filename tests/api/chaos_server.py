@@ -29,6 +29,7 @@ from ray import serve
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
+from corral.job_tokens import JobTokens
 from corral.ray_jobs import RayJobLauncher
 from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, model_roots
@@ -67,15 +68,19 @@ def serve_forever(config: dict[str, Any]) -> None:
     )
     registry.start()  # an unchanged app is not redeployed: a restart keeps the replica
     policy = replace(fetch_policy(settings), extra_allowed_networks=(LOOPBACK,))
+    listening = socket.socket(fileno=config["fd"])
     app = create_app(
         settings,
         database=database,
         fetcher=ContentFetcher(policy),
         models=registry,
-        launcher=RayJobLauncher(config["ray_jobs_url"], database_url=database.url),
+        launcher=RayJobLauncher(
+            config["ray_jobs_url"],
+            internal_url=f"http://127.0.0.1:{listening.getsockname()[1]}",
+            tokens=JobTokens.from_settings(settings),
+        ),
         cluster_resources=ray.cluster_resources,
     )
-    listening = socket.socket(fileno=config["fd"])
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[listening])
 
 

@@ -42,6 +42,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from corral.config import Settings
+from corral.job_tokens import JobTokens
 from corral.ray_jobs import RayJobLauncher
 from corral.store.db import Database
 from corral.store.tables import Dataset, Job
@@ -347,7 +348,10 @@ def test_a_sigkilled_api_server_ends_every_request_cleanly_and_keeps_exactly_wha
     }
     log_path = tmp_path / "api.log"
     holding = HoldingDatasetServer()
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database_url)
+    # Only asks Ray about the job (the API processes submit it): nothing reports here.
+    launcher = RayJobLauncher(
+        ray_jobs_url, internal_url="http://127.0.0.1:9", tokens=JobTokens(b"unused" * 8)
+    )
     acked_job = f"{ACKED_JOB}-{time.monotonic_ns()}"  # unique: the Ray cluster is shared
     ray_id = ray_submission_id(TENANT, acked_job)
     started: list[ApiProcess] = []

@@ -23,13 +23,14 @@ from ray.job_submission import JobSubmissionClient
 from sqlalchemy import func, select
 
 from corral.config import Settings
-from corral.ray_jobs import RayJobInfo, RayJobLauncher
+from corral.ray_jobs import RayJobInfo
 from corral.store.db import Database
 from corral.store.tables import Dataset, Job
 from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, training_app
 from tests.api.live_server import live_server
 from tests.api.training_requests import lora_sft_request
+from tests.job_api import JobApi
 
 pytestmark = pytest.mark.integration
 
@@ -120,9 +121,13 @@ def _until(what: str, check: Callable[[], Any], timeout_s: float) -> Any:
 
 @pytest.mark.slow
 def test_fifty_concurrent_submissions_of_one_job_store_one_row_and_start_one_ray_job(
-    settings: Settings, database: Database, demo_model_dir: Path, ray_jobs_url: str
+    settings: Settings,
+    database: Database,
+    demo_model_dir: Path,
+    ray_jobs_url: str,
+    job_api_for: Callable[..., JobApi],
 ) -> None:
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    launcher = job_api_for(database).launcher(ray_jobs_url)
     app = training_app(settings, database, model_dir=demo_model_dir, launcher=launcher)
     job_uuid = f"same-{database.backend}-{time.monotonic_ns()}"
     ray_id = ray_submission_id(TENANT, job_uuid)

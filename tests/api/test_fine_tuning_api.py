@@ -28,6 +28,7 @@ from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Job
 from corral.tenancy import job_checkpoint_dir, job_key
 from jobs.reporting import JobReporter
+from jobs.transport import DatabaseTransport
 from tests.api.conftest import ALPHA, BETA, training_app
 
 pytestmark = pytest.mark.integration
@@ -161,7 +162,9 @@ def test_a_valid_request_stores_a_scheduled_job_and_submits_it_once(
     assert [r["dialog"][0]["content"] for r in launch["validation_rows"]] == ["hey"]
     assert launch["adapter"]["rank"] == 4 and launch["algorithm"] == "lora"
     assert (launch["zero_stage"], launch["cpu_offload"]) == (None, False)
-    assert "database_url" not in launch  # the job gets it from its environment
+    # Where the job reports comes from its environment, never from what is stored.
+    assert "database_url" not in launch and "report_to" not in launch
+    assert database.url not in json.dumps(launch)
 
     status = client.get("/post_training/job/status", params={"job_uuid": "sft-1"}, headers=ALPHA)
     assert status.json()["status"] == "scheduled"
@@ -448,16 +451,17 @@ def test_list_filters_by_status_pages_and_keeps_tenants_apart(
 
 
 def test_one_job_shows_progress_from_its_metrics(
-    client: TestClient, database: Database, sft_request: dict[str, Any]
+    client: TestClient, database: Database, settings: Settings, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-p")
-    reporter = JobReporter(database, A("job-p"))
+    reporter = JobReporter(DatabaseTransport(database, A("job-p")))
     reporter.started(resources_allocated={"num_workers": 2})
     reporter.plan(total_steps=8, detail="2 epochs")
     reporter.metrics(step=1, epoch=1, loss=2.5, learning_rate=1e-3, tokens_per_second=100)
     reporter.metrics(step=2, epoch=1, loss=2.25, learning_rate=1e-3, tokens_per_second=100)
     reporter.log("step 9 loss 0.1000")  # log lines are for people: progress ignores them
-    reporter.checkpoint(iters=2, path="/tmp/x")
+    own = job_checkpoint_dir(settings.checkpoints_dir, "alpha", "job-p")  # the job's own
+    reporter.checkpoint(iters=2, path=str(own / "checkpoints" / "iter-2"))
     body = client.get("/post_training/job", params={"job_uuid": "job-p"}, headers=ALPHA).json()
     assert body["status"] == "running"
     assert body["progress"] == {"step": 2, "total_steps": 8, "loss": 2.25}
@@ -487,7 +491,7 @@ def test_cancel_records_the_end_stops_ray_and_a_late_completion_cannot_undo_it(
     client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-c")
-    reporter = JobReporter(database, A("job-c"))
+    reporter = JobReporter(DatabaseTransport(database, A("job-c")))
     reporter.started(resources_allocated={"num_workers": 2})
 
     response = client.post("/post_training/job/cancel", json={"job_uuid": "job-c"}, headers=ALPHA)
@@ -511,7 +515,7 @@ def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
     client: TestClient, database: Database, launcher: RecordingLauncher, sft_request: dict[str, Any]
 ) -> None:
     _submit(client, sft_request, "job-d")
-    reporter = JobReporter(database, A("job-d"))
+    reporter = JobReporter(DatabaseTransport(database, A("job-d")))
     reporter.started(resources_allocated={})
     foreign = client.post("/post_training/job/cancel", json={"job_uuid": "job-d"}, headers=BETA)
     assert foreign.status_code == 404
@@ -527,6 +531,7 @@ def test_cancel_of_a_finished_or_foreign_job_changes_nothing(
 def test_the_jobs_cli_submits_follows_lists_and_cancels(
     client: TestClient,
     database: Database,
+    settings: Settings,
     sft_request: dict[str, Any],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -553,7 +558,8 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
         corral("submit", str(bad))
 
     # The job runs in the background while `status --follow` redraws its progress.
-    reporter = JobReporter(database, A("cli-1"))
+    reporter = JobReporter(DatabaseTransport(database, A("cli-1")))
+    checkpoint_dir = job_checkpoint_dir(settings.checkpoints_dir, "alpha", "cli-1") / "checkpoints"
 
     def train() -> None:
         reporter.started(resources_allocated={"num_workers": 2})
@@ -562,7 +568,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
             time.sleep(0.3)
             reporter.log(f"step {step} loss {3.0 / step:.4f} lr 1.000e-03 tokens/s 50")
             reporter.metrics(step=step, epoch=1, loss=3.0 / step)
-        reporter.checkpoint(iters=4, path="/srv/checkpoints/cli-1/iter-4")
+        reporter.checkpoint(iters=4, path=f"{checkpoint_dir}/iter-4")
         reporter.completed()
 
     worker = threading.Thread(target=train)
@@ -578,7 +584,7 @@ def test_the_jobs_cli_submits_follows_lists_and_cancels(
     assert rows == [["STEP", "EPOCH", "LOSS"], ["1", "1", "3"], *rows[2:]]
     assert [row[0] for row in rows[1:]] == ["1", "2", "3", "4"]
     assert rows[-1] == ["4", "1", "0.75"]
-    assert corral("artifacts", "cli-1").split() == ["4", "file:///srv/checkpoints/cli-1/iter-4"]
+    assert corral("artifacts", "cli-1").split() == ["4", f"file://{checkpoint_dir}/iter-4"]
 
     request_file.write_text(json.dumps(sft_request | {"job_uuid": "cli-3"}))
     corral("submit", str(request_file))
@@ -767,7 +773,7 @@ def test_a_cancel_while_ray_is_unreachable_holds_and_the_ray_job_is_stopped_late
     app = training_app(settings, database, model_dir=demo_model_dir, launcher=ray)
     with TestClient(app, raise_server_exceptions=False) as client:
         assert client.post(SFT_PATH, json=sft_request, headers=ALPHA).status_code == 200
-        JobReporter(database, A("sft-1")).started(resources_allocated={})
+        JobReporter(DatabaseTransport(database, A("sft-1"))).started(resources_allocated={})
         ray.down = True
         response = client.post(
             "/post_training/job/cancel", json={"job_uuid": "sft-1"}, headers=ALPHA

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,16 @@ from corral.services.reconciler import Reconciler
 from corral.store.db import Database
 from corral.tenancy import job_key
 from tests.api.conftest import ALPHA, training_app
+from tests.job_api import JobApi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def launcher(ray_jobs_url: str, database: Database) -> RayJobLauncher:
-    return RayJobLauncher(ray_jobs_url, database_url=database.url)
+def launcher(
+    ray_jobs_url: str, database: Database, job_api_for: Callable[..., JobApi]
+) -> RayJobLauncher:
+    return job_api_for(database).launcher(ray_jobs_url)
 
 
 @pytest.fixture

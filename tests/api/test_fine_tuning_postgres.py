@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -23,13 +23,13 @@ from corral.api.common import Message
 from corral.config import Settings
 from corral.demo import TEACH_QUESTION, greedy_chat, teaching_dialogs, teaching_request
 from corral.llama3 import format_chat
-from corral.ray_jobs import RayJobLauncher
 from corral.store.db import Database
 from corral.tenancy import tenant_dir
 from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.transformers_engine import TransformersEngine, TransformersEngineConfig
 from tests.api.conftest import ALPHA, training_app
 from tests.api.training_requests import ONE_STEP
+from tests.job_api import JobApi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,8 +47,9 @@ def client(
     ray_jobs_url: str,
     serve_instance: None,
     demo_model_dir: Path,
+    job_api_for: Callable[..., JobApi],
 ) -> Iterator[TestClient]:
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    launcher = job_api_for(database).launcher(ray_jobs_url)
     app = training_app(settings, database, model_dir=demo_model_dir, launcher=launcher)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         test_client.headers.update(ALPHA)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from corral.api.common import Message
 from corral.config import Settings
 from corral.demo import TEACH_QUESTION, greedy_chat, teaching_dialogs
 from corral.llama3 import format_chat
-from corral.ray_jobs import RayJobLauncher
 from corral.storage import Storage
 from corral.store.db import Database
 from corral.store.jobs import JobStore
@@ -31,6 +30,7 @@ from serve_apps.engines.protocol import GenerationRequest, SamplingOptions
 from serve_apps.engines.transformers_engine import TransformersEngine, TransformersEngineConfig
 from tests.api.conftest import ALPHA, API_KEYS, BETA, training_app
 from tests.api.training_requests import ONE_STEP, lora_sft_request
+from tests.job_api import JobApi
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -60,8 +60,9 @@ def client(
     ray_jobs_url: str,
     serve_instance: None,
     demo_model_dir: Path,
+    job_api_for: Callable[..., JobApi],
 ) -> Iterator[TestClient]:
-    launcher = RayJobLauncher(ray_jobs_url, database_url=sqlite_database.url)
+    launcher = job_api_for(sqlite_database).launcher(ray_jobs_url)
     app = training_app(s3_settings, sqlite_database, model_dir=demo_model_dir, launcher=launcher)
     with TestClient(app, raise_server_exceptions=False) as test_client:
         test_client.headers.update(ALPHA)

@@ -7,6 +7,8 @@ reward model's, so inference and reward scoring run instead of answering 404 or 
 memory banks run on the session's Milvus Lite server and embedding app).
 Fine-tuning submissions go to a launcher that records them: a fuzzed body that passed
 every check would otherwise start a real training run.
+The running jobs' routes (`/internal/jobs/...`) are not in the document: they take a
+job token, not a key, and tests/api/test_internal_jobs.py fuzzes their bodies.
 
 The jobs dashboard's routes are not in the document (HTML pages and a form): a second
 test fuzzes its sign-in form, its cookie, its static file names and the headers it judges

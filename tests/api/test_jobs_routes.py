@@ -14,6 +14,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStore
 from corral.tenancy import job_key
 from jobs.reporting import JobReporter
+from jobs.transport import DatabaseTransport
 from tests.api.conftest import ALPHA, BETA
 
 pytestmark = pytest.mark.integration
@@ -29,7 +30,7 @@ def jobs(database: Database) -> dict[str, str]:
         store.create(
             job_uuid="gen", tenant="alpha", kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
         )
-    reporter = JobReporter(database, job_key("alpha", "ft"))
+    reporter = JobReporter(DatabaseTransport(database, job_key("alpha", "ft")))
     reporter.started(resources_allocated={})
     reporter.plan(total_steps=10)
     reporter.metrics(step=0, epoch=0, validation_loss=3.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,7 +21,6 @@ import pytest
 from corral.app import create_app, fetch_policy
 from corral.config import Settings
 from corral.content import ContentFetcher
-from corral.ray_jobs import RayJobLauncher
 from corral.services.models import build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots
 from corral.serving.deployer import ServeDeployer
@@ -29,6 +28,7 @@ from corral.storage import Storage
 from corral.store.db import Database
 from tests.api.conftest import ALPHA, API_KEYS
 from tests.api.live_server import live_server
+from tests.job_api import JobApi
 from tests.sdg_loop import (
     CHAIN,
     HELD_OUT_PROMPTS,
@@ -59,6 +59,7 @@ def api(
     serve_instance: None,
     demo_model_dir: Path,
     demo_reward_model_dir: Path,
+    job_api_for: Callable[..., JobApi],
 ) -> Iterator[httpx.Client]:
     """A live API server over the session's Ray: the demo policy as `llama3_8b_chat` and
     the demo reward model as `llama3_405b_reward`, both deployed before it serves."""
@@ -92,7 +93,7 @@ def api(
         database=sqlite_database,
         fetcher=ContentFetcher(fetch_policy(settings)),
         models=registry,
-        launcher=RayJobLauncher(ray_jobs_url, database_url=sqlite_database.url),
+        launcher=job_api_for(sqlite_database).launcher(ray_jobs_url),
     )
     try:
         with live_server(app) as url, httpx.Client(base_url=url, headers=ALPHA, timeout=60) as c:

@@ -28,6 +28,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobStore
 from corral.tenancy import job_key
 from jobs.reporting import JobReporter
+from jobs.transport import DatabaseTransport
 from serve_apps.llm import build_app
 from tests.api.conftest import ALPHA, API_KEYS, BETA
 from tests.api.test_fine_tuning_api import RecordingLauncher
@@ -220,7 +221,7 @@ def test_corral_sdg_runs_and_follows_a_job_and_generates(
                 if JobStore(session).status_of(key) is not None:
                     break
             time.sleep(0.05)
-        reporter = JobReporter(sqlite_database, key)
+        reporter = JobReporter(DatabaseTransport(sqlite_database, key))
         reporter.started(resources_allocated={})
         reporter.plan(total_steps=1)
         reporter.metrics(step=1, epoch=None)

@@ -521,6 +521,22 @@ ROUTES: list[Route] = [
 ]
 
 # Routes of the app that name no stored object of a tenant, and why.
+# The running jobs' routes take a job token, not a tenant's key (no key opens them):
+# tests/api/test_internal_jobs.py checks that job A's token opens none of job B's.
+INTERNAL_JOB_ROUTES = {
+    f"{method} /internal/jobs/{{job_key}}/{name}": "job token, not a tenant key"
+    for method, name in [
+        ("GET", "launch"),
+        ("GET", "status"),
+        ("GET", "checkpoints"),
+        ("POST", "checkpoints"),
+        ("POST", "transition"),
+        ("POST", "logs"),
+        ("POST", "metrics"),
+        ("POST", "plan"),
+        ("POST", "dataset"),
+    ]
+}
 NOT_ID_ROUTES = {
     "GET /health": "no object",
     "GET /ready": "no object: the backends' state, the same for every caller",
@@ -534,6 +550,7 @@ NOT_ID_ROUTES = {
     "GET /dashboard/login": "no object: the sign-in form",
     "POST /dashboard/login": "no object: signs in",
     "POST /dashboard/logout": "no object: signs out",
+    **INTERNAL_JOB_ROUTES,
 }
 
 

@@ -342,7 +342,7 @@ def _config(
 ) -> DPOJobConfig:
     settings: dict[str, Any] = {
         "job_key": _key(job_uuid),
-        "database_url": database_url,
+        "report_to": {"database_url": database_url},
         "model_dir": model_dir,
         "output_dir": output_dir,
         "rows": ROWS,
@@ -358,10 +358,15 @@ def _config(
     return DPOJobConfig(**(settings | overrides))
 
 
-def _create(db: Database, job_uuid: str) -> None:
+def _create(db: Database, job_uuid: str, output_dir: Path) -> None:
+    """The job's row, with the directory of its own its launch config names."""
     with db.transaction() as session:
         JobStore(session).create(
-            job_uuid=job_uuid, tenant=TENANT, kind=JobKind.PREFERENCE_OPTIMIZE, request={}
+            job_uuid=job_uuid,
+            tenant=TENANT,
+            kind=JobKind.PREFERENCE_OPTIMIZE,
+            request={},
+            launch={"output_dir": str(output_dir)},
         )
 
 
@@ -398,10 +403,9 @@ def first_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> DPOJobConfig:
     """Two epochs of 4 steps (8 pairs, 2 workers, 1 pair each per step)."""
-    _create(module_database, "dpo-first")
-    config = _config(
-        module_database.url, demo_model_dir, tmp_path_factory.mktemp("dpo-first"), "dpo-first"
-    )
+    output_dir = tmp_path_factory.mktemp("dpo-first")
+    _create(module_database, "dpo-first", output_dir)
+    config = _config(module_database.url, demo_model_dir, output_dir, "dpo-first")
     main(config)
     return config
 
@@ -501,7 +505,7 @@ def test_a_new_attempt_resumes_from_the_last_checkpoint(
     original reference."""
     _, _, first_checkpoints = _stored(module_database, "dpo-first")
     iters, path, _ = first_checkpoints[0]
-    _create(module_database, "dpo-resumed")
+    _create(module_database, "dpo-resumed", tmp_path)
     with module_database.transaction() as session:
         store = JobStore(session)
         store.transition(_key("dpo-resumed"), to=JobStatus.RUNNING)
@@ -539,7 +543,7 @@ def test_zero3_bf16_trains_and_saves_a_loadable_policy(
     """DeepSpeed ZeRO-3 in bf16: the policy's weights are sharded and held in bf16, the
     reference is bf16 too (so step 1 is exactly log 2), and the saved weights are gathered
     into one loadable checkpoint."""
-    _create(sqlite_database, "dpo-zero3")
+    _create(sqlite_database, "dpo-zero3", tmp_path)
     config = _config(
         sqlite_database.url,
         demo_model_dir,
@@ -574,7 +578,7 @@ def test_zero3_bf16_trains_and_saves_a_loadable_policy(
 def test_a_cancelled_job_does_not_train(
     sqlite_database: Database, demo_model_dir: Path, tmp_path: Path
 ) -> None:
-    _create(sqlite_database, "dpo-cancelled")
+    _create(sqlite_database, "dpo-cancelled", tmp_path / "out")
     with sqlite_database.transaction() as session:
         JobStore(session).transition(_key("dpo-cancelled"), to=JobStatus.CANCELLED)
     main(_config(sqlite_database.url, demo_model_dir, tmp_path / "out", "dpo-cancelled"))

@@ -10,6 +10,7 @@ from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.tenancy import job_key
 from jobs.reporting import JobReporter
+from jobs.transport import DatabaseTransport
 
 pytestmark = pytest.mark.integration
 
@@ -29,14 +30,14 @@ def _job(db: Database, **row: object) -> JobReporter:
             kind=JobKind.SUPERVISED_FINE_TUNE,
             **fields,  # type: ignore[arg-type]
         )
-    return JobReporter(db, _key("j1"))
+    return JobReporter(DatabaseTransport(db, _key("j1")))
 
 
-def test_a_run_is_reported_to_the_store(database: Database) -> None:
-    job = _job(database)
+def test_a_run_is_reported_to_the_store(database: Database, tmp_path: Path) -> None:
+    job = _job(database, launch={"output_dir": str(tmp_path / "out")})
     assert job.started(resources_allocated={"num_workers": 2, "gpus": 0}).applied
     job.log("step 1 loss 2.31", "step 2 loss 2.02")
-    job.checkpoint(iters=2, path="/tmp/ckpt-2", metrics={"loss": 2.02})
+    job.checkpoint(iters=2, path=str(tmp_path / "out" / "ckpt-2"), metrics={"loss": 2.02})
     assert job.completed().applied
     with database.transaction() as session:
         store = JobStore(session)

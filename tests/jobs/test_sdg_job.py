@@ -113,18 +113,28 @@ def storage(tmp_path: Path) -> Storage:
 def make_config(
     db: Database, storage: Storage, *, n: int = 5, output: DatasetOutput | None = None
 ) -> SyntheticDataJobConfig:
-    with db.transaction() as session:
-        JobStore(session).create(
-            job_uuid=UUID, tenant=TENANT, kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
-        )
-    return SyntheticDataJobConfig(
+    config = SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=db.url,
+        report_to={"database_url": db.url},
         pipeline=PipelineConfig(generation_app="llm", reward_app="reward", batch_size=2),
         prompts=prompts(n),
         output=output or DatasetOutput(format="dpo"),
         output_dir=Path(storage.job_uri(TENANT, UUID).removeprefix("file://")),
     )
+    store_job(db, UUID, config)
+    return config
+
+
+def store_job(db: Database, uuid: str, config: SyntheticDataJobConfig) -> None:
+    """The job's row with its launch config, as the API stores it."""
+    with db.transaction() as session:
+        JobStore(session).create(
+            job_uuid=uuid,
+            tenant=TENANT,
+            kind=JobKind.SYNTHETIC_DATA_GENERATION,
+            request={},
+            launch=config.model_dump(mode="json"),
+        )
 
 
 def run(config: SyntheticDataJobConfig, pipeline: FakePipeline) -> None:
@@ -354,16 +364,13 @@ def test_the_same_content_under_a_taken_id_completes(
         sqlite_database, storage, n=2, output=DatasetOutput(format="dpo", dataset_id="prefs")
     )
     run(config, FakePipeline())
-    with sqlite_database.transaction() as session:
-        JobStore(session).create(
-            job_uuid="gen-2", tenant=TENANT, kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
-        )
     second = config.model_copy(
         update={
             "job_key": job_key(TENANT, "gen-2"),
             "output_dir": Path(storage.job_uri(TENANT, "gen-2").removeprefix("file://")),
         }
     )
+    store_job(sqlite_database, "gen-2", second)
     run(second, FakePipeline())
     with sqlite_database.transaction() as session:
         assert JobStore(session).get("gen-2", tenant=TENANT).status == JobStatus.COMPLETED

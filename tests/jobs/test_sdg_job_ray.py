@@ -66,20 +66,28 @@ def prompt(index: int) -> PromptInput:
     )
 
 
+def _store(db: Database, config: SyntheticDataJobConfig) -> None:
+    """The job's row with its launch config, as the API stores it."""
+    with db.transaction() as session:
+        JobStore(session).create(
+            job_uuid=UUID,
+            tenant=TENANT,
+            kind=JobKind.SYNTHETIC_DATA_GENERATION,
+            request={},
+            launch=config.model_dump(mode="json"),
+        )
+
+
 def test_a_resumed_job_generates_the_rest_and_registers_every_prompts_pair(
     apps: None, sqlite_database: Database, tmp_path: Path
 ) -> None:
     storage = Storage(str(tmp_path / "checkpoints"))
-    with sqlite_database.transaction() as session:
-        JobStore(session).create(
-            job_uuid=UUID, tenant=TENANT, kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
-        )
     settings = SyntheticDataSettings.model_validate(
         {"generation": {"num_candidates": 3, "max_tokens": 6, "seed": 5}, "filter": {"top_k": 1}}
     )
     config = SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         pipeline=PipelineConfig(
             filtering_function="top_k",
             settings=settings,
@@ -91,6 +99,7 @@ def test_a_resumed_job_generates_the_rest_and_registers_every_prompts_pair(
         output=DatasetOutput(format="dpo"),
         output_dir=Path(storage.job_uri(TENANT, UUID).removeprefix("file://")),
     )
+    _store(sqlite_database, config)
     # An earlier attempt saved prompts 1 and 2 before it died; their pair is its own.
     saved = [
         SavedOutcome(
@@ -135,17 +144,14 @@ def test_a_resumed_job_generates_the_rest_and_registers_every_prompts_pair(
 def test_an_app_that_is_not_there_fails_the_job_naming_the_stage(
     apps: None, sqlite_database: Database, tmp_path: Path
 ) -> None:
-    with sqlite_database.transaction() as session:
-        JobStore(session).create(
-            job_uuid=UUID, tenant=TENANT, kind=JobKind.SYNTHETIC_DATA_GENERATION, request={}
-        )
     config = SyntheticDataJobConfig(
         job_key=job_key(TENANT, UUID),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         pipeline=PipelineConfig(generation_app=LLM_APP, reward_app="no-such-reward-app"),
         prompts=(prompt(0),),
         output_dir=tmp_path / "job",
     )
+    _store(sqlite_database, config)
     with pytest.raises(Exception, match="score"):
         job.main(config)
     with sqlite_database.transaction() as session:

@@ -79,7 +79,7 @@ def _config(
         )
     settings: dict[str, Any] = {
         "job_key": _key(job_uuid),
-        "database_url": db.url,
+        "report_to": {"database_url": db.url},
         "model_dir": model_dir,
         "output_dir": output_dir,
         "rows": ROWS,

@@ -119,11 +119,15 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(
     checkpoint: the store's row is what the new worker group resumes from."""
     with sqlite_database.transaction() as session:
         JobStore(session).create(
-            job_uuid=JOB, tenant="t", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
+            job_uuid=JOB,
+            tenant="t",
+            kind=JobKind.SUPERVISED_FINE_TUNE,
+            request={},
+            launch={"output_dir": str(tmp_path / "out")},
         )
     config = SFTJobConfig(
         job_key=job_key("t", JOB),
-        database_url=sqlite_database.url,
+        report_to={"database_url": sqlite_database.url},
         model_dir=demo_model_dir,
         output_dir=tmp_path / "out",
         rows=_rows(WORKERS * STEPS_PER_EPOCH, "You are"),

@@ -166,11 +166,15 @@ def _recipe_losses(
     job_uuid = "sft-parity"
     with db.transaction() as session:
         JobStore(session).create(
-            job_uuid=job_uuid, tenant="t", kind=JobKind.SUPERVISED_FINE_TUNE, request={}
+            job_uuid=job_uuid,
+            tenant="t",
+            kind=JobKind.SUPERVISED_FINE_TUNE,
+            request={},
+            launch={"output_dir": str(output_dir)},
         )
     config = SFTJobConfig(
         job_key=job_key("t", job_uuid),
-        database_url=db.url,
+        report_to={"database_url": db.url},
         model_dir=model_dir,
         output_dir=output_dir,
         rows=rows,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from corral.errors import http_status_for
+from corral.job_tokens import JobTokens
 from corral.ray_jobs import (
     RayJobInfo,
     RayJobLauncher,
@@ -21,6 +22,7 @@ from corral.services.reconciler import MAX_RELAUNCHES, VANISHED, Reconciler
 from corral.store.db import Database
 from corral.store.jobs import JobKind, JobStatus, JobStore
 from corral.store.tables import Job
+from tests.job_api import JobApi
 
 pytestmark = pytest.mark.integration
 
@@ -342,11 +344,11 @@ def test_cancelling_a_generation_job_stops_its_ray_job(database: Database) -> No
 
 
 def test_the_ray_launcher_runs_the_fixed_entrypoint_which_reports_to_the_store(
-    database: Database, ray_jobs_url: str
+    database: Database, ray_jobs_url: str, job_api_for: Callable[..., JobApi]
 ) -> None:
     """A job whose launch config cannot run: the real entrypoint starts under Ray, records
     the failure in the store and exits non-zero, so Ray's view agrees with the row."""
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    launcher = job_api_for(database).launcher(ray_jobs_url)
     key = _job(database, f"broken-{time.monotonic_ns()}", JobStatus.SCHEDULED, {"n_epochs": 0})
     assert launcher.info(key) is None
 
@@ -367,12 +369,12 @@ def test_the_ray_launcher_runs_the_fixed_entrypoint_which_reports_to_the_store(
 
 
 def test_a_relaunched_attempt_runs_under_its_own_ray_id_as_the_same_job(
-    database: Database, ray_jobs_url: str
+    database: Database, ray_jobs_url: str, job_api_for: Callable[..., JobApi]
 ) -> None:
     """A generation job whose Ray job vanished is relaunched as `KEY~1` on the real
     cluster; that run is the same job (the entrypoint reads the row by its key) and
     reports to it: here its launch config cannot run, so it records its own failure."""
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    launcher = job_api_for(database).launcher(ray_jobs_url)
     key = _job(database, f"gen-{time.monotonic_ns()}", JobStatus.RUNNING, {}, kind=GENERATION)
 
     settled = Reconciler(database=database, launcher=launcher).settle()
@@ -392,16 +394,18 @@ def test_a_relaunched_attempt_runs_under_its_own_ray_id_as_the_same_job(
 
 @pytest.mark.slow
 def test_a_running_job_ray_never_heard_of_is_failed_as_vanished(
-    database: Database, ray_jobs_url: str
+    database: Database, ray_jobs_url: str, job_api_for: Callable[..., JobApi]
 ) -> None:
-    launcher = RayJobLauncher(ray_jobs_url, database_url=database.url)
+    launcher = job_api_for(database).launcher(ray_jobs_url)
     key = _job(database, f"lost-{time.monotonic_ns()}", JobStatus.RUNNING, {})
     Reconciler(database=database, launcher=launcher).settle()
     assert _row(database, key) == (JobStatus.FAILED, VANISHED)
 
 
 def test_an_unreachable_jobs_api_is_a_clear_503_error() -> None:
-    launcher = RayJobLauncher("http://127.0.0.1:9", database_url="sqlite://")
+    launcher = RayJobLauncher(
+        "http://127.0.0.1:9", internal_url="http://127.0.0.1:9", tokens=JobTokens(b"s" * 32)
+    )
     with pytest.raises(RayJobsUnavailable, match=r"the Ray Jobs API at http://127\.0\.0\.1:9"):
         launcher.info("any")
     assert http_status_for(RayJobsUnavailable("x")) == 503

@@ -6,6 +6,7 @@ tests/api/test_synthetic_data_api.py."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,6 @@ def service(
         apps=apps,
         jobs=JobsService(database=sqlite_database, launcher=launcher, storage=storage),
         storage=storage,
-        database_url=sqlite_database.url,
         limits=SyntheticDataLimits(max_sync_generations=8, max_job_prompts=3, batch_size=2),
         runner=no_pipeline,
     )
@@ -286,8 +286,9 @@ def test_a_job_stores_a_launch_config_the_recipe_validates(
     )
     assert launcher.submitted == [job_key("alpha", "sdg-1")]
     launch = _stored_launch(sqlite_database, "sdg-1")
-    assert "database_url" not in launch
-    config = SyntheticDataJobConfig.model_validate(launch | {"database_url": "sqlite://"})
+    assert "database_url" not in launch and "report_to" not in launch
+    assert sqlite_database.url not in json.dumps(launch)
+    config = SyntheticDataJobConfig.model_validate(launch)
     assert config.job_key == job_key("alpha", "sdg-1")
     assert [p.index for p in config.prompts] == [0, 1]
     assert config.prompts[1].messages[0].content == "Name a fruit."

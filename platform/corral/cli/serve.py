@@ -60,6 +60,18 @@ def is_loopback_host(host: str) -> bool:
     )
 
 
+def internal_url_for(host: str, port: int) -> str:
+    """Where jobs reach this server's internal routes when `CORRAL_INTERNAL_URL` is unset:
+    the address it listens on, loopback for a wildcard address (a job on another node
+    needs CORRAL_INTERNAL_URL: docs/job_credentials.md)."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):  # noqa: S104 - read, not bound
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 # The command imports what it needs when it runs: `corral --help` should not wait for
 # Ray, torch and transformers to load.
 
@@ -75,6 +87,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     from corral.demo_guards import build_demo_llama_guard, build_demo_prompt_guard
     from corral.demo_model import build_demo_model
     from corral.demo_reward import build_demo_reward_model
+    from corral.job_tokens import JobTokens
     from corral.milvus_server import LocalMilvus, MilvusServerError
     from corral.observability.logs import configure_logging
     from corral.ray_cluster import RayHead, connect
@@ -103,6 +116,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
     if listener is not None:
         listener.set_inheritable(False)  # not into the Ray head this may start
     host = str(listener.getsockname()[0]) if listener is not None else args.host
+    port = int(listener.getsockname()[1]) if listener is not None else args.port
     if not settings.bearer_keys and not is_loopback_host(host):
         raise CliError(
             f"refusing to serve on {host} without API keys: set CORRAL_API_KEYS "
@@ -147,13 +161,15 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         models.start()
     except ModelDeployError as exc:
         raise CliError(f"models did not start: {exc}") from None
+    job_tokens = JobTokens.from_settings(settings)  # the launcher's and the app's
     launcher = RayJobLauncher(
         jobs_api_url(
             address=settings.ray_address,
             dashboard_url=settings.ray_jobs_url
             or (ray_target.dashboard_url if isinstance(ray_target, RayHead) else None),
         ),
-        database_url=settings.resolved_database_url,
+        internal_url=settings.internal_url or internal_url_for(host, port),
+        tokens=job_tokens,
     )
     app = create_app(
         settings,
@@ -165,6 +181,7 @@ def cmd_serve(settings: Settings, args: ServeArgs) -> None:
         vector_index=build_vector_index(settings),
         tools=build_tools(settings),
         shields=ShieldBuilder(settings, models.resolver, embedded_default=catalog.embedded_default),
+        job_tokens=job_tokens,
     )
     try:
         if listener is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from corral.services.agents import AgentService
 from corral.services.datasets import DatasetService
 from corral.services.inference import InferenceService
+from corral.services.job_reports import JobReports
 from corral.services.jobs import JobsService
 from corral.services.memory_banks import MemoryBankService
 from corral.services.models import ModelService
@@ -28,6 +29,8 @@ class Services:
     synthetic_data: SyntheticDataService
     agents: AgentService
     readiness: Readiness
+    # What running jobs report through (the internal routes).
+    job_reports: JobReports
     # None on a server without a Ray connection (the models routes answer 501).
     models: ModelService | None = None
     # None on a server without a vector store (the memory bank routes answer 501).

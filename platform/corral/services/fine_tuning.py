@@ -83,11 +83,10 @@ class TrainingDefaults:
 
 
 class LaunchPlanner:
-    """Builds and checks launch configs; `database_url` only takes part in the recipe's
-    validation (the job process gets it from its environment, not from the config). A
-    job's workers are the configured number, never fewer to fit the cluster: admission
-    refuses a job the cluster can never run and queues one it cannot run yet
-    (services/admission.py)."""
+    """Builds and checks launch configs (which never say where the job reports: the job
+    process is told that by its environment, docs/job_credentials.md). A job's workers
+    are the configured number, never fewer to fit the cluster: admission refuses a job
+    the cluster can never run and queues one it cannot run yet (services/admission.py)."""
 
     def __init__(
         self,
@@ -95,7 +94,6 @@ class LaunchPlanner:
         datasets: DatasetService,
         models: ModelLocator,
         defaults: TrainingDefaults,
-        database_url: str,
         storage: Storage | None = None,
     ) -> None:
         """`storage`: where jobs write (corral.storage); by default the checkpoints
@@ -103,7 +101,6 @@ class LaunchPlanner:
         self._datasets = datasets
         self._models = models
         self._defaults = defaults
-        self._database_url = database_url
         self._storage = storage or Storage(str(defaults.checkpoints_dir))
 
     def plan_sft(self, *, tenant: str, request: PostTrainingSFTRequest) -> dict[str, Any]:
@@ -194,14 +191,14 @@ class LaunchPlanner:
             **specific,
         }
         try:
-            config = config_class.model_validate({**launch, "database_url": self._database_url})
+            config = config_class.model_validate(launch)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
                 for err in exc.errors()
             )
             raise InvalidRequest(f"the job cannot run as asked: {problems}") from None
-        checked: dict[str, Any] = config.model_dump(mode="json", exclude={"database_url"})
+        checked: dict[str, Any] = config.model_dump(mode="json")
         return checked
 
     def _rows(self, tenant: str, dataset: Dataset, needed: dict[str, str], field: str) -> list[Row]:

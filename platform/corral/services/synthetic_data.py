@@ -115,18 +115,15 @@ class SyntheticDataService:
         apps: AppStates | None,
         jobs: JobsService,
         storage: Storage,
-        database_url: str,
         limits: SyntheticDataLimits | None = None,
         runner: PipelineRunner = run_pipeline,
     ) -> None:
         """Without `models` and `apps` (no Ray connection) every request is refused as
-        unavailable (501). `database_url` only takes part in validating a job's launch
-        config (the job gets it from its environment, as every recipe does)."""
+        unavailable (501)."""
         self._models = models
         self._apps = apps
         self._jobs = jobs
         self._storage = storage
-        self._database_url = database_url
         self._limits = limits or SyntheticDataLimits()
         self._runner = runner
 
@@ -255,12 +252,11 @@ class SyntheticDataService:
         self, tenant: str, request: SyntheticDataJobRequest, dataset_id: str
     ) -> dict[str, Any]:
         """The launch config, validated by the recipe's config class (which the job
-        validates the stored config with again), without `database_url`."""
+        validates the stored config with again); where the job reports is never in it."""
         run = self.prepare(tenant=tenant, request=request, as_job=True)
         self._check_running(run.config)
         launch = {
             "job_key": job_key(tenant, request.job_uuid),
-            "database_url": self._database_url,
             "pipeline": run.config.model_dump(mode="json"),
             "prompts": [prompt.model_dump(mode="json") for prompt in run.prompts],
             "output": {**request.output.model_dump(mode="json"), "dataset_id": dataset_id},
@@ -270,7 +266,7 @@ class SyntheticDataService:
             config = SyntheticDataJobConfig.model_validate(launch)
         except ValidationError as exc:
             raise InvalidRequest(f"the job cannot run as asked: {_problems(exc)}") from None
-        checked: dict[str, Any] = config.model_dump(mode="json", exclude={"database_url"})
+        checked: dict[str, Any] = config.model_dump(mode="json")
         return checked
 
 

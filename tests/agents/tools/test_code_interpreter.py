@@ -220,6 +220,7 @@ def test_refuses_where_namespaces_cannot_be_made_and_probes_once(tmp_path: Path)
     assert calls.read_text() == "call\n"  # probed once, the refusal cached
 
 
+@pytest.mark.usefixtures("sandbox")  # bubblewrap is looked for first
 def test_refuses_without_the_interpreter() -> None:
     with pytest.raises(ToolUnavailable, match="interpreter '/nonexistent/python3' was not found"):
         _tool(python="/nonexistent/python3").ensure_available()

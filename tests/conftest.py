@@ -220,6 +220,11 @@ def ray_cluster() -> Iterator[Any]:
         log_to_driver=False,
         _temp_dir=str(temp_dir),
     )
+    # Ray Jobs' supervisor gives each job's driver its RAY_ADDRESS from this file in its
+    # node's temp dir; `ray.init` does not write it (`ray start` does), and without it the
+    # supervisor takes any GCS process it sees on the machine, another cluster's as often
+    # as this one's when two run (tests/cluster's, another run's).
+    ray._private.utils.write_ray_address(context.address_info["gcs_address"], str(temp_dir))
     try:
         yield context
     finally:

@@ -259,10 +259,6 @@ def test_unknown_model_is_404_and_bad_parameters_422(client: TestClient) -> None
     assert client.post("/inference/chat_completion", json=chat(model="gpt-4")).status_code == 422
 
 
-@pytest.mark.skip(
-    reason="passes alone, but after this module's other tests (and in the full run) no "
-    "flood request reaches the held engine and the test hangs; open, see the 2026-12-02 note"
-)
 def test_a_flood_past_the_queue_bound_is_refused_at_once_with_retry_after(
     serve_instance: None, tmp_path: Path, sqlite_database: Database
 ) -> None:
@@ -302,10 +298,17 @@ def test_a_flood_past_the_queue_bound_is_refused_at_once_with_retry_after(
                 pool.submit(client.post, "/inference/chat_completion", json=body)
                 for _ in range(flood)
             ]
-            wait_for(
-                lambda: sum(r.done() for r in responses) >= flood - accepted_at_most,
-                "the requests past the bound to be refused while the others are held",
-            )
+            try:
+                wait_for(
+                    lambda: sum(r.done() for r in responses) >= flood - accepted_at_most,
+                    "the requests past the bound to be refused while the others are held",
+                )
+            except AssertionError as timed_out:
+                answered_so_far = [r.result().status_code for r in responses if r.done()]
+                raise AssertionError(
+                    f"{timed_out}; answered so far: {answered_so_far}, "
+                    f"the engine started one: {records.started('flood')}"
+                ) from None
             refused = [r.result() for r in responses if r.done()]
             assert records.started("flood") and not records.closed("flood")
             records.release()

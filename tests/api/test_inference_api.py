@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from corral.app import create_app
 from corral.config import Settings
 from corral.errors import NotFound
+from corral.services.model_calls import MAX_BATCH_ITEMS
 from corral.store.db import Database
 from serve_apps.engines.scripted import ScriptedEngineConfig, scripted_engine
 from serve_apps.llm import build_app
@@ -241,6 +242,45 @@ def test_batch_chat_completion(client: TestClient) -> None:
     )
     lines = [json.loads(line) for line in response.text.splitlines()]
     assert [line["content"] for line in lines] == [PLAIN] * 3
+
+
+def test_a_batch_larger_than_the_models_queue_is_answered_and_past_the_cap_refused(
+    client: TestClient,
+) -> None:
+    """300 dialogs are more than the app admits at once (a batch of 8 plus 64 queued on
+    the replica, 64 more in the router): the API keeps at most CALLS_IN_FLIGHT of them on
+    the model, so the batch is answered, not refused as overload. Past MAX_BATCH_ITEMS
+    the request is refused at once with 422."""
+    dialog = {"message": _message("hi"), "message_history": []}
+    body = {
+        "model": "llama3_8b_chat",
+        "sampling_params": SAMPLING,
+        "available_tools": [],
+        "max_tokens": 0,
+        "logprobs": False,
+    }
+    response = client.post(
+        "/inference/batch_chat_completion", json=body | {"batch_dialogs": [dialog] * 300}
+    )
+    assert response.status_code == 200, response.text
+    assert [json.loads(line)["content"] for line in response.text.splitlines()] == [PLAIN] * 300
+
+    too_many = body | {"batch_dialogs": [dialog] * (MAX_BATCH_ITEMS + 1)}
+    refused = client.post("/inference/batch_chat_completion", json=too_many)
+    assert refused.status_code == 422, refused.text
+    assert f"at most {MAX_BATCH_ITEMS} dialogs" in refused.json()["error"]["message"]
+    prompts = {
+        "model": "llama3_8b",
+        "sampling_params": SAMPLING,
+        "max_tokens": 1,
+        "logprobs": False,
+    }
+    refused = client.post(
+        "/inference/batch_completion",
+        json=prompts | {"content_batch": ["x"] * (MAX_BATCH_ITEMS + 1)},
+    )
+    assert refused.status_code == 422, refused.text
+    assert f"at most {MAX_BATCH_ITEMS} prompts" in refused.json()["error"]["message"]
 
 
 def test_unknown_model_is_404_and_bad_parameters_422(client: TestClient) -> None:

@@ -18,6 +18,7 @@ from ray import serve
 
 from corral.app import create_app
 from corral.config import Settings
+from corral.services.model_calls import MAX_BATCH_ITEMS
 from corral.services.models import ModelService, build_model_service
 from corral.serving.catalog import ModelSpec, file_app_name, model_roots, tenant_app_name
 from corral.serving.deployer import ServeDeployer
@@ -200,6 +201,15 @@ def test_what_cannot_be_scored_is_refused(served: Served, generation: Any, probl
     response = served.client.post("/reward_scoring/score", json=body, headers=BETA)
     assert response.status_code == 422, response.text
     assert problem in response.json()["error"]["message"]
+
+
+def test_more_generations_than_a_request_may_carry_are_refused(served: Served) -> None:
+    """The cap counts every dialog's generations together: two dialogs, each under it."""
+    half = DIALOGS[1] | {"k_generations": [message("assistant", "ok")] * (MAX_BATCH_ITEMS // 2 + 1)}
+    body = BODY | {"prompt_generations": [half, half]}
+    response = served.client.post("/reward_scoring/score", json=body, headers=BETA)
+    assert response.status_code == 422, response.text
+    assert f"at most {MAX_BATCH_ITEMS} generations" in response.json()["error"]["message"]
 
 
 def test_a_tenants_own_reward_model_wins_for_that_tenant_only(

@@ -3,7 +3,6 @@ a handle, and come back as spec responses (tool calls parsed out of the text).""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +27,7 @@ from corral.llama3 import (
     parse_assistant_output,
     to_spec_stop_reason,
 )
-from corral.services.model_calls import generate, stream_generation
+from corral.services.model_calls import check_batch_size, generate, generate_each, stream_generation
 from serve_apps.engines.protocol import (
     GenerationRequest,
     GenerationResult,
@@ -142,8 +141,9 @@ class InferenceService:
     async def batch_completion(
         self, *, tenant: str, request: BatchCompletionRequest
     ) -> list[CompletionResponse]:
+        check_batch_size(len(request.content_batch), "prompts")
         handle = self._router.handle_for(tenant=tenant, model=request.model)
-        results = await self._gather(
+        results = await generate_each(
             handle,
             [
                 self._completion_request(
@@ -231,8 +231,9 @@ class InferenceService:
     async def batch_chat_completion(
         self, *, tenant: str, request: BatchChatCompletionRequest
     ) -> list[ChatCompletionResponse]:
+        check_batch_size(len(request.batch_dialogs), "dialogs")
         handle = self._router.handle_for(tenant=tenant, model=request.model)
-        results = await self._gather(
+        results = await generate_each(
             handle,
             [
                 self._chat_request(
@@ -246,9 +247,3 @@ class InferenceService:
             ],
         )
         return [self._chat_response(r, request.available_tools) for r in results]
-
-    async def _gather(
-        self, handle: DeploymentHandle[Any], requests: list[GenerationRequest]
-    ) -> list[GenerationResult]:
-        """Send every request at once so the replicas batch them; results in input order."""
-        return list(await asyncio.gather(*(generate(handle, r) for r in requests)))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from ray.exceptions import (
@@ -57,10 +58,15 @@ from serve_apps.llm import create_caller_lease
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# How many texts one `embed` call has in flight at once: enough to fill several replica
-# batches (a replica takes up to its `max_batch_size`), few enough that a memory bank's
-# thousand chunks do not hit the app's queue limit (`max_queued_requests`) together.
-EMBED_IN_FLIGHT = 32
+# How many calls one API request has in flight on a model at once (its batch's prompts,
+# a memory bank's chunks, scored pairs): enough to fill several replica batches (a
+# replica takes up to its `max_batch_size`), few enough that a large request does not hit
+# the app's queue bound (`max_queued_requests`, 64 by default) by itself and get refused
+# as overload, which retrying could never cure.
+CALLS_IN_FLIGHT = 32
+# The most items (prompts, dialogs, scored generations) one batch request may carry: past
+# this it is refused at once (422) instead of occupying the model for minutes.
+MAX_BATCH_ITEMS = 1024
 # A replica restarts (or a new one starts) in seconds: ask clients to wait that long.
 UNAVAILABLE_RETRY_AFTER_S = 5
 # The replica (or its node) is gone or cannot be placed: nothing the request did.
@@ -178,27 +184,52 @@ async def stream_generation(
             stream.cancel()  # type: ignore[no-untyped-call]
 
 
-async def embed(handle: DeploymentHandle[Any], texts: Sequence[str]) -> list[list[float]]:
-    """The unit vector of each text, in order. The texts go out together (at most
-    EMBED_IN_FLIGHT at a time) so the replicas batch them; the first failure fails the
-    call (a text the model refuses: InvalidRequest naming its index) and cancels the
-    rest."""
-    limit = asyncio.Semaphore(EMBED_IN_FLIGHT)
+def check_batch_size(count: int, what: str) -> None:
+    """InvalidRequest when a batch request carries more than MAX_BATCH_ITEMS `what`."""
+    if count > MAX_BATCH_ITEMS:
+        raise InvalidRequest(
+            f"a request may carry at most {MAX_BATCH_ITEMS} {what}, this one has {count}: "
+            "split it into several requests"
+        )
 
-    async def one(index: int, text: str) -> list[float]:
+
+async def call_each(calls: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run every call, at most CALLS_IN_FLIGHT at a time, so that the replicas batch
+    them; results in order. The first failure fails the whole and cancels the rest
+    (their requests leave the replicas' batches)."""
+    limit = asyncio.Semaphore(CALLS_IN_FLIGHT)
+
+    async def one(call: Callable[[], Awaitable[T]]) -> T:
         async with limit:
-            try:
-                vector: list[float] = await call_model(handle.embed.remote(text))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"text {index}: {exc}") from None
-            return vector
+            return await call()
 
-    tasks = [asyncio.ensure_future(one(index, text)) for index, text in enumerate(texts)]
+    tasks = [asyncio.ensure_future(one(call)) for call in calls]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()  # the others, when one failed (a no-op for finished ones)
+
+
+async def generate_each(
+    handle: DeploymentHandle[Any], requests: Sequence[GenerationRequest]
+) -> list[GenerationResult]:
+    """`generate` for each request (`call_each`); results in request order."""
+    return await call_each([partial(generate, handle, request) for request in requests])
+
+
+async def embed(handle: DeploymentHandle[Any], texts: Sequence[str]) -> list[list[float]]:
+    """The unit vector of each text, in order (`call_each`); a text the model refuses
+    fails the call with InvalidRequest naming its index."""
+
+    async def one(index: int, text: str) -> list[float]:
+        try:
+            vector: list[float] = await call_model(handle.embed.remote(text))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"text {index}: {exc}") from None
+        return vector
+
+    return await call_each([partial(one, index, text) for index, text in enumerate(texts)])
 
 
 async def embedding_info(handle: DeploymentHandle[Any]) -> EmbeddingInfo:
@@ -216,10 +247,13 @@ async def token_spans(handle: DeploymentHandle[Any], text: str) -> list[tuple[in
 
 async def classify(handle: DeploymentHandle[Any], texts: list[str]) -> list[list[float]]:
     """Label probabilities for each text from a classifier app (`serve_apps.classifier`),
-    all sent at once so that its replicas batch them; rows in text order."""
-    calls = [call_model(handle.classify.remote(text)) for text in texts]
-    rows: list[list[float]] = list(await asyncio.gather(*calls))
-    return rows
+    sent together (`call_each`) so that its replicas batch them; rows in text order."""
+
+    async def one(text: str) -> list[float]:
+        row: list[float] = await call_model(handle.classify.remote(text))
+        return row
+
+    return await call_each([partial(one, text) for text in texts])
 
 
 async def classifier_info(handle: DeploymentHandle[Any]) -> ClassifierInfo:

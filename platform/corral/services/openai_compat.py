@@ -8,7 +8,6 @@ tokens only, and a stream is ended (its generation cancelled) at the first stop 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -50,7 +49,7 @@ from corral.llama3 import (
     parse_assistant_output,
 )
 from corral.services.inference import ModelRouter
-from corral.services.model_calls import generate, stream_generation
+from corral.services.model_calls import check_batch_size, generate, generate_each, stream_generation
 from corral.serving.catalog import ServedName
 from serve_apps.engines.protocol import (
     GenerationRequest,
@@ -268,9 +267,9 @@ class OpenAIService:
 
     async def completion(self, *, tenant: str, request: CompletionCreate) -> Completion:
         """One choice per prompt; the prompts go together so the replicas batch them."""
+        check_batch_size(len(request.prompts), "prompts")
         handle = self._router.handle_for(tenant=tenant, model=request.model)
-        generations = self._completion_requests(request)
-        results = await asyncio.gather(*(generate(handle, g) for g in generations))
+        results = await generate_each(handle, self._completion_requests(request))
         choices = []
         for index, result in enumerate(results):
             text, stopped = cut_at_stop(result.text, request.stop_strings)

@@ -3,16 +3,16 @@ app (`serve_apps.reward`), one call per (dialog, generation) pair.
 
 A pair is the conversation the reward model judges: the dialog's history, its last
 message, then the generation (an assistant message), as chat-template turns
-(`chat_turns`). All pairs of a request are sent at once (at most MAX_IN_FLIGHT at a
-time), so the replicas batch them; scores come back in input order. What a call fails
-with is mapped as for inference (`corral.services.model_calls`): the app not deployed
-or a replica gone is 503, the engine refusing a conversation (too long for the model)
-is 422."""
+(`chat_turns`). A request carries at most MAX_BATCH_ITEMS pairs (422 past that); they
+are sent together (`call_each`: at most CALLS_IN_FLIGHT at a time), so the replicas
+batch them; scores come back in input order. What a call fails with is mapped as for
+inference (`corral.services.model_calls`): the app not deployed or a replica gone is
+503, the engine refusing a conversation (too long for the model) is 422."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -27,14 +27,8 @@ from corral.api.reward_scoring import (
 from corral.errors import InvalidRequest
 from corral.llama3 import refuse_special_tokens
 from corral.services.inference import ModelRouter
-from corral.services.model_calls import call_model
+from corral.services.model_calls import call_each, call_model, check_batch_size
 from serve_apps.engines.protocol import ChatMessage, ScoringRequest
-
-# Calls one request keeps in flight: far enough above a replica's batch size for the
-# replicas to fill their batches, and below a model's default queue limit
-# (`ReplicaOptions.max_queued_requests`, 64), so that a large request alone is not
-# refused as overload; a model with a lower limit may refuse it (503, Retry-After).
-MAX_IN_FLIGHT = 32
 
 
 def chat_turns(messages: Sequence[Message]) -> tuple[ChatMessage, ...]:
@@ -90,6 +84,9 @@ class RewardScoringService:
 
 def _conversations(request: RewardScoringRequest) -> list[ScoringRequest]:
     """One conversation per (dialog, generation), in input order."""
+    check_batch_size(
+        sum(len(item.k_generations) for item in request.prompt_generations), "generations"
+    )
     conversations = []
     for number, item in enumerate(request.prompt_generations):
         prompt = chat_turns([*item.dialog.message_history, item.dialog.message])
@@ -107,11 +104,8 @@ def _conversations(request: RewardScoringRequest) -> list[ScoringRequest]:
 async def _score_all(
     handle: DeploymentHandle[Any], conversations: list[ScoringRequest]
 ) -> list[float]:
-    slots = asyncio.Semaphore(MAX_IN_FLIGHT)
-
     async def one(conversation: ScoringRequest) -> float:
-        async with slots:
-            score: float = await call_model(handle.score.remote(conversation))
-            return score
+        score: float = await call_model(handle.score.remote(conversation))
+        return score
 
-    return list(await asyncio.gather(*(one(c) for c in conversations)))
+    return await call_each([partial(one, conversation) for conversation in conversations])

@@ -3,8 +3,8 @@ loop on the same model and rows, and where a job's start-up goes, from its submi
 its first step, against a no-op Ray Train V2 fit() on the same cluster. Every figure is
 measured in this run against a baseline measured in the same run.
 
-    python bench/training.py [--steps 30] [--batch-size 4] [--hidden-size 256] [--layers 4]
-    python bench/training.py --startup-only [--repeats 3] [--workers 2]
+    python -m bench.training [--steps 30] [--batch-size 4] [--hidden-size 256] [--layers 4]
+    python -m bench.training --startup-only [--repeats 3] [--workers 2]
 
 It starts its own embedded Ray head (Corral's `LocalRayHead`, on free ports under a
 temporary CORRAL_HOME, so it runs beside any other cluster on the machine).

@@ -85,6 +85,9 @@ def latency_figures(latencies: list[float]) -> dict[str, float | None]:
     }
 
 
+_ONE = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+
+
 async def drive(
     *,
     url: str,
@@ -97,11 +100,18 @@ async def drive(
     """`concurrency` closed-loop clients for `duration_s`; every sample and the elapsed
     time. A refused client waits the `Retry-After` it was given (within the run)."""
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     started = time.perf_counter()
     deadline = started + duration_s
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop() -> None:
+        # A client (and connection pool) of its own per loop: httpcore's pool looks at
+        # every one of its connections for each request, so one pool shared by 64 loops
+        # kept this process's CPU busy (py-spy: 93 % in the pool at 64 loops) and the
+        # sweep measured the load generator instead of the server.
+        async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=_ONE) as client:
+            await send_until_deadline(client)
+
+    async def send_until_deadline(client: httpx.AsyncClient) -> None:
         while time.perf_counter() < deadline:
             sent = time.perf_counter()
             try:
@@ -119,8 +129,7 @@ async def drive(
                 if wait > 0:
                     await asyncio.sleep(wait)
 
-    async with httpx.AsyncClient(headers=headers, timeout=timeout_s, limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return samples, time.perf_counter() - started
 
 

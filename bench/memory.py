@@ -210,9 +210,11 @@ def raw_run(
     precomputed: list[dict[str, Any]] | None,
 ) -> tuple[dict[str, Any], list[list[str]], list[dict[str, Any]]]:
     """pymilvus by hand; with `precomputed` rows and question vectors, Milvus alone."""
-    from pymilvus import AnnSearchRequest, MilvusClient, RRFRanker
+    from pymilvus import AnnSearchRequest, RRFRanker
 
-    client = MilvusClient(uri=uri)
+    from corral.vector_index import open_client
+
+    client = open_client(uri)
     name = "raw_" + uuid.uuid4().hex
     dimension = len(embed(handle, ["dimension"])[0])
     start = time.perf_counter()

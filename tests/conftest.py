@@ -410,13 +410,11 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def vector_index(milvus_uri: str) -> Iterator[Any]:
     """A MilvusIndex on the session's server; the collections a test made are dropped after."""
-    from pymilvus import MilvusClient
-
-    from corral.vector_index import MilvusIndex
+    from corral.vector_index import MilvusIndex, open_client
 
     # The index's own timeout: a busy machine (the CI runs two test processes and a Ray
     # cluster on two cores) can take longer than pymilvus's default to open a channel.
-    admin = MilvusClient(uri=milvus_uri, timeout=30)
+    admin = open_client(milvus_uri, timeout_s=30)
     before = set(admin.list_collections())
     index = MilvusIndex(milvus_uri)
     try:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from pymilvus import MilvusClient
 
 from corral.config import Settings
 from corral.milvus_server import LocalMilvus, MilvusServerInfo, milvus_uri_for
+from corral.vector_index import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,12 +77,48 @@ def test_ensure_starts_a_server_when_absent_and_records_it(local: LocalMilvus) -
     assert os.getsid(info.pid) == info.pid
     assert local.log_path.exists()
     assert oct(local.milvus_dir.stat().st_mode & 0o777) == "0o700"
-    client = MilvusClient(uri=uri)
+    client = open_client(uri)
     try:
         assert client.list_collections() == []
     finally:
         client.close()
     print(f"milvus-lite server ready in {elapsed:.2f}s")  # a figure for the report
+
+
+@pytest.mark.slow
+def test_an_idle_client_is_not_sent_away_for_pinging_too_often(local: LocalMilvus) -> None:
+    """With pymilvus's own keepalive (a ping every 10 s) this server answers a client left
+    idle for 90 s with GOAWAY too_many_pings, a line gRPC logs at ERROR (checked by hand
+    with `MilvusClient(uri=...)` in place of open_client); after it the process's shared
+    channel could not reconnect and every client failed (CI, milvus-lite issue 334). In a
+    process of its own, so that no other client's channel is the one shared."""
+    uri = local.ensure()
+    script = textwrap.dedent(
+        f"""
+        import time
+        from corral.vector_index import open_client
+        client = open_client({uri!r}, timeout_s=30)
+        print(client.list_collections())
+        time.sleep(90)
+        print(client.list_collections())
+        print(open_client({uri!r}, timeout_s=30).list_collections())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PYTHONPATH": f"{REPO_ROOT / 'platform'}:{REPO_ROOT}",
+            "GRPC_VERBOSITY": "ERROR",  # gRPC's default, where the GOAWAY is logged
+        },
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]", "[]", "[]"]
+    assert "too_many_pings" not in done.stderr, done.stderr[-2000:]
 
 
 def test_a_second_object_and_a_later_process_find_the_same_server(local: LocalMilvus) -> None:
@@ -125,7 +161,7 @@ def test_the_server_listens_on_loopback_only(local: LocalMilvus) -> None:
 
 def test_a_killed_server_is_restarted_with_its_data(local: LocalMilvus) -> None:
     uri = local.ensure()
-    client = MilvusClient(uri=uri)
+    client = open_client(uri)
     client.create_collection("kept", dimension=4)
     client.close()
     old = local.running()
@@ -137,7 +173,7 @@ def test_a_killed_server_is_restarted_with_its_data(local: LocalMilvus) -> None:
     new_uri = local.ensure()
     new = local.running()
     assert new is not None and new.pid != old.pid
-    client = MilvusClient(uri=new_uri)
+    client = open_client(new_uri)
     try:
         assert "kept" in client.list_collections()
     finally:

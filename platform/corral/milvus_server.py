@@ -253,11 +253,12 @@ def _is_server_process(info: MilvusServerInfo) -> bool:
 def _milvus_answers(uri: str, timeout_s: float = 3) -> bool:
     """A real request through pymilvus: the port being open is not enough (another program
     may have taken it after our server died)."""
-    from pymilvus import MilvusClient
     from pymilvus.exceptions import MilvusException
 
+    from corral.vector_index import open_client
+
     try:
-        client = MilvusClient(uri=uri, timeout=timeout_s)
+        client = open_client(uri, timeout_s=timeout_s)
     except (MilvusException, OSError):
         return False
     try:

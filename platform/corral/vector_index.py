@@ -124,6 +124,15 @@ _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _INT64 = (-(2**63), 2**63 - 1)
 _OUTPUT_FIELDS = ["chunk_id", "document_uuid", "text", "start", "end", "metadata"]
 
+# pymilvus 3 sends a keepalive ping every 10 s, on idle channels too. Milvus Lite's gRPC
+# server keeps C-core's policy (a ping without data at most every 5 minutes) and answers
+# the third early one with GOAWAY too_many_pings; pymilvus keeps one channel per address
+# and token for every client in the process, and after that GOAWAY its reconnect fails
+# too, so every client of that server raised "Fail connecting to server" once the process
+# had left Milvus alone for about a minute (milvus-lite issue 334; CI hit it). A ping
+# every 5 minutes and 10 seconds is within Lite's policy and Milvus server's (5 s).
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 310_000}
+
 
 class InvalidChunks(InvalidRequest, ValueError):
     """Chunks or a filter that Milvus cannot store or evaluate as given; nothing was written."""
@@ -405,8 +414,8 @@ class MilvusIndex:
     def _connect(self) -> MilvusClient:
         with self._client_lock:
             if self._client is None:
-                self._client = MilvusClient(
-                    uri=self.uri, token=self._token or "", timeout=self._timeout_s
+                self._client = open_client(
+                    self.uri, token=self._token or "", timeout_s=self._timeout_s
                 )
             return self._client
 
@@ -468,6 +477,13 @@ class MilvusIndex:
 
 
 _T = TypeVar("_T")
+
+
+def open_client(uri: str, *, token: str = "", timeout_s: float | None = None) -> MilvusClient:
+    """A pymilvus client with Corral's channel options: every client in a process should
+    come from here, since pymilvus shares one channel per address among them and the first
+    client's options are the ones it keeps."""
+    return MilvusClient(uri=uri, token=token, timeout=timeout_s, grpc_options=GRPC_OPTIONS)
 
 
 def build_vector_index(settings: Settings) -> MilvusIndex:

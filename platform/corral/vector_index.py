@@ -125,12 +125,12 @@ _INT64 = (-(2**63), 2**63 - 1)
 _OUTPUT_FIELDS = ["chunk_id", "document_uuid", "text", "start", "end", "metadata"]
 
 # pymilvus 3 sends a keepalive ping every 10 s, on idle channels too. Milvus Lite's gRPC
-# server keeps C-core's policy (a ping without data at most every 5 minutes) and answers
-# the third early one with GOAWAY too_many_pings; pymilvus keeps one channel per address
-# and token for every client in the process, and after that GOAWAY its reconnect fails
-# too, so every client of that server raised "Fail connecting to server" once the process
-# had left Milvus alone for about a minute (milvus-lite issue 334; CI hit it). A ping
-# every 5 minutes and 10 seconds is within Lite's policy and Milvus server's (5 s).
+# server keeps C-core's policy (a ping without data at most every 5 minutes) and, after a
+# few early ones, answers with GOAWAY too_many_pings (within 90 s of idling, measured
+# here); pymilvus keeps one channel per address and token for every client in the process,
+# and after that GOAWAY its reconnect can fail too, so every client of that server raised
+# "Fail connecting to server" (milvus-lite issue 334; CI hit it). A ping every 5 minutes
+# and 10 seconds is within Lite's policy and Milvus server's (5 s).
 GRPC_OPTIONS = {"grpc.keepalive_time_ms": 310_000}
 
 

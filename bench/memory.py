@@ -212,7 +212,7 @@ def raw_run(
     """pymilvus by hand; with `precomputed` rows and question vectors, Milvus alone."""
     from pymilvus import AnnSearchRequest, RRFRanker
 
-    from corral.vector_index import open_client
+    from corral.milvus_client import open_client
 
     client = open_client(uri)
     name = "raw_" + uuid.uuid4().hex

@@ -410,7 +410,8 @@ def milvus_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def vector_index(milvus_uri: str) -> Iterator[Any]:
     """A MilvusIndex on the session's server; the collections a test made are dropped after."""
-    from corral.vector_index import MilvusIndex, open_client
+    from corral.milvus_client import open_client
+    from corral.vector_index import MilvusIndex
 
     # The index's own timeout: a busy machine (the CI runs two test processes and a Ray
     # cluster on two cores) can take longer than pymilvus's default to open a channel.

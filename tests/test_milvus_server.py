@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from corral.config import Settings
+from corral.milvus_client import open_client
 from corral.milvus_server import LocalMilvus, MilvusServerInfo, milvus_uri_for
-from corral.vector_index import open_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_an_idle_client_is_not_sent_away_for_pinging_too_often(local: LocalMilvu
     script = textwrap.dedent(
         f"""
         import time
-        from corral.vector_index import open_client
+        from corral.milvus_client import open_client
         client = open_client({uri!r}, timeout_s=30)
         print(client.list_collections())
         time.sleep(90)

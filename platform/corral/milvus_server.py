@@ -255,7 +255,7 @@ def _milvus_answers(uri: str, timeout_s: float = 3) -> bool:
     may have taken it after our server died)."""
     from pymilvus.exceptions import MilvusException
 
-    from corral.vector_index import open_client
+    from corral.milvus_client import open_client
 
     try:
         client = open_client(uri, timeout_s=timeout_s)

@@ -31,6 +31,7 @@ from pymilvus.exceptions import ConnectError, MilvusException, MilvusUnavailable
 from pymilvus.milvus_client import IndexParams
 
 from corral.errors import BackendUnavailable, InvalidRequest
+from corral.milvus_client import open_client
 
 if TYPE_CHECKING:
     from corral.config import Settings
@@ -123,15 +124,6 @@ _FILTER_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _INT64 = (-(2**63), 2**63 - 1)
 _OUTPUT_FIELDS = ["chunk_id", "document_uuid", "text", "start", "end", "metadata"]
-
-# pymilvus 3 sends a keepalive ping every 10 s, on idle channels too. Milvus Lite's gRPC
-# server keeps C-core's policy (a ping without data at most every 5 minutes) and, after a
-# few early ones, answers with GOAWAY too_many_pings (within 90 s of idling, measured
-# here); pymilvus keeps one channel per address and token for every client in the process,
-# and after that GOAWAY its reconnect can fail too, so every client of that server raised
-# "Fail connecting to server" (milvus-lite issue 334; CI hit it). A ping every 5 minutes
-# and 10 seconds is within Lite's policy and Milvus server's (5 s).
-GRPC_OPTIONS = {"grpc.keepalive_time_ms": 310_000}
 
 
 class InvalidChunks(InvalidRequest, ValueError):
@@ -477,13 +469,6 @@ class MilvusIndex:
 
 
 _T = TypeVar("_T")
-
-
-def open_client(uri: str, *, token: str = "", timeout_s: float | None = None) -> MilvusClient:
-    """A pymilvus client with Corral's channel options: every client in a process should
-    come from here, since pymilvus shares one channel per address among them and the first
-    client's options are the ones it keeps."""
-    return MilvusClient(uri=uri, token=token, timeout=timeout_s, grpc_options=GRPC_OPTIONS)
 
 
 def build_vector_index(settings: Settings) -> MilvusIndex:
